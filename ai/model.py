@@ -1,0 +1,150 @@
+"""Models: their metadata (``model.json``), loading them once, predicting and explaining.
+
+A model is a folder holding ``model.json`` and the weights file it names. The models shipped
+with the package live in ``ai/models/<name>/``; a config may point at any other folder.
+TensorFlow is imported only when a model is loaded, so the command line stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ai.outputs import ClassCode
+from pacs_node.errors import NodeError
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "models"
+
+
+class ModelError(NodeError):
+    """A model folder is missing, incomplete or invalid."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    task: str  # "cxr" or "ct"
+    classes: tuple[ClassCode, ...]
+    input_size: int
+    channels: int
+    gradcam_layer: str
+    file: str = "model.keras"
+    positive_class: str = "covid"
+    window: tuple[float, float] | None = None  # CT display window applied to DICOM slices
+    description: str = ""
+
+    def class_index(self, name: str) -> int:
+        return [c.name for c in self.classes].index(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "classes": [c.__dict__ for c in self.classes],
+            "input_size": self.input_size,
+            "channels": self.channels,
+            "gradcam_layer": self.gradcam_layer,
+            "file": self.file,
+            "positive_class": self.positive_class,
+            "window": list(self.window) if self.window else None,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "model.json") -> ModelSpec:
+        try:
+            window = data.get("window")
+            spec = cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                task=str(data["task"]),
+                classes=tuple(ClassCode(**c) for c in data["classes"]),
+                input_size=int(data["input_size"]),
+                channels=int(data.get("channels", 1)),
+                gradcam_layer=str(data["gradcam_layer"]),
+                file=str(data.get("file", "model.keras")),
+                positive_class=str(data.get("positive_class", "covid")),
+                window=(float(window[0]), float(window[1])) if window else None,
+                description=str(data.get("description", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: invalid model metadata: {exc!r}") from None
+        if spec.task not in ("cxr", "ct"):
+            raise ModelError(f"{where}: task must be 'cxr' or 'ct', got {spec.task!r}")
+        if len(spec.classes) < 2:
+            raise ModelError(f"{where}: a classifier needs at least two classes")
+        return spec
+
+
+def model_dir(name_or_path: str) -> Path:
+    """The folder of a shipped model (by name) or of a model given as a path."""
+    path = Path(name_or_path)
+    if path.is_absolute() or len(path.parts) > 1:
+        if path.is_dir():
+            return path.resolve()
+        raise ModelError(f"no model folder at {path}")
+    builtin = BUILTIN_DIR / name_or_path
+    if builtin.is_dir():
+        return builtin
+    shipped = ", ".join(sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()))
+    raise ModelError(f"no model folder {name_or_path!r} (shipped models: {shipped or 'none'})")
+
+
+def read_spec(directory: Path) -> ModelSpec:
+    meta = directory / "model.json"
+    if not meta.is_file():
+        raise ModelError(f"{directory}: no model.json")
+    return ModelSpec.from_json(json.loads(meta.read_text()), where=str(meta))
+
+
+class Classifier:
+    """A loaded model: predicts class probabilities and Grad-CAM heatmaps for batches."""
+
+    def __init__(self, directory: Path) -> None:
+        import keras
+
+        self.directory = directory
+        self.spec = read_spec(directory)
+        weights = directory / self.spec.file
+        if not weights.is_file():
+            raise ModelError(f"{directory}: weights file {self.spec.file} is missing")
+        self.model = keras.saving.load_model(weights, compile=False)
+        self._grad_model: Any = None
+        self._lock = threading.Lock()  # one inference at a time per model
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (N, classes)."""
+        with self._lock:
+            probs = np.asarray(self.model.predict_on_batch(x), dtype=np.float64)
+        if probs.shape != (len(x), len(self.spec.classes)):
+            raise ModelError(f"{self.spec.name}: output shape {probs.shape} does not match classes")
+        return probs
+
+    def heatmaps(self, x: np.ndarray, class_index: np.ndarray | None = None) -> np.ndarray:
+        """Grad-CAM maps in [0, 1], shape (N, h, w), for each image's class (default predicted)."""
+        from ai.gradcam import build_grad_model, gradcam
+
+        with self._lock:
+            if self._grad_model is None:
+                self._grad_model = build_grad_model(self.model, self.spec.gradcam_layer)
+            return gradcam(self._grad_model, x, class_index)
+
+
+_cache: dict[Path, Classifier] = {}
+_cache_lock = threading.Lock()
+
+
+def load_classifier(name_or_path: str) -> Classifier:
+    """Load a model once per process and reuse it."""
+    directory = model_dir(name_or_path)
+    with _cache_lock:
+        if directory not in _cache:
+            _cache[directory] = Classifier(directory)
+        return _cache[directory]

@@ -1,0 +1,650 @@
+"""DICOM outputs of an AI classification: a TID 1500 SR and a Grad-CAM secondary capture.
+
+Every object built here is AI-generated and not for diagnostic use; the disclaimer is put
+into the SR content, the SR/SC Series Description, the SC Image Comments and burned into
+the SC pixels.
+
+The builders are pure: they read only the header attributes of the source datasets (never
+Pixel Data), do no I/O and never modify their arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
+from pydicom.valuerep import validate_value
+
+from pacs_node import DISCLAIMER
+
+__all__ = [
+    "CT_CHEST_PROCEDURE",
+    "CXR_PROCEDURE",
+    "DISCLAIMER",
+    "PROBABILITY_UNIT",
+    "SC_SERIES_DESCRIPTION",
+    "SR_SERIES_DESCRIPTION",
+    "ClassCode",
+    "Prediction",
+    "build_sc",
+    "build_sr",
+    "overlay_lines",
+    "render_overlay",
+]
+
+
+@dataclass(frozen=True)
+class ClassCode:
+    """A model output class and the standard code that represents it."""
+
+    name: str  # model's own class name, e.g. "covid"
+    scheme: str  # coding scheme designator, e.g. "SCT"
+    value: str  # code value, e.g. "840539006"
+    meaning: str  # code meaning, e.g. "COVID-19"
+
+    def __post_init__(self) -> None:
+        for field in ("name", "scheme", "value", "meaning"):
+            v = getattr(self, field)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"ClassCode.{field} must be a non-empty string, got {v!r}")
+        if len(self.meaning) > 64:
+            raise ValueError(f"ClassCode.meaning must be at most 64 characters: {self.meaning!r}")
+        if len(self.value) > 64 or len(self.scheme) > 16:
+            raise ValueError("ClassCode.value must be <= 64 and ClassCode.scheme <= 16 characters")
+
+    def coded_concept(self) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(value=self.value, scheme_designator=self.scheme,
+                                  meaning=self.meaning)
+
+
+_TASKS = ("cxr", "ct")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The output of one model on one study: a probability per class."""
+
+    model_name: str
+    model_version: str
+    task: str  # "cxr" or "ct"
+    classes: tuple[ClassCode, ...]
+    probabilities: tuple[float, ...]  # same order as classes, sums to 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ValueError("model_name must be a non-empty string")
+        if not isinstance(self.model_version, str) or not self.model_version.strip():
+            raise ValueError("model_version must be a non-empty string")
+        if len(self.model_name) > 64 or len(self.model_version) > 64:
+            raise ValueError("model_name and model_version must be at most 64 characters")
+        if self.task not in _TASKS:
+            raise ValueError(f"task must be one of {_TASKS}, got {self.task!r}")
+        classes = tuple(self.classes)
+        probabilities = tuple(float(p) for p in self.probabilities)
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "probabilities", probabilities)
+        if len(classes) == 0:
+            raise ValueError("classes must not be empty")
+        if not all(isinstance(c, ClassCode) for c in classes):
+            raise ValueError("classes must contain only ClassCode items")
+        if len(probabilities) != len(classes):
+            raise ValueError(
+                f"probabilities has {len(probabilities)} values but classes has "
+                f"{len(classes)}: lengths must match"
+            )
+        if len({c.name for c in classes}) != len(classes):
+            raise ValueError("classes must have unique names")
+        if len({(c.scheme, c.value) for c in classes}) != len(classes):
+            raise ValueError("classes must have unique (scheme, value) codes")
+        for p in probabilities:
+            if not math.isfinite(p) or p < 0.0 or p > 1.0:
+                raise ValueError(f"probabilities must be finite values in [0, 1], got {p!r}")
+        total = math.fsum(probabilities)
+        if abs(total - 1.0) > 1e-3:
+            raise ValueError(f"probabilities must sum to 1 (got {total:.6f})")
+
+    @property
+    def _argmax(self) -> int:
+        return max(range(len(self.probabilities)), key=self.probabilities.__getitem__)
+
+    @property
+    def label(self) -> ClassCode:
+        """The most probable class."""
+        return self.classes[self._argmax]
+
+    @property
+    def probability(self) -> float:
+        """The probability of the most probable class."""
+        return self.probabilities[self._argmax]
+
+
+# --------------------------------------------------------------------------- codes
+
+# Procedure reported (TID 1500 row 5). SNOMED CT procedure concepts, preferred terms.
+CXR_PROCEDURE = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+CT_CHEST_PROCEDURE = hd.sr.CodedConcept("169069000", "SCT", "CT of chest")
+_PROCEDURES = {"cxr": CXR_PROCEDURE, "ct": CT_CHEST_PROCEDURE}
+
+# Unit of the per-class probabilities. A probability is dimensionless; UCUM expresses
+# that as unity ("1") optionally carrying a curly-brace annotation, which is ignored for
+# unit arithmetic but says what the number is. "{probability}" is therefore a valid UCUM
+# unit that is equal to "1" and tells a reader the value is a probability in [0, 1].
+PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+
+# Concept name of the TEXT item that carries the disclaimer inside the measurement group
+# (TID 1501 allows TEXT qualitative evaluations; DCM 121106 "Comment" is the generic
+# concept for free text remarks).
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+
+# The exact disclaimer in Series Description: it is what PACS series lists and SR viewers
+# (e.g. dsrdump's header) show first.
+SR_SERIES_DESCRIPTION = f"AI RESULT - {DISCLAIMER}"
+SC_SERIES_DESCRIPTION = f"AI HEATMAP - {DISCLAIMER}"  # both well within LO's 64 characters
+
+# Namespace for the name-based (UUID v5) UIDs below; under the 2.25 arc (ISO/IEC 9834-8),
+# so no organisational UID root is needed, and the same inputs always give the same UID.
+_UID_NAMESPACE = uuid.UUID("6f1c7a52-3d4b-5e8f-9a0b-1c2d3e4f5a6b")
+
+
+def _name_uid(*parts: str) -> str:
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
+
+
+# --------------------------------------------------------------------- source headers
+
+# Attributes that the SR and SC copy as "Type 2" (present, possibly empty) from the source;
+# some real inputs lack them altogether, which highdicom does not cope with.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Patient/Study/Equipment attributes live in these groups; Pixel Data, overlays, curves and
+# private data never go into a header copy.
+_HEADER_GROUPS = frozenset({0x0008, 0x0010, 0x0012, 0x0018, 0x0020, 0x0032, 0x0038})
+_PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+# VRs whose values pydicom can check; binary and sequence VRs are copied as they are.
+_TEXT_VRS = frozenset({
+    "AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+    "UI", "UR", "UT",
+})
+
+
+def _check_source(ds: object, argname: str) -> Dataset:
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"{argname} must be a pydicom Dataset, got {type(ds).__name__}")
+    for kw in _REQUIRED_UIDS:
+        if not ds.get(kw):
+            raise ValueError(f"{argname} has no {kw}")
+    return ds
+
+
+def _value_is_valid(elem: DataElement) -> bool:
+    """Whether a (non-sequence) element's value(s) are valid for its VR."""
+    if elem.VR not in _TEXT_VRS or elem.value is None:
+        return True
+    values = elem.value if isinstance(elem.value, MultiValue | list | tuple) else [elem.value]
+    try:
+        for v in values:
+            validate_value(elem.VR, v, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
+    """A deep copy of the source's public header attributes, never touching Pixel Data.
+
+    Returns the copy and the person-name elements held back from it (see below).
+
+    - Missing Type 2 Patient/Study attributes are added empty (some real inputs lack
+      them, which highdicom does not cope with).
+    - Values invalid for their VR (e.g. Patient's Age "81") are emptied when Type 2 and
+      dropped otherwise, so the outputs do not inherit the source's errors.
+    - Person names are held back (returned separately, to be added to the output after
+      highdicom has built it): highdicom warns on every single-component name such as
+      "Anonymized", which real archives are full of, and the name must be copied as is.
+    The source itself is left unchanged.
+    """
+    out = Dataset()
+    for tag in list(ds.keys()):
+        if tag.group not in _HEADER_GROUPS or tag.is_private:
+            continue
+        elem = ds[tag]
+        if elem.keyword in _REQUIRED_UIDS or _value_is_valid(elem):
+            out.add(copy.deepcopy(elem))
+        elif elem.keyword in _TYPE2_PATIENT_STUDY:
+            setattr(out, elem.keyword, None)
+    for kw in _TYPE2_PATIENT_STUDY:
+        if kw not in out:
+            setattr(out, kw, None)
+    if out.PatientSex not in ("M", "F", "O", "", None):
+        out.PatientSex = None
+    held_back = []
+    for kw in _PERSON_NAMES:
+        held_back.append(out[kw])
+        del out[kw]
+        setattr(out, kw, None)
+    return out, held_back
+
+
+def _uid_header(ds: Dataset) -> Dataset:
+    out = Dataset()
+    for kw in _REQUIRED_UIDS:
+        setattr(out, kw, ds[kw].value)
+    return out
+
+
+def _check_sources(sources: Sequence[Dataset]) -> list[Dataset]:
+    if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
+        raise ValueError("sources must be a sequence of pydicom Datasets (not a single Dataset)")
+    if len(sources) == 0:
+        raise ValueError("sources must not be empty")
+    checked = [_check_source(ds, f"sources[{i}]") for i, ds in enumerate(sources)]
+    studies = {str(ds.StudyInstanceUID) for ds in checked}
+    if len(studies) != 1:
+        raise ValueError(
+            f"sources must all belong to one study; got StudyInstanceUIDs {sorted(studies)}"
+        )
+    patients = {str(ds.get("PatientID") or "") for ds in checked}
+    if len(patients - {""}) > 1:
+        raise ValueError(f"sources must all belong to one patient; got PatientIDs {patients}")
+    # Drop repeated instances (a re-sent image), keeping the first; order is preserved.
+    seen: set[str] = set()
+    unique = []
+    for ds in checked:
+        if str(ds.SOPInstanceUID) not in seen:
+            seen.add(str(ds.SOPInstanceUID))
+            unique.append(ds)
+    return unique
+
+
+def _check_new_uids(
+    sources: Sequence[Dataset], series_instance_uid: str, sop_instance_uid: str
+) -> None:
+    """The output must go into a new series, as a new instance."""
+    for ds in sources:
+        if str(ds.SeriesInstanceUID) == series_instance_uid:
+            raise ValueError("series_instance_uid must be new, not a source's SeriesInstanceUID")
+        if str(ds.SOPInstanceUID) == sop_instance_uid:
+            raise ValueError("sop_instance_uid must be new, not a source's SOPInstanceUID")
+
+
+def _check_common(
+    prediction: Prediction,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str,
+    software_version: str,
+) -> None:
+    if not isinstance(prediction, Prediction):
+        raise ValueError(f"prediction must be a Prediction, got {type(prediction).__name__}")
+    for name, value in (("series_instance_uid", series_instance_uid),
+                        ("sop_instance_uid", sop_instance_uid)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty UID string")
+        if len(value) > 64 or not re.fullmatch(RE_VALID_UID, value):
+            raise ValueError(f"{name} is not a valid DICOM UID: {value!r}")
+    for name, num in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 2**31 - 1:
+            raise ValueError(f"{name} must be a positive integer, got {num!r}")
+    for name, text in (("manufacturer", manufacturer), ("software_version", software_version)):
+        if not isinstance(text, str) or not text.strip() or len(text) > 64:
+            raise ValueError(f"{name} must be a non-empty string of at most 64 characters")
+
+
+def _ai_equipment(prediction: Prediction, manufacturer: str) -> hd.ContributingEquipment:
+    """IHE AI Results-style Contributing Equipment item describing the AI model."""
+    return hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=prediction.model_name,
+        software_versions=prediction.model_version,
+        contribution_description=(
+            f"AI inference ({prediction.task}) by {prediction.model_name} "
+            f"{prediction.model_version}. {DISCLAIMER}"
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------- SR
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    prediction: Prediction,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    manufacturer: str = "pacs-node",
+    software_version: str,
+) -> Dataset:
+    """Build a Comprehensive 3D SR (TID 1500 Measurement Report) holding ``prediction``.
+
+    ``sources`` are the (header-only is enough) datasets of every image the model saw, all
+    from one study; the SR joins that study in a new series and references every image.
+    """
+    srcs = _check_sources(sources)
+    _check_common(prediction, series_instance_uid, sop_instance_uid, series_number,
+                  instance_number, manufacturer, software_version)
+    _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
+
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_name_uid("device", prediction.model_name, prediction.model_version),
+            name=prediction.model_name,
+            manufacturer_name=manufacturer,
+            model_name=f"{prediction.model_name} {prediction.model_version}"[:64],
+        ),
+    )
+    observation_context = hd.sr.ObservationContext(observer_device_context=device)
+
+    finding = hd.sr.QualitativeEvaluation(
+        name=codes.DCM.Finding, value=prediction.label.coded_concept()
+    )
+    # One NUM item per class. The concept name is the class's own code: the value is the
+    # model's probability that this code applies to the study, and the unit
+    # "{probability}" (UCUM unity, see PROBABILITY_UNIT) says so. DICOM has no generic
+    # "probability of <X>" concept, and post-coordinating the class as a finding site or
+    # modifier would misuse those rows, so naming the number by the class is the most
+    # direct defensible encoding (and matches the Finding value for the winning class).
+    measurements = [
+        hd.sr.Measurement(
+            name=cls.coded_concept(),
+            value=round(prob, 6),
+            unit=PROBABILITY_UNIT,
+        )
+        for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True)
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_name_uid("tracking", sop_instance_uid),
+            identifier=f"{prediction.model_name} {prediction.task} classification"[:64],
+        ),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=prediction.model_name, version=prediction.model_version
+        ),
+        measurements=measurements,
+        qualitative_evaluations=[finding],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+            )
+            for ds in srcs
+        ],
+    )
+    # The disclaimer as content: a TEXT item (DCM 121106 "Comment") in the measurement
+    # group, next to the CODE qualitative evaluation (TID 1501 has TEXT as well as CODE
+    # qualitative evaluations; dciodvfy and highdicom's reader accept it).
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=_COMMENT,
+            value=DISCLAIMER,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=_PROCEDURES[prediction.task],
+        imaging_measurements=[group],
+    )
+
+    header, person_names = _header(srcs[0])
+    evidence = [header] + [_uid_header(ds) for ds in srcs[1:]]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,  # PRELIMINARY: nobody has verified an AI result
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_ai_equipment(prediction, manufacturer)],
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=prediction.model_name,
+        software_versions=software_version,
+    )
+    for elem in person_names:
+        sr.add(elem)
+    return sr
+
+
+# -------------------------------------------------------------------------- overlay
+
+_MIN_LONG_SIDE = 512
+_MAX_LONG_SIDE = 1024
+_ALPHA = 0.4
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def overlay_lines(prediction: Prediction, extra: str = "") -> list[str]:
+    """The text burned into the secondary capture."""
+    label = prediction.label
+    lines = [
+        f"{label.meaning} {prediction.probability:.2f} "
+        f"({prediction.model_name} {prediction.model_version})",
+        DISCLAIMER,
+    ]
+    if extra:
+        lines.append(extra)
+    return lines
+
+
+def _as_unit_2d(arr: np.ndarray, argname: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{argname} must be a non-empty 2-D array, got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+            or a.dtype == np.bool_):
+        raise ValueError(f"{argname} must be numeric, got dtype {a.dtype}")
+    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(a, 0.0, 1.0)
+
+
+def render_overlay(image: np.ndarray, heatmap: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """Gray image + JET heatmap (alpha up to 0.4 where the heatmap is high) + text band.
+
+    ``image`` is a 2-D display image in [0, 1] (already windowed; MONOCHROME1 already
+    inverted), ``heatmap`` a 2-D map in [0, 1] of any size. The result is uint8 RGB,
+    rescaled (aspect kept) so that its long side is between 512 and 1024 pixels.
+    """
+    img = _as_unit_2d(image, "image")
+    heat = _as_unit_2d(heatmap, "heatmap")
+    if isinstance(lines, str):
+        raise ValueError("lines must be a sequence of strings, not a single string")
+    text = [str(s).encode("ascii", "replace").decode("ascii") for s in lines if str(s).strip()]
+
+    h, w = img.shape
+    long_side = max(h, w)
+    target = min(max(long_side, _MIN_LONG_SIDE), _MAX_LONG_SIDE)
+    if target != long_side:
+        scale = target / long_side
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        img = np.clip(cv2.resize(img, size, interpolation=interp), 0.0, 1.0)
+        h, w = img.shape
+    heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+    gray = np.repeat((img * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+    jet = cv2.applyColorMap((heat * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+    jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
+    alpha = (_ALPHA * heat)[:, :, None]
+    out = (gray.astype(np.float32) * (1.0 - alpha) + jet.astype(np.float32) * alpha)
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    if text:
+        _burn_text(out, text)
+    return np.ascontiguousarray(out)
+
+
+def _burn_text(out: np.ndarray, lines: list[str]) -> None:
+    h, w = out.shape[:2]
+    margin = max(4, w // 100)
+    scale = max(0.4, min(h, w) / 900.0)
+    thickness = max(1, round(scale * 1.6))
+    # Shrink the font until the widest line fits across the image.
+    while scale > 0.3:
+        widest = max(cv2.getTextSize(s, _FONT, scale, thickness)[0][0] for s in lines)
+        if widest <= w - 2 * margin:
+            break
+        scale *= 0.9
+        thickness = max(1, round(scale * 1.6))
+    (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    line_h = text_h + baseline + margin // 2
+    band_h = min(h, margin + line_h * len(lines))
+    # Dark, mostly opaque band so the white text is readable over any image.
+    band = out[:band_h].astype(np.float32) * 0.2
+    out[:band_h] = band.astype(np.uint8)
+    y = margin + text_h
+    for s in lines:
+        if y > h:
+            break
+        cv2.putText(out, s, (margin, y), _FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        y += line_h
+
+
+# ------------------------------------------------------------------------------- SC
+
+_ORIENTATION_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+
+def _patient_orientation(ds: Dataset) -> list[str] | None:
+    """Patient Orientation of the source: its own, or derived from Image Orientation."""
+    po = ds.get("PatientOrientation")
+    if po is not None and not isinstance(po, str) and len(po) == 2:
+        values = [str(v) for v in po]
+        if all(v and set(v) <= set("APRLHF") for v in values):
+            return values
+    iop = ds.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        try:
+            vec = [float(v) for v in iop]
+        except (TypeError, ValueError):
+            return None
+        result = []
+        for direction in (vec[:3], vec[3:]):
+            axis = max(range(3), key=lambda i: abs(direction[i]))
+            if abs(direction[axis]) < 1e-3:
+                return None
+            pos, neg = _ORIENTATION_LETTERS[axis]
+            result.append(pos if direction[axis] > 0 else neg)
+        return result
+    return None
+
+
+def build_sc(
+    source: Dataset,
+    overlay_rgb: np.ndarray,
+    prediction: Prediction,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9902,
+    instance_number: int = 1,
+    manufacturer: str = "pacs-node",
+    software_version: str,
+) -> Dataset:
+    """Build an RGB Secondary Capture of ``overlay_rgb`` in the study of ``source``.
+
+    ``overlay_rgb`` (uint8 HxWx3, from :func:`render_overlay`) must be a rescaled, not
+    rotated/flipped, rendering of ``source``: the source's patient orientation is reused.
+    """
+    src = _check_source(source, "source")
+    _check_common(prediction, series_instance_uid, sop_instance_uid, series_number,
+                  instance_number, manufacturer, software_version)
+    _check_new_uids([src], series_instance_uid, sop_instance_uid)
+    pixels = np.asarray(overlay_rgb)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise ValueError(f"overlay_rgb must have shape (rows, columns, 3), got {pixels.shape}")
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"overlay_rgb must have dtype uint8, got {pixels.dtype}")
+    if max(pixels.shape[:2]) > 65535:
+        raise ValueError("overlay_rgb is too large for a DICOM image")
+
+    header, person_names = _header(src)
+    orientation = _patient_orientation(src)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=np.ascontiguousarray(pixels),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        # A secondary capture of a patient image: PATIENT (SLIDE is for microscopy). The
+        # PATIENT coordinate system needs Patient Orientation; a placeholder is passed and
+        # replaced below by the source's orientation, or left empty (Type 2C) when unknown.
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=("L", "F"),
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_ai_equipment(prediction, manufacturer)],
+        series_description=SC_SERIES_DESCRIPTION,
+        manufacturer_model_name=prediction.model_name,
+        software_versions=software_version,
+    )
+    sc.PatientOrientation = orientation or []  # empty (Type 2C) when unknown
+    # All Patient and Study module attributes, as the SR does, so both join the same study.
+    sc.copy_patient_and_study_information(header)
+    for elem in person_names:
+        sc.add(elem)
+    # Both tasks are chest models (the SR reports a chest procedure), so the body part is
+    # the source's, or CHEST when the source does not say. Chest is unpaired, so General
+    # Series Laterality (Type 2C) is only copied when the source gives one.
+    sc.BodyPartExamined = header.get("BodyPartExamined") or "CHEST"
+    if src.get("Laterality") in ("R", "L"):
+        sc.Laterality = src.Laterality
+
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = (
+        f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM heatmap overlay."
+    )
+    sc.DerivationDescription = (
+        f"Grad-CAM heatmap of {prediction.model_name} {prediction.model_version} "
+        f"blended over the source image, with burned-in text. {DISCLAIMER}"
+    )
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ref.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+    ]
+    sc.SourceImageSequence = [ref]
+    # A derivative of a lossy-compressed image is itself lossy (PS3.3 C.7.6.1.1.5).
+    if str(src.get("LossyImageCompression", "")) == "01":
+        sc.LossyImageCompression = "01"
+        for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if kw in src:
+                setattr(sc, kw, copy.deepcopy(src[kw].value))
+    return sc

@@ -1,0 +1,63 @@
+"""Build the pynetdicom Application Entities: presentation contexts and timeouts, no logic."""
+
+from __future__ import annotations
+
+from pydicom import uid
+from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+from pacs_node.config import Config
+
+# Every transfer syntax the node accepts for storage. Files are kept exactly as received; the
+# worker decodes them with pylibjpeg's plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
+STORAGE_TRANSFER_SYNTAXES = [
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+]
+
+
+def build_scp(config: Config) -> AE:
+    """The node's listening AE: C-ECHO, C-STORE of every storage class, Study Root C-FIND."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    for context in VerificationPresentationContexts:
+        ae.add_supported_context(context.abstract_syntax)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.maximum_pdu_size = node.max_pdu_bytes
+    ae.network_timeout = node.network_timeout_s
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    ae.maximum_associations = 32
+    if not node.accept_unknown_peers:
+        ae.require_calling_aet = [p.ae_title for p in config.peers]
+    return ae
+
+
+def build_scu(config: Config, sop_classes: list[str]) -> AE:
+    """An AE for sending results: one context per SOP class, in the syntaxes every peer reads."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    for sop_class in sorted(set(sop_classes)):
+        ae.add_requested_context(
+            sop_class, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
+        )
+    ae.network_timeout = node.network_timeout_s
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    return ae

@@ -1,0 +1,55 @@
+"""When a series is ready for analysis, decided as each instance is stored.
+
+A CR or DX image is complete on arrival: its series is queued at once. A CT series arrives slice
+by slice, so its job waits for a quiet period with no new slice (each slice pushes the start
+back). Objects without pixels and modalities no model serves are stored and their series gets a
+``skipped`` job with the reason, so an operator sees why nothing came back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy.orm import Session
+
+from ai.preprocess import has_pixels
+from pacs_node.config import Config
+from storage import queue
+from storage.ingest import Indexed
+from storage.models import JobState
+
+SINGLE_IMAGE_MODALITIES = {"CR", "DX", "MG", "XA", "RF", "OT"}
+
+
+def sop_class_name(ds: Dataset) -> str:
+    value = ds.get("SOPClassUID")
+    return UID(str(value)).name if value else "unknown SOP class"
+
+
+def schedule(session: Session, indexed: Indexed, ds: Dataset, config: Config, now: datetime) -> None:
+    """Queue or skip the series of a newly stored instance."""
+    series = indexed.series
+    if series.generated:
+        return
+    modality = series.modality or "(none)"
+    if not has_pixels(ds):
+        queue.skip(session, series, f"not an image ({sop_class_name(ds)}): stored, not analysed")
+        return
+    binding = config.model_for(series.modality)
+    if binding is None:
+        queue.skip(session, series, f"no model for modality {modality}: stored, not analysed")
+        return
+    if not indexed.is_new:
+        latest = queue.latest_job(session, series.id)
+        if latest is not None and latest.state != JobState.FAILED:
+            return  # the same instance again: its series is queued or already analysed
+    delay = 0.0 if series.modality in SINGLE_IMAGE_MODALITIES else config.worker.ct_quiet_period_s
+    queue.enqueue(
+        session,
+        series,
+        model_name=binding.name,
+        not_before=now + timedelta(seconds=delay),
+        max_attempts=config.worker.max_attempts,
+    )

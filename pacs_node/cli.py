@@ -1,0 +1,257 @@
+"""The ``pacs-node`` command: serve, classify, train, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pacs_node import DISCLAIMER, __version__
+from pacs_node.errors import NodeError
+
+log = logging.getLogger("pacs_node")
+
+EPILOG = f"All results are {DISCLAIMER}; research use only."
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO, including patient attributes: keep it to warnings
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pacs_node.config import load
+    from pacs_node.node import Node
+
+    config = load(args.config)
+    _setup_logging(args.log_level or config.log_level)
+    node = Node(config)
+    node.start()
+    n = config.node
+    peers = ", ".join(f"{p.ae_title}@{p.host}:{p.port}" for p in config.peers) or "none"
+    print(
+        f"pacs-node {__version__}: AE title {n.ae_title} listening on {n.host}:{node.port}; "
+        f"data in {n.storage_dir.resolve()}; database {config.node.resolved_database_url}; "
+        f"peers: {peers}; "
+        f"{'any calling AE accepted' if n.accept_unknown_peers else 'only known peers accepted'}",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("pacs-node: stopping", flush=True)
+    node.stop()
+    return 0
+
+
+def _classify_one(path: Path, classifier: Any) -> tuple[Any, Any]:
+    """(analysis, dataset or None) for a DICOM file or a PNG/JPEG image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from ai.analysis import analyse_datasets, analyse_images
+    from ai.preprocess import read_image_file
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, ValueError, TypeError):
+        ds = None
+    if ds is not None:
+        return analyse_datasets([ds], classifier), ds
+    image = read_image_file(path)
+    return analyse_images([path.name], [image], classifier), None
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    from ai.model import load_classifier
+    from pacs_node.errors import UnusableInputError
+
+    classifier = load_classifier(args.model or ("ct" if args.task == "ct" else "cxr"))
+    spec = classifier.spec
+    failures = 0
+    records = []
+    for name in args.files:
+        path = Path(name)
+        record: dict[str, Any] = {"file": str(path), "model": spec.name, "version": spec.version}
+        try:
+            analysis, ds = _classify_one(path, classifier)
+        except (UnusableInputError, OSError) as exc:
+            record["error"] = str(exc)
+            failures += 1
+            records.append(record)
+            continue
+        p = analysis.prediction
+        record["label"] = p.label.name
+        record["finding"] = p.label.meaning
+        record["probabilities"] = {
+            c.name: round(v, 4) for c, v in zip(p.classes, p.probabilities, strict=True)
+        }
+        if args.output:
+            record["written"] = _write_outputs(Path(args.output), path, analysis, ds)
+        records.append(record)
+    if args.json:
+        print(json.dumps({"disclaimer": DISCLAIMER, "results": records}, indent=2))
+    else:
+        for r in records:
+            if "error" in r:
+                print(f"{r['file']}: cannot classify: {r['error']}")
+                continue
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+            print(f"{r['file']}: {r['label']} ({probs})  [{r['model']} {r['version']}]")
+            for w in r.get("written", []):
+                print(f"  wrote {w}")
+        print(f"-- {DISCLAIMER}")
+    return 1 if failures else 0
+
+
+def _write_outputs(out_dir: Path, path: Path, analysis: Any, ds: Any) -> list[str]:
+    import cv2
+
+    from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
+    from pacs_node.worker import SC_SERIES_NUMBER, SR_SERIES_NUMBER, derived_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = analysis.prediction
+    written = []
+    item = analysis.explained[0]
+    overlay = render_overlay(item.image, item.heatmap, overlay_lines(p))
+    if ds is None:  # an ordinary image: the heatmap as PNG
+        target = out_dir / f"{path.stem}_gradcam.png"
+        cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        return [str(target)]
+    key = [p.model_name, p.model_version, str(ds.SOPInstanceUID)]
+    sr = build_sr([ds], p, series_instance_uid=derived_uid("sr-series", *key),
+                  sop_instance_uid=derived_uid("sr", *key), series_number=SR_SERIES_NUMBER,
+                  software_version=__version__)
+    sc = build_sc(ds, overlay, p, series_instance_uid=derived_uid("sc-series", *key),
+                  sop_instance_uid=derived_uid("sc", str(ds.SOPInstanceUID), *key),
+                  series_number=SC_SERIES_NUMBER, software_version=__version__)
+    for suffix, obj in (("sr", sr), ("sc", sc)):
+        target = out_dir / f"{path.stem}_{suffix}.dcm"
+        obj.save_as(target, enforce_file_format=True)
+        written.append(str(target))
+    return written
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    from ai.train import TrainSettings, train
+
+    data_dir = Path(args.data)
+    settings = TrainSettings(
+        task=args.task,
+        data_dir=data_dir,
+        manifest=Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
+        out_dir=Path(args.out),
+        name=args.name or "",
+        version=args.version,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        limit_per_class=args.limit_per_class,
+    )
+    metrics = train(settings)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pacs_node.config import load
+    from pacs_node.status import render_status
+    from storage.db import Database
+
+    config = load(args.config)
+    db = Database(config.node.resolved_database_url)
+    try:
+        print(render_status(db, limit=args.limit))
+    finally:
+        db.dispose()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacs-node",
+        description="A DICOM node that classifies chest X-ray and CT studies sent by a PACS and "
+        "returns a Structured Report and a Grad-CAM heatmap to the same study.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"pacs-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the DICOM node (C-ECHO, C-STORE, C-FIND) and its worker",
+        description="Run the node until interrupted. Without --config it uses the built-in "
+        "defaults: AE title AINODE on 127.0.0.1:11112, data and SQLite database under ./var, "
+        "any calling AE title accepted, shipped models for CR/DX and CT.", epilog=EPILOG)
+    serve.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=cmd_serve)
+
+    classify = sub.add_parser(
+        "classify", help="classify DICOM, PNG or JPEG files offline",
+        description="Run the node's inference on files and print, per file, the label, every "
+        "class's probability and the model's name and version.", epilog=EPILOG)
+    classify.add_argument("files", nargs="+", metavar="FILE")
+    classify.add_argument("--json", action="store_true", help="print JSON")
+    classify.add_argument("--task", choices=["cxr", "ct"], default="cxr",
+                          help="which shipped model to use (default cxr)")
+    classify.add_argument("--model", metavar="NAME_OR_DIR", help="a model folder or shipped name")
+    classify.add_argument("--output", metavar="DIR",
+                          help="also write the SR and SC (or a PNG heatmap for image files)")
+    classify.set_defaults(func=cmd_classify)
+
+    train = sub.add_parser(
+        "train", help="train a model on a folder of images and a manifest",
+        description="Train a classifier with a patient-disjoint train/validation/test split "
+        "(from the manifest's patient_group column) and write a model folder.", epilog=EPILOG)
+    train.add_argument("--task", choices=["cxr", "ct"], required=True)
+    train.add_argument("--data", required=True, metavar="DIR", help="folder holding the images")
+    train.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
+    train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    train.add_argument("--name")
+    train.add_argument("--version", default="0.1.0")
+    train.add_argument("--image-size", type=int, default=128)
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--patience", type=int, default=4, help="early-stopping patience")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--limit-per-class", type=int, help="use at most N images per class")
+    train.set_defaults(func=cmd_train)
+
+    status = sub.add_parser("status", help="show the queue, results and failed deliveries",
+                            epilog=EPILOG)
+    status.add_argument("--config", metavar="PATH")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NodeError as exc:
+        print(f"pacs-node: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

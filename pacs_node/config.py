@@ -1,0 +1,334 @@
+"""Read ``config.toml`` into frozen, validated objects.
+
+Every problem stops start-up with a :class:`ConfigError` whose message names the key's path
+(``node.port``, ``peers[1].ae_title``) so an operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacs_node.errors import ConfigError
+
+AE_TITLE_MAX = 16
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "AINODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    storage_dir: Path = Path("var")
+    database_url: str = ""  # empty: SQLite file inside storage_dir
+    accept_unknown_peers: bool = True
+    max_pdu_bytes: int = 0  # 0: unlimited
+    network_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.storage_dir / 'node.sqlite3').resolve()}"
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+    send_results: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    poll_interval_s: float = 1.0
+    lease_s: float = 600.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 10.0
+    ct_quiet_period_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    max_attempts: int = 8
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 600.0
+    also_send_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """Which model file serves which modalities."""
+
+    name: str
+    modalities: tuple[str, ...]
+    path: str = ""  # empty: the model shipped inside the package under this name
+    enabled: bool = True
+
+
+DEFAULT_MODELS = (
+    ModelBinding(name="cxr", modalities=("CR", "DX")),
+    ModelBinding(name="ct", modalities=("CT",)),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    peers: tuple[Peer, ...] = ()
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    models: tuple[ModelBinding, ...] = DEFAULT_MODELS
+    log_level: str = "INFO"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title.strip():
+                return peer
+        return None
+
+    def model_for(self, modality: str) -> ModelBinding | None:
+        for binding in self.models:
+            if binding.enabled and modality in binding.modalities:
+                return binding
+        return None
+
+
+# -- parsing helpers -------------------------------------------------------------------------
+
+
+def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    # bool is an int subclass; refuse it where a number is wanted
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{path}.{key}: expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}.{key}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _number(table: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0) -> float:
+    value = float(_take(table, key, (int, float), path, default))
+    if value < minimum:
+        raise ConfigError(f"{path}.{key}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _reject_unknown(table: Mapping[str, Any], known: set[str], path: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+
+
+def validate_ae_title(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string AE title, got {value!r}")
+    title = value.strip()
+    if not title or len(title) > AE_TITLE_MAX:
+        raise ConfigError(f"{path}: AE title must be 1 to 16 characters, got {value!r}")
+    if "\\" in title or any(ord(c) < 0x20 or ord(c) > 0x7E for c in title):
+        raise ConfigError(f"{path}: AE title may hold only printable ASCII without backslash, got {value!r}")
+    return title
+
+
+def _port(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"{path}: expected a TCP port 0-65535, got {value!r}")
+    return value
+
+
+def _host(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: expected a host name or IP address, got {value!r}")
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if any(c.isspace() for c in value):
+            raise ConfigError(f"{path}: not a valid host name: {value!r}") from None
+    return value
+
+
+def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
+    known = {f for f in NodeSettings.__dataclass_fields__}
+    _reject_unknown(table, known, "node")
+    d = NodeSettings()
+    storage_dir = Path(_take(table, "storage_dir", str, "node", str(d.storage_dir)))
+    if not storage_dir.is_absolute():
+        storage_dir = base_dir / storage_dir
+    database_url = _take(table, "database_url", str, "node", d.database_url)
+    if database_url:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(database_url)
+        except ArgumentError as exc:
+            raise ConfigError(f"node.database_url: not an SQLAlchemy URL: {exc}") from None
+    return NodeSettings(
+        ae_title=validate_ae_title(table.get("ae_title", d.ae_title), "node.ae_title"),
+        host=_host(table.get("host", d.host), "node.host"),
+        port=_port(table.get("port", d.port), "node.port"),
+        storage_dir=storage_dir,
+        database_url=database_url,
+        accept_unknown_peers=_take(table, "accept_unknown_peers", bool, "node", d.accept_unknown_peers),
+        max_pdu_bytes=int(_number(table, "max_pdu_bytes", "node", d.max_pdu_bytes)),
+        network_timeout_s=_number(table, "network_timeout_s", "node", d.network_timeout_s, minimum=1),
+        acse_timeout_s=_number(table, "acse_timeout_s", "node", d.acse_timeout_s, minimum=1),
+        dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
+    )
+
+
+def _parse_peers(items: Any) -> tuple[Peer, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("peers: expected [[peers]] tables")
+    peers: list[Peer] = []
+    for i, item in enumerate(items):
+        path = f"peers[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: expected a table")
+        _reject_unknown(item, {"ae_title", "host", "port", "send_results"}, path)
+        for key in ("ae_title", "host", "port"):
+            if key not in item:
+                raise ConfigError(f"{path}.{key}: required")
+        peer = Peer(
+            ae_title=validate_ae_title(item["ae_title"], f"{path}.ae_title"),
+            host=_host(item["host"], f"{path}.host"),
+            port=_port(item["port"], f"{path}.port"),
+            send_results=_take(item, "send_results", bool, path, True),
+        )
+        if any(p.ae_title == peer.ae_title for p in peers):
+            raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")
+        peers.append(peer)
+    return tuple(peers)
+
+
+def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
+    _reject_unknown(table, set(WorkerSettings.__dataclass_fields__), "worker")
+    d = WorkerSettings()
+    max_attempts = _take(table, "max_attempts", int, "worker", d.max_attempts)
+    if max_attempts < 1:
+        raise ConfigError(f"worker.max_attempts: must be at least 1, got {max_attempts}")
+    return WorkerSettings(
+        poll_interval_s=_number(table, "poll_interval_s", "worker", d.poll_interval_s, minimum=0.05),
+        lease_s=_number(table, "lease_s", "worker", d.lease_s, minimum=1),
+        max_attempts=max_attempts,
+        retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),
+        ct_quiet_period_s=_number(table, "ct_quiet_period_s", "worker", d.ct_quiet_period_s),
+    )
+
+
+def _parse_delivery(table: Mapping[str, Any], peers: tuple[Peer, ...]) -> DeliverySettings:
+    _reject_unknown(table, set(DeliverySettings.__dataclass_fields__), "delivery")
+    d = DeliverySettings()
+    max_attempts = _take(table, "max_attempts", int, "delivery", d.max_attempts)
+    if max_attempts < 1:
+        raise ConfigError(f"delivery.max_attempts: must be at least 1, got {max_attempts}")
+    also = _take(table, "also_send_to", list, "delivery", [])
+    titles = []
+    for i, title in enumerate(also):
+        title = validate_ae_title(title, f"delivery.also_send_to[{i}]")
+        if not any(p.ae_title == title for p in peers):
+            raise ConfigError(f"delivery.also_send_to[{i}]: {title!r} is not one of the [[peers]]")
+        titles.append(title)
+    initial = _number(table, "backoff_initial_s", "delivery", d.backoff_initial_s)
+    maximum = _number(table, "backoff_max_s", "delivery", d.backoff_max_s)
+    if maximum < initial:
+        raise ConfigError("delivery.backoff_max_s: must not be less than delivery.backoff_initial_s")
+    return DeliverySettings(max_attempts, initial, maximum, tuple(titles))
+
+
+def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("models: expected [[models]] tables")
+    bindings: list[ModelBinding] = []
+    seen: dict[str, str] = {}
+    for i, item in enumerate(items):
+        path = f"models[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: expected a table")
+        _reject_unknown(item, {"name", "modalities", "path", "enabled"}, path)
+        name = _take(item, "name", str, path, None)
+        if not name:
+            raise ConfigError(f"{path}.name: required")
+        modalities = _take(item, "modalities", list, path, None)
+        if not modalities or not all(isinstance(m, str) and m.strip() for m in modalities):
+            raise ConfigError(f"{path}.modalities: expected a non-empty list of modality codes")
+        model_path = _take(item, "path", str, path, "")
+        if model_path and not Path(model_path).is_absolute():
+            model_path = str(base_dir / model_path)
+        if model_path and not Path(model_path).exists():
+            raise ConfigError(f"{path}.path: no model at {model_path}")
+        enabled = _take(item, "enabled", bool, path, True)
+        mods = tuple(m.strip().upper() for m in modalities)
+        if enabled:
+            for m in mods:
+                if m in seen:
+                    raise ConfigError(f"{path}.modalities: {m} is already served by model {seen[m]!r}")
+                seen[m] = name
+        bindings.append(ModelBinding(name=name, modalities=mods, path=model_path, enabled=enabled))
+    return tuple(bindings)
+
+
+def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Build a :class:`Config` from a parsed TOML mapping."""
+    base_dir = base_dir or Path.cwd()
+    _reject_unknown(data, {"node", "peers", "worker", "delivery", "models", "logging"}, "")
+    for key in ("node", "worker", "delivery", "logging"):
+        if key in data and not isinstance(data[key], dict):
+            raise ConfigError(f"{key}: expected a [{key}] table")
+    peers = _parse_peers(data.get("peers", []))
+    logging_table = data.get("logging", {})
+    _reject_unknown(logging_table, {"level"}, "logging")
+    level = _take(logging_table, "level", str, "logging", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    config = Config(
+        node=_parse_node(data.get("node", {}), base_dir),
+        peers=peers,
+        worker=_parse_worker(data.get("worker", {})),
+        delivery=_parse_delivery(data.get("delivery", {}), peers),
+        models=_parse_models(data["models"], base_dir) if "models" in data else DEFAULT_MODELS,
+        log_level=level,
+    )
+    if not config.node.accept_unknown_peers and not config.peers:
+        raise ConfigError(
+            "node.accept_unknown_peers: false, but no [[peers]] are listed, so nobody could connect"
+        )
+    if config.peer(config.node.ae_title):
+        raise ConfigError(f"peers: {config.node.ae_title!r} is this node's own AE title (node.ae_title)")
+    return config
+
+
+def load(path: str | Path | None) -> Config:
+    """Load the TOML file at *path*; ``None`` gives the built-in defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,143 @@
+"""DIMSE event handlers: an event in, a storage call, a status out.
+
+C-STORE answers Success only once the file is fsynced in place and its rows are committed.
+Every refusal carries a named status and, where the Standard allows, an ErrorComment saying why.
+Log lines carry UIDs and AE titles, never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+
+from pacs_node import assembly, statuses
+from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
+from storage import query
+from storage.files import check_uid, instance_relpath
+from storage.ingest import record_instance
+from storage.models import utcnow
+
+if TYPE_CHECKING:
+    from pacs_node.node import Node
+
+log = logging.getLogger(__name__)
+
+ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+
+
+def status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:ERROR_COMMENT_MAX]
+    return ds
+
+
+def _calling_ae(event: Any) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+class Handlers:
+    """The node's DIMSE service handlers, bound to one :class:`Node`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        from pynetdicom import evt
+
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_FIND, self.handle_find),
+        ]
+
+    def handle_echo(self, event: Any) -> int:
+        return statuses.SUCCESS
+
+    def handle_store(self, event: Any) -> Dataset:
+        calling = _calling_ae(event)
+        request = event.request
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        except InvalidInstanceError as exc:
+            log.warning("C-STORE from %s refused: %s", calling, exc)
+            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except Exception as exc:  # the data set cannot even be parsed
+            log.warning("C-STORE from %s refused: unreadable data set (%s)", calling, exc)
+            return status(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+        if sop_uid != str(request.AffectedSOPInstanceUID).strip():
+            log.warning("C-STORE from %s refused: SOP Instance UID %s differs from request %s",
+                        calling, sop_uid, request.AffectedSOPInstanceUID)
+            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                          "SOPInstanceUID differs from the request's")
+        if str(ds.get("SOPClassUID", "")).strip() != str(request.AffectedSOPClassUID).strip():
+            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                          "SOPClassUID differs from the request's")
+        try:
+            receive_instance(self.node, ds, event.encoded_dataset(), calling)
+        except OutOfSpaceError as exc:
+            log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
+            return status(statuses.OUT_OF_RESOURCES, str(exc))
+        except InvalidInstanceError as exc:
+            log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
+            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except Exception as exc:  # never let a storage fault kill the association
+            log.exception("C-STORE %s from %s failed", sop_uid, calling)
+            return status(statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}")
+        return status(statuses.SUCCESS)
+
+    def handle_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        calling = _calling_ae(event)
+        try:
+            identifier = event.identifier
+            with self.node.db.read() as session:
+                matches = list(query.find(session, identifier))
+        except query.QueryError as exc:
+            log.warning("C-FIND from %s refused: %s", calling, exc)
+            yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        except Exception as exc:
+            log.exception("C-FIND from %s failed", calling)
+            yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
+            return
+        log.info("C-FIND from %s: %d matches", calling, len(matches))
+        for match in matches:
+            if event.is_cancelled:
+                yield statuses.CANCEL, None
+                return
+            yield statuses.PENDING, match
+
+
+def receive_instance(node: Node, ds: Dataset, encoded: bytes, calling_ae: str) -> None:
+    """Write the file durably, then index and schedule it in one transaction."""
+    relpath = instance_relpath(
+        ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
+    )
+    node.files.check_space(len(encoded))
+    existed = node.files.abspath(relpath).exists()
+    size = node.files.write_atomic(relpath, lambda fh: fh.write(encoded))
+    try:
+        with node.db.session() as session:
+            indexed = record_instance(
+                session,
+                ds,
+                relpath=relpath.as_posix(),
+                size_bytes=size,
+                transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+                source_ae=calling_ae,
+            )
+            assembly.schedule(session, indexed, ds, node.config, utcnow())
+    except Exception:
+        if not existed:  # nothing half-recorded: the file goes with its failed row
+            node.files.remove(relpath)
+        raise
+    log.info(
+        "stored %s (series %s, %s) from %s", ds.SOPInstanceUID, ds.SeriesInstanceUID,
+        ds.get("Modality", ""), calling_ae,
+    )

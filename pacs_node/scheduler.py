@@ -1,0 +1,38 @@
+"""APScheduler wiring: the worker's round every ``poll_interval_s``, one round at a time."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+if TYPE_CHECKING:
+    from pacs_node.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def start_scheduler(worker: Worker, poll_interval_s: float) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(
+        _guarded(worker.tick),
+        "interval",
+        seconds=poll_interval_s,
+        id="worker",
+        max_instances=1,  # a long inference delays the next round rather than overlapping it
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+    scheduler.start()
+    return scheduler
+
+
+def _guarded(fn):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # the scheduler must keep running whatever one round did
+            log.exception("worker round failed")
+
+    return run

@@ -1,0 +1,66 @@
+"""A plain-text view of the queue for operators: ``pacs-node status``."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from storage.db import Database
+from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series
+
+
+def render_status(db: Database, limit: int = 20) -> str:
+    lines: list[str] = []
+    with db.read() as session:
+        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        lines.append("jobs: " + ", ".join(f"{s.value} {jobs.get(s, 0)}" for s in JobState))
+        deliveries = dict(
+            session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        )
+        lines.append(
+            "deliveries: " + ", ".join(f"{s.value} {deliveries.get(s, 0)}" for s in DeliveryState)
+        )
+        problem_jobs = session.execute(
+            select(Job, Series.series_instance_uid, Series.modality)
+            .join(Series, Job.series_pk == Series.id)
+            .where(Job.state.in_([JobState.FAILED, JobState.SKIPPED]) | (Job.last_error != ""))
+            .order_by(Job.id.desc())
+            .limit(limit)
+        ).all()
+        if problem_jobs:
+            lines.append("")
+            lines.append("jobs failed, skipped or retried (newest first):")
+            for job, series_uid, modality in problem_jobs:
+                lines.append(
+                    f"  job {job.id} {job.state.value} {modality or '-'} series {series_uid} "
+                    f"attempts {job.attempts}: {job.last_error}"
+                )
+        failed = session.execute(
+            select(Delivery, Instance.sop_instance_uid)
+            .join(Instance, Delivery.instance_pk == Instance.id)
+            .where(Delivery.state == DeliveryState.FAILED)
+            .order_by(Delivery.id.desc())
+            .limit(limit)
+        ).all()
+        if failed:
+            lines.append("")
+            lines.append("failed deliveries:")
+            for delivery, sop_uid in failed:
+                lines.append(
+                    f"  delivery {delivery.id} to {delivery.destination_ae} instance {sop_uid} "
+                    f"after {delivery.attempts} attempts: {delivery.last_error}"
+                )
+        results = session.execute(
+            select(Result, Series.series_instance_uid)
+            .join(Series, Result.series_pk == Series.id)
+            .order_by(Result.id.desc())
+            .limit(limit)
+        ).all()
+        if results:
+            lines.append("")
+            lines.append("latest results (AI-generated, not for diagnostic use):")
+            for result, series_uid in results:
+                lines.append(
+                    f"  series {series_uid}: {result.label} {result.probability:.3f} "
+                    f"({result.model_name} {result.model_version})"
+                )
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Safe paths from UIDs and atomic, durable writes (temp file, fsync, rename, fsync dir)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
+
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_MAX = 64
+
+
+def check_uid(value: object, keyword: str) -> str:
+    """Return *value* as a UID, or raise :class:`InvalidInstanceError` naming *keyword*."""
+    uid = str(value or "").strip().rstrip("\x00")
+    if not uid:
+        raise InvalidInstanceError(f"{keyword} is missing")
+    if len(uid) > UID_MAX:
+        raise InvalidInstanceError(f"{keyword} is {len(uid)} characters long (at most 64 allowed)")
+    if not UID_PATTERN.match(uid):
+        raise InvalidInstanceError(f"{keyword} is not a valid UID (digits and dots only)")
+    return uid
+
+
+def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where an instance lives, relative to the storage root; every part is a checked UID."""
+    parts = (
+        check_uid(study_uid, "StudyInstanceUID"),
+        check_uid(series_uid, "SeriesInstanceUID"),
+        check_uid(sop_uid, "SOPInstanceUID"),
+    )
+    return Path("instances", parts[0], parts[1], parts[2] + ".dcm")
+
+
+class FileStore:
+    """The folder under which instances are kept."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_bytes = min_free_bytes
+        (self.root / "instances").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def abspath(self, relpath: str | Path) -> Path:
+        path = (self.root / relpath).resolve()
+        if self.root not in path.parents:
+            raise InvalidInstanceError(f"path {relpath} escapes the storage folder")
+        return path
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, needed_bytes: int = 0) -> None:
+        free = self.free_bytes()
+        if free - needed_bytes < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"storage has {free // 2**20} MiB free, below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB"
+            )
+
+    def write_atomic(self, relpath: str | Path, write: Callable[[BinaryIO], None]) -> int:
+        """Write a file through *write* so that it is either whole on disk or absent.
+
+        Returns the size in bytes. The data is fsynced, renamed into place and the folder
+        fsynced, so that when this returns the file survives a crash or power loss.
+        """
+        target = self.abspath(relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="in-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            os.replace(tmp_name, target)
+        except OSError as exc:
+            _unlink_quietly(tmp_name)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpaceError(f"storage is full: {exc.strerror}") from exc
+            raise
+        except BaseException:
+            _unlink_quietly(tmp_name)
+            raise
+        _fsync_dir(target.parent)
+        return size
+
+    def remove(self, relpath: str | Path) -> None:
+        _unlink_quietly(self.abspath(relpath))
+
+    def clean_tmp(self) -> int:
+        """Delete partial files left by a crash; returns how many were removed."""
+        removed = 0
+        for part in (self.root / "tmp").glob("*.part"):
+            _unlink_quietly(part)
+            removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,433 @@
+"""C-FIND matching for the Study Root Query/Retrieve Information Model (PS3.4 C.6.2).
+
+:func:`find` turns a C-FIND request identifier into one SQL statement over the
+``studies``/``series``/``instances`` tables and yields one response identifier per match.
+
+Matching (PS3.4 C.2.2.2) is done in SQL:
+
+* universal matching: an empty value matches everything;
+* single value matching: exact and case-sensitive, except Person Name (PN), which this node
+  matches case-insensitively (and ignoring trailing ``^``) because names reach the archive with
+  inconsistent capitalisation from different modalities;
+* wildcard matching with ``*`` and ``?`` on text and PN attributes (not on UIDs, dates, times,
+  numbers), translated to SQL ``LIKE`` with ``%`` and ``_`` escaped. SQLite's ``LIKE`` ignores
+  ASCII case, so on SQLite a ``GLOB`` keeps case-sensitive wildcards case-sensitive;
+* list of UID matching: backslash-separated UIDs for the UID keys;
+* range matching for dates (``a-``, ``-b``, ``a-b``) and times; a multi-valued request value on
+  any other key matches when any of its values matches (used by ModalitiesInStudy).
+
+The model is treated relationally: at SERIES and IMAGE level, keys of the levels above are matched
+too (not only their unique keys). Keys of a level below the query level, and keys this node does not
+know, are returned empty and do not constrain the match. Combined date-time matching, sequence
+matching and fuzzy semantic matching of person names are not supported.
+
+Counts and ModalitiesInStudy come from grouped subqueries joined once, never one query per result.
+Iterate the returned responses while *session* is still open: they are read from the database as
+the caller consumes them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    SQLColumnExpression,
+    and_,
+    exists,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Session, aliased
+
+from pacs_node.errors import NodeError
+from storage.models import Instance, Series, Study
+
+RESPONSE_CHARSET = "ISO_IR 192"  # the database holds Unicode text
+PARTITION_SIZE = 500
+_SEPARATOR = "\\"
+
+
+class QueryError(NodeError):
+    """A C-FIND identifier this node cannot answer (bad level, unusable matching value)."""
+
+
+class Level(enum.IntEnum):
+    STUDY = 0
+    SERIES = 1
+    IMAGE = 2
+
+
+class Match(enum.Enum):
+    """How a key's request value is matched against its column."""
+
+    TEXT = "text"  # single value (case-sensitive) and wildcards
+    PN = "pn"  # like TEXT, case-insensitive
+    UID = "uid"  # single value and list of UIDs
+    DATE = "date"  # single value and range
+    TIME = "time"  # single value and range
+    INT = "int"  # single value
+    MODALITIES = "modalities"  # any series of the study has one of the listed modalities
+    RETURN_ONLY = "return-only"  # computed values: a request value is ignored
+
+
+@dataclass(frozen=True)
+class Key:
+    """A supported attribute: the level that owns it, its SQL value and how it is matched."""
+
+    level: Level
+    value: SQLColumnExpression[Any]
+    match: Match
+
+
+_STUDY_SERIES = (
+    select(Series.study_pk.label("pk"), func.count(Series.id).label("n"))
+    .group_by(Series.study_pk)
+    .subquery("study_series_counts")
+)
+_STUDY_INSTANCES = (
+    select(Series.study_pk.label("pk"), func.count(Instance.id).label("n"))
+    .join(Instance, Instance.series_pk == Series.id)
+    .group_by(Series.study_pk)
+    .subquery("study_instance_counts")
+)
+_SERIES_INSTANCES = (
+    select(Instance.series_pk.label("pk"), func.count(Instance.id).label("n"))
+    .group_by(Instance.series_pk)
+    .subquery("series_instance_counts")
+)
+_DISTINCT_MODALITIES = (
+    select(Series.study_pk.label("pk"), Series.modality.label("modality"))
+    .where(Series.modality != "")
+    .distinct()
+    .subquery("distinct_modalities")
+)
+_STUDY_MODALITIES = (
+    select(
+        _DISTINCT_MODALITIES.c.pk,
+        func.aggregate_strings(_DISTINCT_MODALITIES.c.modality, _SEPARATOR).label("list"),
+    )
+    .group_by(_DISTINCT_MODALITIES.c.pk)
+    .subquery("study_modalities")
+)
+
+# computed keys: the grouped subquery each one needs, joined on the owning row's primary key
+_JOINS = {
+    "NumberOfStudyRelatedSeries": (_STUDY_SERIES, Study.id),
+    "NumberOfStudyRelatedInstances": (_STUDY_INSTANCES, Study.id),
+    "NumberOfSeriesRelatedInstances": (_SERIES_INSTANCES, Series.id),
+    "ModalitiesInStudy": (_STUDY_MODALITIES, Study.id),
+}
+
+KEYS: dict[str, Key] = {
+    # study level (the patient attributes live on the study in the Study Root model)
+    "PatientID": Key(Level.STUDY, Study.patient_id, Match.TEXT),
+    "PatientName": Key(Level.STUDY, Study.patient_name, Match.PN),
+    "PatientBirthDate": Key(Level.STUDY, Study.patient_birth_date, Match.DATE),
+    "PatientSex": Key(Level.STUDY, Study.patient_sex, Match.TEXT),
+    "StudyInstanceUID": Key(Level.STUDY, Study.study_instance_uid, Match.UID),
+    "StudyDate": Key(Level.STUDY, Study.study_date, Match.DATE),
+    "StudyTime": Key(Level.STUDY, Study.study_time, Match.TIME),
+    "AccessionNumber": Key(Level.STUDY, Study.accession_number, Match.TEXT),
+    "StudyID": Key(Level.STUDY, Study.study_id, Match.TEXT),
+    "StudyDescription": Key(Level.STUDY, Study.study_description, Match.TEXT),
+    "ReferringPhysicianName": Key(Level.STUDY, Study.referring_physician_name, Match.PN),
+    "ModalitiesInStudy": Key(Level.STUDY, _STUDY_MODALITIES.c.list, Match.MODALITIES),
+    "NumberOfStudyRelatedSeries": Key(
+        Level.STUDY, func.coalesce(_STUDY_SERIES.c.n, 0), Match.RETURN_ONLY
+    ),
+    "NumberOfStudyRelatedInstances": Key(
+        Level.STUDY, func.coalesce(_STUDY_INSTANCES.c.n, 0), Match.RETURN_ONLY
+    ),
+    # series level
+    "SeriesInstanceUID": Key(Level.SERIES, Series.series_instance_uid, Match.UID),
+    "Modality": Key(Level.SERIES, Series.modality, Match.TEXT),
+    "SeriesNumber": Key(Level.SERIES, Series.series_number, Match.INT),
+    "SeriesDescription": Key(Level.SERIES, Series.series_description, Match.TEXT),
+    "BodyPartExamined": Key(Level.SERIES, Series.body_part_examined, Match.TEXT),
+    "NumberOfSeriesRelatedInstances": Key(
+        Level.SERIES, func.coalesce(_SERIES_INSTANCES.c.n, 0), Match.RETURN_ONLY
+    ),
+    # image level
+    "SOPInstanceUID": Key(Level.IMAGE, Instance.sop_instance_uid, Match.UID),
+    "SOPClassUID": Key(Level.IMAGE, Instance.sop_class_uid, Match.UID),
+    "InstanceNumber": Key(Level.IMAGE, Instance.instance_number, Match.INT),
+}
+
+UNIQUE_KEYS: dict[Level, tuple[str, ...]] = {
+    Level.STUDY: ("StudyInstanceUID",),
+    Level.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+_SKIPPED = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
+
+
+def find(session: Session, identifier: Dataset) -> Iterator[Dataset]:
+    """The response identifiers matching the C-FIND request *identifier*.
+
+    Raises :class:`QueryError` at once (not on first iteration) for an unsupported
+    QueryRetrieveLevel or an unusable matching value.
+    """
+    level = _level(identifier)
+    elements = _elements(identifier)
+    answered = _answered_keys(elements, level)
+    is_sqlite = session.get_bind().dialect.name == "sqlite"
+    stmt = _statement(level, answered, _conditions(elements, level, is_sqlite))
+    rows = session.execute(stmt)
+    return _responses(rows.partitions(PARTITION_SIZE), elements, level, answered)
+
+
+def _level(identifier: Dataset) -> Level:
+    raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
+    try:
+        return Level[raw]
+    except KeyError:
+        raise QueryError(
+            f"unsupported QueryRetrieveLevel {raw!r}: expected STUDY, SERIES or IMAGE"
+        ) from None
+
+
+def _elements(identifier: Dataset) -> list[DataElement]:
+    """The request's elements, decoded; a value pydicom cannot decode is a :class:`QueryError`."""
+    elements = []
+    tags = list(identifier.keys())  # iterating the Dataset itself would decode every element
+    for tag in tags:
+        try:
+            elements.append(identifier[tag])
+        except (ValueError, TypeError) as exc:
+            raise QueryError(f"unreadable value for {tag}: {exc}") from exc
+    return elements
+
+
+def _answered_keys(elements: Sequence[DataElement], level: Level) -> list[str]:
+    """The keys filled from the database: requested known keys at or above *level*, unique keys."""
+    keys = list(UNIQUE_KEYS[level])
+    for elem in elements:
+        key = KEYS.get(elem.keyword)
+        if key is not None and key.level <= level and elem.keyword not in keys:
+            keys.append(elem.keyword)
+    return keys
+
+
+# --- the SQL statement ---------------------------------------------------------------------------
+
+
+def _statement(
+    level: Level, answered: Sequence[str], conditions: Sequence[ColumnElement[bool]]
+) -> Select[tuple[object, ...]]:
+    stmt = _base(level)
+    for keyword in answered:
+        if keyword in _JOINS:
+            subquery, owner_pk = _JOINS[keyword]
+            stmt = stmt.outerjoin(subquery, subquery.c.pk == owner_pk)
+        stmt = stmt.add_columns(KEYS[keyword].value.label(keyword))
+    return stmt.where(*conditions)
+
+
+def _base(level: Level) -> Select[tuple[object, ...]]:
+    if level is Level.STUDY:
+        return select().select_from(Study).order_by(Study.id)
+    if level is Level.SERIES:
+        return (
+            select()
+            .select_from(Series)
+            .join(Study, Series.study_pk == Study.id)
+            .order_by(Study.id, Series.id)
+        )
+    return (
+        select()
+        .select_from(Instance)
+        .join(Series, Instance.series_pk == Series.id)
+        .join(Study, Series.study_pk == Study.id)
+        .order_by(Study.id, Series.id, Instance.id)
+    )
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+def _conditions(
+    elements: Sequence[DataElement], level: Level, is_sqlite: bool
+) -> list[ColumnElement[bool]]:
+    conditions = []
+    for elem in elements:
+        key = KEYS.get(elem.keyword)
+        if key is None or key.level > level:
+            continue
+        values = _request_values(elem)
+        if not values:
+            continue  # universal matching
+        condition = _match(key, elem.keyword, values, is_sqlite)
+        if condition is not None:
+            conditions.append(condition)
+    return conditions
+
+
+def _request_values(elem: DataElement) -> list[str]:
+    """The non-empty values of a request element, as text."""
+    value = elem.value
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    items = value if isinstance(value, MultiValue | list | tuple) else [value]
+    texts = (str(item).strip() for item in items if item is not None)
+    return [text for text in texts if text]
+
+
+def _match(
+    key: Key, keyword: str, values: list[str], is_sqlite: bool
+) -> ColumnElement[bool] | None:
+    if key.match is Match.RETURN_ONLY:
+        return None
+    if key.match is Match.UID:
+        return key.value.in_(values)  # list of UID matching; one UID is single value matching
+    if key.match is Match.MODALITIES:
+        return _modalities_match(values, is_sqlite)
+    return or_(*(_single(key, keyword, value, is_sqlite) for value in values))
+
+
+def _single(key: Key, keyword: str, value: str, is_sqlite: bool) -> ColumnElement[bool]:
+    column = key.value
+    if key.match is Match.DATE:
+        return _range(column, value) if "-" in value else column == value
+    if key.match is Match.TIME:
+        return _time_match(column, value)
+    if key.match is Match.INT:
+        return column == _integer(keyword, value)
+    if key.match is Match.PN:
+        return _pn_match(column, value)
+    return _text_match(column, value, is_sqlite)
+
+
+def _modalities_match(values: list[str], is_sqlite: bool) -> ColumnElement[bool]:
+    other = aliased(Series)
+    return exists().where(
+        other.study_pk == Study.id,
+        or_(*(_text_match(other.modality, value, is_sqlite) for value in values)),
+    )
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _like_pattern(value: str) -> str:
+    """A DICOM wildcard value as a LIKE pattern with escape character ``\\``."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _glob_pattern(value: str) -> str:
+    """A DICOM wildcard value as an SQLite GLOB pattern (``*`` and ``?`` mean the same there)."""
+    return value.replace("[", "[[]")
+
+
+def _text_match(
+    column: SQLColumnExpression[Any], value: str, is_sqlite: bool
+) -> ColumnElement[bool]:
+    """Case-sensitive single value or wildcard matching."""
+    if not _has_wildcard(value):
+        return column == value
+    condition: ColumnElement[bool] = column.like(_like_pattern(value), escape="\\")
+    if is_sqlite:  # SQLite's LIKE ignores ASCII case; GLOB does not
+        condition = and_(condition, column.op("GLOB")(_glob_pattern(value)))
+    return condition
+
+
+def _pn_match(column: SQLColumnExpression[Any], value: str) -> ColumnElement[bool]:
+    """Person Name matching, deliberately case-insensitive (a node choice PS3.4 allows).
+
+    Trailing empty name components (``Doe^John^^``) are ignored on both sides. SQL ``lower()``
+    folds ASCII letters only on SQLite, so non-ASCII letters still match case-sensitively there.
+    """
+    stored = func.lower(func.rtrim(column, "^"))
+    wanted = value.rstrip("^").lower()
+    if not _has_wildcard(wanted):
+        return stored == wanted
+    return stored.like(_like_pattern(wanted), escape="\\")
+
+
+def _range(column: SQLColumnExpression[Any], value: str) -> ColumnElement[bool]:
+    """Date range matching on YYYYMMDD text: ``a-``, ``-b``, ``a-b`` (bounds included)."""
+    low, high = (part.strip() for part in value.split("-", 1))
+    bounds = [column != ""]
+    if low:
+        bounds.append(column >= low)
+    if high:
+        bounds.append(column <= high)
+    return and_(*bounds)
+
+
+def _time_match(column: SQLColumnExpression[Any], value: str) -> ColumnElement[bool]:
+    """Time single value or range matching, to the second.
+
+    Stored and requested times are compared as HHMMSS: a shorter stored time is padded with zeros,
+    fractions are dropped, a shorter upper bound covers its whole hour or minute.
+    """
+    low, high = value.split("-", 1) if "-" in value else (value, value)
+    stored = func.substr(column + "000000", 1, 6)
+    bounds = [column != ""]
+    if low.strip():
+        bounds.append(stored >= _time_bound(low, "0"))
+    if high.strip():
+        bounds.append(stored <= _time_bound(high, "9"))
+    return and_(*bounds)
+
+
+def _time_bound(value: str, fill: str) -> str:
+    return value.strip().replace(":", "").split(".", 1)[0][:6].ljust(6, fill)
+
+
+def _integer(keyword: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise QueryError(f"{keyword} must be an integer, got {value!r}") from None
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def _responses(
+    partitions: Iterator[Sequence[Row[Any]]],
+    elements: Sequence[DataElement],
+    level: Level,
+    answered: Sequence[str],
+) -> Iterator[Dataset]:
+    # requested keys this node does not answer at this level come back empty
+    unanswered = [e for e in elements if e.keyword not in _SKIPPED and e.keyword not in answered]
+    with_charset = any(e.keyword == "SpecificCharacterSet" for e in elements)
+    for partition in partitions:
+        for row in partition:
+            response = Dataset()
+            for elem in unanswered:
+                response.add(_empty(elem))
+            for keyword in answered:
+                setattr(response, keyword, _dicom_value(keyword, row._mapping[keyword]))
+            response.QueryRetrieveLevel = level.name
+            if with_charset:
+                response.SpecificCharacterSet = RESPONSE_CHARSET
+            yield response
+
+
+def _empty(elem: DataElement) -> DataElement:
+    return DataElement(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
+
+
+def _dicom_value(keyword: str, value: object) -> object:
+    if keyword == "ModalitiesInStudy":
+        return sorted(set(str(value).split(_SEPARATOR))) if value else None
+    if value is None or value == "":
+        return None
+    return value

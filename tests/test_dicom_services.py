@@ -1,0 +1,163 @@
+"""C-ECHO, C-STORE and C-FIND over real associations on loopback, with pynetdicom and dcmtk."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from pacs_node import statuses
+from pacs_node.config import Peer
+from storage.models import Instance, Job, JobState, Series
+from tests import scu
+from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
+from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env
+
+# The Leadtools RLE file has an empty SOP Instance UID: no SCU can send it (the C-STORE request
+# needs one); the node's answer to a data set without one is tested below.
+COMPRESSED = sorted(
+    p for p in (DICOM / "compressed").glob("*.dcm") if "leadtools-flowers" not in p.name
+)
+
+
+def _jobs(node, series_uid: str) -> list[Job]:
+    with node.db.read() as session:
+        return list(
+            session.scalars(
+                select(Job).join(Series).where(Series.series_instance_uid == series_uid)
+            ).all()
+        )
+
+
+def test_echo_with_dcmtk(start_node):
+    if not dcmtk_available("echoscu"):
+        pytest.skip("dcmtk not installed")
+    node = start_node()
+    run = subprocess.run(
+        [DCMTK["echoscu"], "-aec", "AINODE", "-aet", "ECHOER", "127.0.0.1", str(node.port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_store_every_transfer_syntax_is_durable_and_indexed(start_node):
+    node = start_node()
+    files = [*COMPRESSED, CR_CHEST, *sorted((DICOM / "sr").glob("*.dcm"))]
+    answers = scu.store(node.port, files)
+    with node.db.read() as session:
+        rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance)).all()}
+    for path, answer in zip(files, answers, strict=True):
+        sent = pydicom.dcmread(path)
+        if "StudyInstanceUID" not in sent:  # two pydicom test files lack this Type 1 UID
+            assert answer.Status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            assert answer.ErrorComment == "StudyInstanceUID is missing"
+            assert str(sent.SOPInstanceUID) not in rows
+            continue
+        assert answer.Status == statuses.SUCCESS, path.name
+        row = rows[str(sent.SOPInstanceUID)]
+        assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+        stored = pydicom.dcmread(node.files.abspath(row.path))
+        assert stored.SOPInstanceUID == sent.SOPInstanceUID
+        assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        if "PixelData" in sent and sent.file_meta.TransferSyntaxUID.is_encapsulated:
+            assert stored.PixelData == sent.PixelData  # compressed pixels kept bit for bit
+    assert not list((node.files.root / "tmp").iterdir()), "temporary files left behind"
+
+
+def test_store_with_storescu_and_skip_reasons(start_node):
+    if not dcmtk_available("storescu"):
+        pytest.skip("dcmtk not installed")
+    node = start_node()
+    sr = DICOM / "sr" / "highdicom__sr_document.dcm"
+    seg = DICOM / "seg_with_ct" / "dcmqi__liver.dcm"
+    mr = DICOM / "compressed" / "pydicom_wheel__MR_small_RLE.dcm"
+    run = subprocess.run(
+        [DCMTK["storescu"], "-aec", "AINODE", "-aet", "STORER", "-R", "-xr",
+         "127.0.0.1", str(node.port), str(sr), str(seg), str(mr)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    expectations = {sr: "not an image", seg: "no model for modality SEG",
+                    mr: "no model for modality MR"}
+    for path, reason in expectations.items():
+        jobs = _jobs(node, str(pydicom.dcmread(path).SeriesInstanceUID))
+        assert [j.state for j in jobs] == [JobState.SKIPPED]
+        assert reason in jobs[0].last_error
+
+
+def test_cr_is_queued_at_once_and_ct_after_quiet_period(start_node, tmp_path):
+    from dataclasses import replace
+
+    config = make_config(tmp_path)
+    config = replace(config, worker=replace(config.worker, ct_quiet_period_s=3600))
+    node = start_node(config)
+    scu.store(node.port, [CR_CHEST, *CT_SERIES[:3]])
+    cr_job = _jobs(node, str(pydicom.dcmread(CR_CHEST).SeriesInstanceUID))
+    ct_jobs = _jobs(node, str(pydicom.dcmread(CT_SERIES[0]).SeriesInstanceUID))
+    assert [j.state for j in cr_job] == [JobState.QUEUED]
+    assert len(ct_jobs) == 1, "each slice must push the same job back, not add one"
+    assert (ct_jobs[0].not_before - cr_job[0].not_before).total_seconds() > 3500
+
+
+def test_refuses_mismatched_and_invalid_uids(start_node):
+    node = start_node()
+    ds = pydicom.dcmread(CR_CHEST)
+    ds.StudyInstanceUID = "1.2.3/../../etc"
+    missing = pydicom.dcmread(CR_CHEST)
+    missing.SOPInstanceUID = "1.2.3.4"
+    missing.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    del missing.SeriesInstanceUID
+    answers = scu.store(node.port, [ds, missing])
+    assert answers[0].Status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "StudyInstanceUID" in answers[0].ErrorComment
+    assert answers[1].Status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "SeriesInstanceUID is missing" in answers[1].ErrorComment
+    assert not list(node.files.root.rglob("*.dcm")), "a refused instance must leave no file"
+
+
+def test_unknown_calling_ae_is_refused(start_node, tmp_path):
+    peers = (Peer("ORTHANC", "127.0.0.1", 4242),)
+    node = start_node(make_config(tmp_path, peers=peers, accept_unknown_peers=False))
+    assert scu.association_accepted(node.port, calling="ORTHANC")
+    assert not scu.association_accepted(node.port, calling="STRANGER")
+
+
+def test_cfind_finds_received_instances_at_each_level(start_node):
+    node = start_node()
+    scu.store(node.port, [CR_CHEST, *CT_SERIES[:5]])
+    ct = pydicom.dcmread(CT_SERIES[0])
+    studies, final = scu.find(node.port, scu.query(
+        "STUDY", StudyInstanceUID="", PatientID=ct.PatientID, ModalitiesInStudy="",
+        NumberOfStudyRelatedInstances=""))
+    assert final.Status == statuses.SUCCESS
+    assert [s.StudyInstanceUID for s in studies] == [ct.StudyInstanceUID]
+    assert studies[0].ModalitiesInStudy == "CT"
+    assert int(studies[0].NumberOfStudyRelatedInstances) == 5
+    series, _ = scu.find(node.port, scu.query(
+        "SERIES", StudyInstanceUID=ct.StudyInstanceUID, SeriesInstanceUID="", Modality="CT"))
+    assert [s.SeriesInstanceUID for s in series] == [ct.SeriesInstanceUID]
+    images, _ = scu.find(node.port, scu.query(
+        "IMAGE", StudyInstanceUID=ct.StudyInstanceUID, SeriesInstanceUID=ct.SeriesInstanceUID,
+        SOPInstanceUID=""))
+    assert len(images) == 5
+
+
+def test_cfind_with_findscu_wildcards_and_dates(start_node, tmp_path: Path):
+    if not dcmtk_available("findscu"):
+        pytest.skip("dcmtk not installed")
+    node = start_node()
+    scu.store(node.port, [CR_CHEST, CT_SERIES[0]])
+    ct = pydicom.dcmread(CT_SERIES[0])
+    run = subprocess.run(
+        [DCMTK["findscu"], "-S", "-aec", "AINODE", "-aet", "FINDER", "127.0.0.1", str(node.port),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={ct.PatientID[:4]}*",
+         "-k", f"StudyDate={ct.StudyDate}-", "-k", "StudyInstanceUID", "-k", "ModalitiesInStudy"],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    output = run.stdout + run.stderr
+    assert ct.StudyInstanceUID in output
+    assert str(pydicom.dcmread(CR_CHEST).StudyInstanceUID) not in output

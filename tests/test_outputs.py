@@ -1,0 +1,474 @@
+"""Tests of ai.outputs: the TID 1500 SR, the overlay and the secondary capture."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.config
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+
+from ai.outputs import (
+    DISCLAIMER,
+    ClassCode,
+    Prediction,
+    build_sc,
+    build_sr,
+    overlay_lines,
+    render_overlay,
+)
+
+DATA = Path(os.environ.get("PACS_NODE_TEST_DICOM", "/work/shared/data/dicom"))
+CR = DATA / "cxr/dwv__gdcm-CR-MONO1-10-chest.dcm"
+DX = DATA / "cxr/nhsx_nccid__1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
+CR_J2K = DATA / "cxr/pydicom_data__RG1_J2KI.dcm"
+CT_SERIES = DATA / "ct_series/lung_pet_ct_dx_A0002_B40f"
+CT_SLICE = DATA / "ct_covid_slices/covid19_ny_sbu__19001229-053.dcm"
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+
+# Class codes (SNOMED CT). "noncovid" is SCT 260385009 "Negative" (qualifier value): the
+# CT model answers "is this COVID-19?", and "Negative" is the standard coded answer for a
+# negative finding/test result; "Normal" would claim more than the model knows (a
+# non-COVID CT can still be abnormal).
+COVID = ClassCode("covid", "SCT", "840539006", "COVID-19")
+PNEUMONIA = ClassCode("pneumonia", "SCT", "233604007", "Pneumonia")
+NORMAL = ClassCode("normal", "SCT", "17621005", "Normal")
+NONCOVID = ClassCode("noncovid", "SCT", "260385009", "Negative")
+
+CXR_PRED = Prediction(
+    "cxr-baseline", "0.1.0", "cxr", (COVID, PNEUMONIA, NORMAL), (0.93, 0.05, 0.02)
+)
+CT_PRED = Prediction("ct-baseline", "0.2.1", "ct", (COVID, NONCOVID), (0.27, 0.73))
+
+
+@pytest.fixture(autouse=True)
+def raise_on_invalid_values():
+    old = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    try:
+        yield
+    finally:
+        pydicom.config.settings.writing_validation_mode = old
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"test data not available: {path}")
+    return path
+
+
+def _headers(paths: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(_need(p), stop_before_pixels=True) for p in paths]
+
+
+def _ct_paths() -> list[Path]:
+    paths = sorted(_need(CT_SERIES).glob("*.dcm"))
+    assert len(paths) == 30
+    return paths
+
+
+# name -> (source paths, prediction)
+CASES = {
+    "cr": (lambda: [CR], CXR_PRED),
+    "dx": (lambda: [DX], CXR_PRED),
+    "cr_j2k": (lambda: [CR_J2K], CXR_PRED),
+    "ct_series": (_ct_paths, CT_PRED),
+    "ct_slice": (lambda: [CT_SLICE], CT_PRED),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> tuple[str, list[Dataset], Prediction]:
+    paths, prediction = CASES[request.param]
+    return request.param, _headers(paths()), prediction
+
+
+def _sr(sources: list[Dataset], prediction: Prediction) -> Dataset:
+    return build_sr(
+        sources,
+        prediction,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        software_version="0.1.0",
+    )
+
+
+def _overlay_for(source: Dataset, prediction: Prediction) -> np.ndarray:
+    rows, cols = int(source.Rows), int(source.Columns)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    image = (xx + yy) / float(rows + cols)
+    heat = np.zeros((7, 7))
+    heat[2:5, 3:6] = 1.0
+    return render_overlay(image, heat, overlay_lines(prediction, "Grad-CAM"))
+
+
+def _sc(source: Dataset, prediction: Prediction) -> tuple[Dataset, np.ndarray]:
+    overlay = _overlay_for(source, prediction)
+    sc = build_sc(
+        source,
+        overlay,
+        prediction,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        software_version="0.1.0",
+    )
+    return sc, overlay
+
+
+def _roundtrip(ds: Dataset) -> Dataset:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _items(seq) -> Iterator[Dataset]:
+    for item in seq:
+        yield item
+        if "ContentSequence" in item:
+            yield from _items(item.ContentSequence)
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return code.CodingSchemeDesignator, code.CodeValue
+
+
+def _dciodvfy(ds: Dataset, tmp_path: Path, name: str) -> str:
+    if not os.path.exists(DCIODVFY):
+        pytest.skip(f"{DCIODVFY} is not installed")
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    return proc.stdout + proc.stderr
+
+
+def _opt(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword) or "")
+
+
+# ---------------------------------------------------------------------- Prediction
+
+
+def test_prediction_label_and_probability():
+    assert CXR_PRED.label == COVID
+    assert CXR_PRED.probability == pytest.approx(0.93)
+    assert CT_PRED.label == NONCOVID
+    assert CT_PRED.probability == pytest.approx(0.73)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"probabilities": (0.5, 0.5)}, "probabilities"),
+        ({"probabilities": (0.5, 0.4, 0.3)}, "sum to 1"),
+        ({"probabilities": (1.2, -0.1, -0.1)}, "probabilities"),
+        ({"probabilities": (float("nan"), 0.5, 0.5)}, "probabilities"),
+        ({"classes": (), "probabilities": ()}, "classes"),
+        ({"classes": (COVID, COVID, NORMAL)}, "classes"),
+        ({"task": "mri"}, "task"),
+        ({"model_name": ""}, "model_name"),
+    ],
+)
+def test_prediction_validation(kwargs, message):
+    args = {
+        "model_name": "m",
+        "model_version": "1",
+        "task": "cxr",
+        "classes": (COVID, PNEUMONIA, NORMAL),
+        "probabilities": (0.2, 0.3, 0.5),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        Prediction(**args)
+
+
+# ------------------------------------------------------------------------- overlay
+
+
+def test_overlay_lines():
+    lines = overlay_lines(CXR_PRED, "extra text")
+    text = "\n".join(lines)
+    for needle in ("COVID-19", "0.93", "cxr-baseline", "0.1.0", DISCLAIMER, "extra text"):
+        assert needle in text
+    assert DISCLAIMER in lines
+    assert "" not in overlay_lines(CXR_PRED)
+
+
+def test_render_overlay_shape_dtype_and_size():
+    small = render_overlay(np.full((100, 80), 0.5), np.zeros((10, 10)), ["x"])
+    assert small.dtype == np.uint8 and small.ndim == 3 and small.shape[2] == 3
+    assert max(small.shape[:2]) == 512  # upscaled for readable text
+    assert small.shape[0] / small.shape[1] == pytest.approx(100 / 80, rel=0.01)
+
+    big = render_overlay(np.full((3000, 2000), 0.5), np.zeros((7, 7)), ["x"])
+    assert max(big.shape[:2]) == 1024  # capped
+    assert big.shape[0] / big.shape[1] == pytest.approx(3000 / 2000, rel=0.01)
+
+    mid = render_overlay(np.full((700, 600), 0.5), np.zeros((7, 7)), [])
+    assert mid.shape == (700, 600, 3)
+
+
+def test_render_overlay_heatmap_changes_pixels():
+    image = np.full((600, 600), 0.5)
+    cold = render_overlay(image, np.zeros((12, 12)), [])
+    hot_map = np.zeros((12, 12))
+    hot_map[6:10, 6:10] = 1.0
+    hot = render_overlay(image, hot_map, [])
+    # Without heat the image stays gray (R == G == B), and the gray level is kept.
+    assert np.array_equal(cold[..., 0], cold[..., 1]) and np.array_equal(cold[..., 1], cold[..., 2])
+    assert abs(int(cold[300, 300, 0]) - 128) <= 1
+    changed = np.any(hot != cold, axis=2)
+    assert changed[350:450, 350:450].all()  # the hot region is colored
+    assert not changed[:200, :200].any()  # cold regions are untouched
+    # JET at 1.0 is red; blended at ~0.4 over mid gray it is reddish.
+    r, g, b = (int(v) for v in hot[400, 400])
+    assert r > g and r > b
+
+
+def test_render_overlay_burns_text_on_dark_band():
+    image = np.full((512, 512), 0.9)
+    plain = render_overlay(image, np.zeros((4, 4)), [])
+    texted = render_overlay(image, np.zeros((4, 4)), overlay_lines(CXR_PRED))
+    band = texted[:20]
+    assert band.mean() < plain[:20].mean()  # dark band
+    assert (texted[:80] == 255).all(axis=2).any()  # white text
+    assert np.array_equal(texted[-100:], plain[-100:])  # rest of image unchanged
+
+
+def test_render_overlay_rejects_bad_input():
+    with pytest.raises(ValueError, match="image"):
+        render_overlay(np.zeros((5, 5, 3)), np.zeros((5, 5)), [])
+    with pytest.raises(ValueError, match="heatmap"):
+        render_overlay(np.zeros((5, 5)), np.zeros(5), [])
+    with pytest.raises(ValueError, match="lines"):
+        render_overlay(np.zeros((5, 5)), np.zeros((5, 5)), "text")
+
+
+# ------------------------------------------------------------------------------ SR
+
+
+def test_sr_content(case):
+    name, sources, prediction = case
+    sr = _roundtrip(_sr(sources, prediction))
+    src = sources[0]
+
+    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert _opt(sr, "PatientID") == _opt(src, "PatientID")
+    assert _opt(sr, "PatientName") == _opt(src, "PatientName")
+    assert sr.SeriesInstanceUID not in {s.SeriesInstanceUID for s in sources}
+    assert sr.SeriesNumber == 9901
+    assert sr.Manufacturer == "pacs-node"
+    assert DISCLAIMER in sr.SeriesDescription
+    assert len(sr.SeriesDescription) <= 64
+    assert sr.PreliminaryFlag == "PRELIMINARY"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    equipment = [
+        e for e in sr.ContributingEquipmentSequence
+        if e.get("ManufacturerModelName") == prediction.model_name
+    ]
+    assert len(equipment) == 1
+    assert prediction.model_version in list(np.atleast_1d(equipment[0].SoftwareVersions))
+
+    items = list(_items(sr.ContentSequence))
+    findings = [i for i in items if i.ValueType == "CODE" and _concept(i) == ("DCM", "121071")]
+    assert len(findings) == 1
+    value = findings[0].ConceptCodeSequence[0]
+    assert (value.CodingSchemeDesignator, value.CodeValue, value.CodeMeaning) == (
+        prediction.label.scheme, prediction.label.value, prediction.label.meaning)
+
+    nums = {_concept(i): i for i in items if i.ValueType == "NUM"}
+    assert len(nums) == len(prediction.classes)
+    for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True):
+        num = nums[(cls.scheme, cls.value)]
+        measured = num.MeasuredValueSequence[0]
+        assert float(measured.NumericValue) == pytest.approx(prob, abs=1e-6)
+        assert measured.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
+
+    procedures = [i for i in items if i.ValueType == "CODE" and _concept(i) == ("DCM", "121058")]
+    expected_procedure = "399208008" if prediction.task == "cxr" else "169069000"
+    assert procedures[0].ConceptCodeSequence[0].CodeValue == expected_procedure
+
+    observer = [i for i in items if i.ValueType == "TEXT" and _concept(i) == ("DCM", "121013")]
+    assert observer[0].TextValue == prediction.model_name
+    algorithm = {i.TextValue for i in items if i.ValueType == "TEXT"
+                 and _concept(i) in {("DCM", "111001"), ("DCM", "111003")}}
+    assert algorithm == {prediction.model_name, prediction.model_version}
+
+    assert any(i.ValueType == "TEXT" and i.TextValue == DISCLAIMER for i in items)
+
+    source_uids = {str(s.SOPInstanceUID) for s in sources}
+    referenced = {
+        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for i in items if i.ValueType == "IMAGE"
+    }
+    assert referenced == source_uids
+    evidence = {
+        str(inst.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+    assert evidence == source_uids
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+
+def test_sr_passes_dciodvfy(case, tmp_path):
+    name, sources, prediction = case
+    out = _dciodvfy(_sr(sources, prediction), tmp_path, f"{name}_sr")
+    errors = [line for line in out.splitlines() if "Error" in line]
+    assert not errors, out
+
+
+def test_sr_renders_with_dsrdump(case, tmp_path):
+    if not os.path.exists(DSRDUMP):
+        pytest.skip(f"{DSRDUMP} is not installed")
+    name, sources, prediction = case
+    path = tmp_path / f"{name}_sr.dcm"
+    _sr(sources, prediction).save_as(path, enforce_file_format=True)
+    proc = subprocess.run([DSRDUMP, "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f'"{DISCLAIMER}"' in proc.stdout  # the TEXT content item, in full
+    assert f'"Finding")=({prediction.label.value},SCT,"{prediction.label.meaning}")' in proc.stdout
+    # Also without +Pl (long values shortened) the disclaimer shows, in the Series line.
+    short = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+    assert short.returncode == 0 and DISCLAIMER in short.stdout
+
+
+def test_sr_ct_series_is_fast():
+    sources = _headers(_ct_paths())
+    _sr(sources, CT_PRED)  # first use loads highdicom's tables of the standard
+    start = time.perf_counter()
+    _sr(sources, CT_PRED)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_sr_and_sc_do_not_modify_or_decode_sources():
+    full = pydicom.dcmread(_need(CR_J2K))  # JPEG 2000: decoding would need a plugin
+    before = copy.deepcopy(full)
+    _sr([full], CXR_PRED)
+    _sc(full, CXR_PRED)
+    assert full == before
+    assert "_pixel_array" not in full.__dict__ or full.__dict__["_pixel_array"] is None
+
+
+def test_sr_handles_missing_type2_attributes():
+    src = _headers([CR])[0]
+    for kw in ("PatientName", "PatientID", "StudyID", "AccessionNumber", "StudyDate"):
+        if kw in src:
+            delattr(src, kw)
+    sr = _roundtrip(_sr([src], CXR_PRED))
+    for kw in ("PatientName", "PatientID", "StudyID", "AccessionNumber", "StudyDate"):
+        assert kw in sr and not sr[kw].value
+
+
+def test_sr_argument_validation():
+    cr = _headers([CR])[0]
+    ct = _headers(_ct_paths()[:2])
+    kwargs = {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid(),
+              "software_version": "0.1.0"}
+    with pytest.raises(ValueError, match="sources"):
+        build_sr([], CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="sources"):
+        build_sr(cr, CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="one study"):
+        build_sr([cr, *ct], CXR_PRED, **kwargs)
+    missing = copy.deepcopy(cr)
+    del missing.SOPInstanceUID
+    with pytest.raises(ValueError, match=r"sources\[0\]"):
+        build_sr([missing], CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="series_instance_uid"):
+        build_sr([cr], CXR_PRED, **{**kwargs, "series_instance_uid": cr.SeriesInstanceUID})
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        build_sr([cr], CXR_PRED, **{**kwargs, "sop_instance_uid": "not a uid"})
+    with pytest.raises(ValueError, match="prediction"):
+        build_sr([cr], "covid", **kwargs)
+    with pytest.raises(ValueError, match="series_number"):
+        build_sr([cr], CXR_PRED, series_number=0, **kwargs)
+
+
+def test_sr_ignores_duplicate_sources():
+    ct = _headers(_ct_paths()[:3])
+    sr = _sr([*ct, ct[0]], CT_PRED)
+    referenced = [
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in _items(sr.ContentSequence) if i.ValueType == "IMAGE"
+    ]
+    assert sorted(referenced) == sorted(s.SOPInstanceUID for s in ct)
+
+
+# ------------------------------------------------------------------------------ SC
+
+
+def test_sc_content(case):
+    name, sources, prediction = case
+    src = sources[0]
+    built, overlay = _sc(src, prediction)
+    sc = _roundtrip(built)
+
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == src.StudyInstanceUID
+    assert _opt(sc, "PatientID") == _opt(src, "PatientID")
+    assert _opt(sc, "PatientName") == _opt(src, "PatientName")
+    assert sc.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sc.SeriesNumber == 9902
+    assert sc.Manufacturer == "pacs-node"
+    assert sc.BurnedInAnnotation == "YES"
+    assert DISCLAIMER in sc.SeriesDescription and len(sc.SeriesDescription) <= 64
+    assert DISCLAIMER in sc.ImageComments
+    assert sc.PhotometricInterpretation == "RGB"
+    assert (sc.SamplesPerPixel, sc.BitsAllocated, sc.BitsStored) == (3, 8, 8)
+    assert (sc.Rows, sc.Columns) == overlay.shape[:2]
+    assert np.array_equal(sc.pixel_array, overlay)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert any(
+        e.get("ManufacturerModelName") == prediction.model_name
+        for e in sc.ContributingEquipmentSequence
+    )
+
+
+def test_sc_passes_dciodvfy(case, tmp_path):
+    name, sources, prediction = case
+    sc, _ = _sc(sources[0], prediction)
+    out = _dciodvfy(sc, tmp_path, f"{name}_sc")
+    errors = [line for line in out.splitlines() if "Error" in line]
+    assert not errors, out
+
+
+def test_sc_patient_orientation():
+    ct = _headers(_ct_paths()[:1])[0]
+    sc, _ = _sc(ct, CT_PRED)
+    assert list(sc.PatientOrientation) == ["L", "P"]  # axial slice, identity orientation
+    j2k = _headers([CR_J2K])[0]
+    sc, _ = _sc(j2k, CXR_PRED)
+    assert list(sc.PatientOrientation) == list(j2k.PatientOrientation)
+    sc, _ = _sc(_headers([DX])[0], CXR_PRED)
+    assert not sc.PatientOrientation  # unknown: empty (Type 2C)
+
+
+def test_sc_argument_validation():
+    cr = _headers([CR])[0]
+    kwargs = {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid(),
+              "software_version": "0.1.0"}
+    good = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="overlay_rgb"):
+        build_sc(cr, good.astype(np.float32), CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="overlay_rgb"):
+        build_sc(cr, good[..., 0], CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="source"):
+        build_sc([cr], good, CXR_PRED, **kwargs)
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        build_sc(cr, good, CXR_PRED, **{**kwargs, "sop_instance_uid": cr.SOPInstanceUID})

@@ -1,0 +1,193 @@
+"""Store -> job -> model -> SR + SC -> delivery, in one process, with real peers on loopback.
+
+The worker runs in burst mode (``run_pending``), so each test is deterministic; the scheduler is
+covered by the Orthanc end-to-end test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from pacs_node.config import Peer
+from storage import queue
+from storage.models import Delivery, DeliveryState, Job, JobState, Result, Series
+from tests import scu
+from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
+from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, free_port, storescp_cmd, wait_for
+
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A dcmtk storescp destination on a free port; yields (port, folder it writes to)."""
+    if not dcmtk_available("storescp"):
+        pytest.skip("dcmtk not installed")
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(storescp_cmd(out, port), env=dcmtk_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
+                 timeout_s=20, what="storescp to listen")
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _results(node) -> list[tuple[Result, Series]]:
+    with node.db.read() as session:
+        return list(session.execute(
+            select(Result, Series).join(Series, Result.series_pk == Series.id)).all())
+
+
+def _job_states(node) -> dict[str, tuple[JobState, str]]:
+    with node.db.read() as session:
+        rows = session.execute(select(Job, Series).join(Series)).all()
+        return {s.series_instance_uid: (j.state, j.last_error) for j, s in rows}
+
+
+def test_cr_gets_sr_and_sc_delivered_to_its_sender(start_node, tmp_path, storescp):
+    port, received = storescp
+    peers = (Peer("STORESCP", "127.0.0.1", port),)
+    node = start_node(make_config(tmp_path, peers=peers))
+    assert scu.store(node.port, [CR_CHEST], calling="STORESCP")[0].Status == 0
+    assert node.run_pending() == 1
+    (result, series), = _results(node)
+    source = pydicom.dcmread(CR_CHEST)
+    assert series.series_instance_uid == source.SeriesInstanceUID
+    assert result.label in {"covid", "pneumonia", "normal"}
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    expected = {result.sr_sop_instance_uid, *result.sc_sop_instance_uids}
+    files = wait_for(lambda: list(received.iterdir()) if len(list(received.iterdir())) ==
+                     len(expected) else None, timeout_s=10, what="results at storescp")
+    got = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
+    assert set(got) == expected
+    for ds in got.values():
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription.upper()
+    with node.db.read() as session:
+        states = session.scalars(select(Delivery.state)).all()
+    assert states and all(s == DeliveryState.SENT for s in states)
+
+
+def test_results_are_found_by_cfind_and_list_sr(start_node):
+    node = start_node()
+    scu.store(node.port, [CR_CHEST])
+    node.run_pending()
+    study_uid = str(pydicom.dcmread(CR_CHEST).StudyInstanceUID)
+    studies, _ = scu.find(node.port, scu.query(
+        "STUDY", StudyInstanceUID=study_uid, ModalitiesInStudy=""))
+    assert set(studies[0].ModalitiesInStudy) == {"CR", "SR", "OT"}
+    srs, _ = scu.find(node.port, scu.query(
+        "SERIES", StudyInstanceUID=study_uid, Modality="SR", SeriesInstanceUID="",
+        SeriesDescription=""))
+    assert len(srs) == 1 and "NOT FOR DIAGNOSTIC USE" in srs[0].SeriesDescription.upper()
+
+
+def test_ct_series_gives_one_sr_over_all_slices_and_few_heatmaps(start_node):
+    node = start_node()
+    scu.store(node.port, CT_SERIES)
+    assert node.run_pending() == 1
+    (result, _), = _results(node)
+    assert result.label in {"covid", "noncovid"}
+    assert 1 <= len(result.sc_sop_instance_uids) <= 3
+    with node.db.read() as session:
+        from storage.models import Instance
+        sr_row = session.scalar(select(Instance).where(
+            Instance.sop_instance_uid == result.sr_sop_instance_uid))
+        sr_path = node.files.abspath(sr_row.path)
+    sr = pydicom.dcmread(sr_path)
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {str(pydicom.dcmread(p).SOPInstanceUID) for p in CT_SERIES}
+
+
+def test_retry_of_a_job_makes_the_same_instances(start_node):
+    node = start_node()
+    scu.store(node.port, [CR_CHEST])
+    node.run_pending()
+    (first, _), = _results(node)
+    with node.db.session() as session:  # run the analysis again, as after a crash
+        job = session.scalars(select(Job)).one()
+        job.state = JobState.QUEUED
+    node.run_pending()
+    results = _results(node)
+    assert len(results) == 2
+    assert results[1][0].sr_sop_instance_uid == first.sr_sop_instance_uid
+    assert results[1][0].sc_sop_instance_uids == first.sc_sop_instance_uids
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        (DICOM / "format_only" / "highdicom__dx_image.dcm", "not to be human"),
+        (DICOM / "compressed" / "pydicom_data__RG3_J2KR.dcm", "body part EXTREMITY"),
+    ],
+    ids=["lateral-animal-thorax", "leg-cr"],
+)
+def test_images_the_model_was_not_built_for_are_skipped(start_node, path, reason):
+    node = start_node()
+    assert scu.store(node.port, [path])[0].Status == 0
+    node.run_pending()
+    state, error = _job_states(node)[str(pydicom.dcmread(path).SeriesInstanceUID)]
+    assert state == JobState.SKIPPED
+    assert reason in error
+    assert not _results(node)
+
+
+def test_undecodable_12bit_jpeg_is_stored_and_skipped_with_reason(start_node, tmp_path):
+    # The NM whole-body 12-bit JPEG: pretend a model serves NM, so the decoder is reached.
+    from pacs_node.config import ModelBinding
+
+    config = make_config(tmp_path)
+    config = replace(config, models=(ModelBinding("cxr", ("CR", "DX", "NM")),
+                                     ModelBinding("ct", ("CT",))))
+    node = start_node(config)
+    path = DICOM / "compressed" / "pydicom_wheel__JPEG-lossy.dcm"
+    assert scu.store(node.port, [path])[0].Status == 0
+    node.run_pending()
+    state, error = _job_states(node)[str(pydicom.dcmread(path).SeriesInstanceUID)]
+    assert state == JobState.SKIPPED
+    assert "body part WHOLE BODY" in error or "cannot be decoded" in error
+
+
+def test_delivery_to_a_dead_peer_backs_off_then_fails_with_reason(start_node, tmp_path):
+    dead = Peer("GONE", "127.0.0.1", free_port())
+    config = make_config(tmp_path, peers=(dead,))
+    config = replace(config, delivery=replace(config.delivery, max_attempts=2,
+                                              backoff_initial_s=0.0))
+    node = start_node(config)
+    scu.store(node.port, [CR_CHEST], calling="GONE")
+    node.run_pending()
+    with node.db.read() as session:
+        deliveries = session.scalars(select(Delivery)).all()
+    assert deliveries and all(d.state == DeliveryState.FAILED for d in deliveries)
+    assert all(d.attempts == 2 and "GONE@127.0.0.1" in d.last_error for d in deliveries)
+
+
+def test_a_job_running_when_the_process_died_runs_again(start_node, tmp_path):
+    config = make_config(tmp_path)
+    node = start_node(config)
+    scu.store(node.port, [CR_CHEST])
+    with node.db.session() as session:  # claim it, then "die" holding the lease
+        assert queue.claim(session, lease_s=3600) is not None
+    node.stop()
+    restarted = start_node(config)
+    assert restarted.run_pending() == 1
+    (job_state, _), = _job_states(restarted).values()
+    assert job_state == JobState.DONE
