@@ -119,6 +119,13 @@ class Classifier:
         self._grad_model: Any = None
         self._lock = threading.Lock()  # one inference at a time per model
 
+    def warm_up(self) -> None:
+        """Run one prediction and one heatmap, so the first real job does not pay for tracing."""
+        blank = np.full((1, self.spec.input_size, self.spec.input_size, self.spec.channels), 0.5,
+                        dtype=np.float32)
+        self.predict(blank)
+        self.heatmaps(blank)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (N, classes)."""
         with self._lock:

@@ -91,7 +91,10 @@ def dicom_to_image(ds: Dataset, *, window: tuple[float, float] | None = None) ->
         raise UnusableInputError(f"unexpected pixel array shape {arr.shape}")
     if photometric == "PALETTE COLOR":
         raise UnusableInputError("palette colour images are not supported")
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    try:
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    except Exception as exc:  # e.g. a Modality LUT Sequence without a descriptor
+        raise UnusableInputError(f"modality LUT or rescale is malformed: {exc}") from exc
     if window is not None:
         centre, width = window
         low, high = centre - width / 2, centre + width / 2
@@ -116,7 +119,7 @@ def _minmax(values: np.ndarray, robust: bool = True) -> np.ndarray:
         low, high = float(values.min()), float(values.max())
     if not np.isfinite(low) or not np.isfinite(high) or high <= low:
         raise UnusableInputError("image is blank (no contrast)")
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
 def read_image_file(path: str | Path) -> np.ndarray:

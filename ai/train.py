@@ -135,7 +135,7 @@ def build_small_cnn(size: int, channels: int, n_classes: int, seed: int) -> Any:
     x = layers.Normalization(mean=0.5, variance=0.0625)(x)
     for i, filters in enumerate((16, 32, 64)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)  # few steps per epoch
         x = layers.Activation("relu")(x)
         x = layers.MaxPooling2D()(x)
     x = layers.Conv2D(96, 3, padding="same", activation="relu", name="last_conv")(x)

@@ -68,6 +68,7 @@ class Node:
         for binding in self.config.models:
             if binding.enabled:
                 classifier = load_classifier(binding.path or binding.name)
+                classifier.warm_up()
                 log.info("model %s %s serves %s", classifier.spec.name, classifier.spec.version,
                          "/".join(binding.modalities))
 

@@ -61,6 +61,7 @@ DCMTK: dict[str, str] = {
     "movescu": "/usr/bin/movescu",
     "getscu": "/usr/bin/getscu",
     "dcmdump": "/usr/bin/dcmdump",
+    "dsrdump": "/usr/bin/dsrdump",
 }
 
 

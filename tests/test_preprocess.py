@@ -1,0 +1,116 @@
+"""DICOM and image files to model input, on every file in the shared data that holds pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from ai.eligibility import reason_not_eligible
+from ai.preprocess import (
+    LUNG_WINDOW,
+    dicom_to_image,
+    has_pixels,
+    read_image_file,
+    to_model_input,
+)
+from pacs_node.errors import UnusableInputError
+from tests.conftest import CR_CHEST, CT_SERIES, DICOM, SHARED_DATA
+
+ALL_DICOM = sorted(DICOM.rglob("*.dcm"))
+# Files that hold pixels no decoder here can read, with the reason expected.
+UNDECODABLE = {
+    "pydicom_wheel__JPEG-lossy.dcm": r"cannot be decoded \(JPEG Extended",
+    "dwv__leadtools-flowers-16-mono2-rle.dcm": "modality LUT or rescale is malformed",
+}
+
+
+@pytest.mark.parametrize("path", ALL_DICOM, ids=lambda p: p.name[:40])
+def test_every_shared_dicom_file_decodes_or_says_why(path):
+    ds = pydicom.dcmread(path)
+    if not has_pixels(ds):
+        with pytest.raises(UnusableInputError, match="no pixel data"):
+            dicom_to_image(ds)
+        return
+    if path.name in UNDECODABLE:
+        with pytest.raises(UnusableInputError, match=UNDECODABLE[path.name]):
+            dicom_to_image(ds)
+        return
+    window = LUNG_WINDOW if ds.get("Modality") == "CT" else None
+    image = dicom_to_image(ds, window=window)
+    assert image.ndim == 2 and image.dtype == np.float32
+    assert 0.0 <= image.min() < image.max() <= 1.0
+    x = to_model_input(image, 64, channels=3)
+    assert x.shape == (64, 64, 3)
+
+
+def test_monochrome1_is_inverted_so_bone_is_bright():
+    ds = pydicom.dcmread(CR_CHEST)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    image = dicom_to_image(ds)
+    h, w = image.shape
+    # the spine/mediastinum (centre) is brighter than the air-filled lungs beside it
+    centre = image[h // 3: 2 * h // 3, w // 2 - w // 20: w // 2 + w // 20].mean()
+    lungs = image[h // 3: 2 * h // 3, w // 4 - w // 20: w // 4 + w // 20].mean()
+    assert centre > lungs
+
+
+def test_ct_lung_window_is_applied_in_hounsfield_units():
+    ds = pydicom.dcmread(CT_SERIES[15])
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    image = dicom_to_image(ds, window=LUNG_WINDOW)
+    low = LUNG_WINDOW[0] - LUNG_WINDOW[1] / 2
+    assert np.allclose(image[hu < 150], (hu[hu < 150] - low) / LUNG_WINDOW[1], atol=1e-5)
+    assert image[hu >= 150].min() == 1.0  # soft tissue and bone saturate
+
+
+def test_multiframe_segmentation_gives_one_frame():
+    ds = pydicom.dcmread(DICOM / "seg_with_ct" / "dcmqi__liver.dcm")
+    assert int(ds.NumberOfFrames) > 1
+    assert dicom_to_image(ds).ndim == 2
+
+
+def test_absurd_dimensions_are_refused_before_decoding():
+    ds = pydicom.dcmread(CR_CHEST)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1
+    with pytest.raises(UnusableInputError, match="too large"):
+        dicom_to_image(ds)
+
+
+def test_short_pixel_data_is_a_clear_error():
+    ds = pydicom.dcmread(CR_CHEST)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    with pytest.raises(UnusableInputError, match="cannot be decoded"):
+        dicom_to_image(ds)
+
+
+def test_jpeg_files_read_as_grey_in_unit_range():
+    path = next((SHARED_DATA / "cxr" / "normal").glob("*.jpg"))
+    image = read_image_file(path)
+    assert image.ndim == 2 and 0.0 <= image.min() < image.max() <= 1.0
+
+
+def test_not_an_image_file(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(UnusableInputError, match="not a readable PNG or JPEG"):
+        read_image_file(bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "task", "expected"),
+    [
+        (CR_CHEST, "cxr", None),
+        (DICOM / "cxr" / "pydicom_data__RG1_J2KI.dcm", "cxr", None),
+        (DICOM / "format_only" / "highdicom__dx_image.dcm", "cxr", "not to be human"),
+        (DICOM / "compressed" / "pydicom_data__RG3_J2KI.dcm", "cxr", "body part EXTREMITY"),
+        (CT_SERIES[0], "ct", None),
+        (DICOM / "sr" / "dcmqi__sr.dcm", "ct", "not an image"),
+    ],
+)
+def test_eligibility(path, task, expected):
+    reason = reason_not_eligible(pydicom.dcmread(path, stop_before_pixels=False), task)
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
