@@ -11,8 +11,19 @@ from pydicom.dataset import Dataset
 
 from ai.preprocess import has_pixels
 
-CHEST_BODY_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHESTABDOMEN", "CHESTABDPELVIS", "HEART",
-                    "CHEST_TO_PELVIS", "WHOLEBODY", "TORSO", "BREAST"}
+CHEST_BODY_PARTS = {
+    "",
+    "CHEST",
+    "THORAX",
+    "LUNG",
+    "CHESTABDOMEN",
+    "CHESTABDPELVIS",
+    "HEART",
+    "CHEST_TO_PELVIS",
+    "WHOLEBODY",
+    "TORSO",
+    "BREAST",
+}
 FRONTAL_VIEWS = {"", "PA", "AP"}
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"}
 ANIMAL_WORDS = ("CANINE", "FELINE", "EQUINE", "BOVINE", "VETERINAR", "PORCINE", "MURINE")
@@ -35,8 +46,14 @@ def _species_reason(ds: Dataset) -> str | None:
     species = _words(ds, "PatientSpeciesDescription")
     if species and "HUMAN" not in species and "HOMO" not in species:
         return f"patient is not human (species {species.title()})"
-    text = _words(ds, "AcquisitionDeviceProcessingDescription", "InstitutionName",
-                  "StudyDescription", "SeriesDescription", "ProtocolName")
+    text = _words(
+        ds,
+        "AcquisitionDeviceProcessingDescription",
+        "InstitutionName",
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+    )
     for word in ANIMAL_WORDS:
         if word in text:
             return "patient appears not to be human (veterinary acquisition)"
@@ -58,13 +75,20 @@ def cxr_reason(ds: Dataset) -> str | None:
         return f"view position {view} is lateral; the model reads frontal (PA/AP) chest images"
     if view not in FRONTAL_VIEWS and view:
         return f"view position {view} is not a frontal (PA/AP) chest view"
-    described = _words(ds, "AcquisitionDeviceProcessingDescription", "SeriesDescription",
-                       "ProtocolName", "ViewName")
+    described = _words(
+        ds,
+        "AcquisitionDeviceProcessingDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "ViewName",
+    )
     if "LATERAL" in described.split() or " LAT " in f" {described} ":
         return "lateral view; the model reads frontal (PA/AP) chest images"
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if min(rows, cols) < MIN_CXR_SIDE_PX:
-        return f"image is {rows}x{cols} px, too small for a chest radiograph (min {MIN_CXR_SIDE_PX})"
+        return (
+            f"image is {rows}x{cols} px, too small for a chest radiograph (min {MIN_CXR_SIDE_PX})"
+        )
     return None
 
 

@@ -121,8 +121,11 @@ class Classifier:
 
     def warm_up(self) -> None:
         """Run one prediction and one heatmap, so the first real job does not pay for tracing."""
-        blank = np.full((1, self.spec.input_size, self.spec.input_size, self.spec.channels), 0.5,
-                        dtype=np.float32)
+        blank = np.full(
+            (1, self.spec.input_size, self.spec.input_size, self.spec.channels),
+            0.5,
+            dtype=np.float32,
+        )
         self.predict(blank)
         self.heatmaps(blank)
 

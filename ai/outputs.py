@@ -66,8 +66,9 @@ class ClassCode:
             raise ValueError("ClassCode.value must be <= 64 and ClassCode.scheme <= 16 characters")
 
     def coded_concept(self) -> hd.sr.CodedConcept:
-        return hd.sr.CodedConcept(value=self.value, scheme_designator=self.scheme,
-                                  meaning=self.meaning)
+        return hd.sr.CodedConcept(
+            value=self.value, scheme_designator=self.scheme, meaning=self.meaning
+        )
 
 
 _TASKS = ("cxr", "ct")
@@ -184,10 +185,27 @@ _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SO
 _HEADER_GROUPS = frozenset({0x0008, 0x0010, 0x0012, 0x0018, 0x0020, 0x0032, 0x0038})
 _PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
 # VRs whose values pydicom can check; binary and sequence VRs are copied as they are.
-_TEXT_VRS = frozenset({
-    "AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
-    "UI", "UR", "UT",
-})
+_TEXT_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 
 
 def _check_source(ds: object, argname: str) -> Dataset:
@@ -301,8 +319,10 @@ def _check_common(
 ) -> None:
     if not isinstance(prediction, Prediction):
         raise ValueError(f"prediction must be a Prediction, got {type(prediction).__name__}")
-    for name, value in (("series_instance_uid", series_instance_uid),
-                        ("sop_instance_uid", sop_instance_uid)):
+    for name, value in (
+        ("series_instance_uid", series_instance_uid),
+        ("sop_instance_uid", sop_instance_uid),
+    ):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty UID string")
         if len(value) > 64 or not re.fullmatch(RE_VALID_UID, value):
@@ -349,8 +369,15 @@ def build_sr(
     from one study; the SR joins that study in a new series and references every image.
     """
     srcs = _check_sources(sources)
-    _check_common(prediction, series_instance_uid, sop_instance_uid, series_number,
-                  instance_number, manufacturer, software_version)
+    _check_common(
+        prediction,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        manufacturer,
+        software_version,
+    )
     _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
 
     device = hd.sr.ObserverContext(
@@ -464,8 +491,11 @@ def _as_unit_2d(arr: np.ndarray, argname: str) -> np.ndarray:
     a = np.asarray(arr)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{argname} must be a non-empty 2-D array, got shape {a.shape}")
-    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
-            or a.dtype == np.bool_):
+    if not (
+        np.issubdtype(a.dtype, np.floating)
+        or np.issubdtype(a.dtype, np.integer)
+        or a.dtype == np.bool_
+    ):
         raise ValueError(f"{argname} must be numeric, got dtype {a.dtype}")
     a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(a, 0.0, 1.0)
@@ -499,7 +529,7 @@ def render_overlay(image: np.ndarray, heatmap: np.ndarray, lines: Sequence[str])
     jet = cv2.applyColorMap((heat * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
     jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
     alpha = (_ALPHA * heat)[:, :, None]
-    out = (gray.astype(np.float32) * (1.0 - alpha) + jet.astype(np.float32) * alpha)
+    out = gray.astype(np.float32) * (1.0 - alpha) + jet.astype(np.float32) * alpha
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     if text:
@@ -580,8 +610,15 @@ def build_sc(
     rotated/flipped, rendering of ``source``: the source's patient orientation is reused.
     """
     src = _check_source(source, "source")
-    _check_common(prediction, series_instance_uid, sop_instance_uid, series_number,
-                  instance_number, manufacturer, software_version)
+    _check_common(
+        prediction,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        manufacturer,
+        software_version,
+    )
     _check_new_uids([src], series_instance_uid, sop_instance_uid)
     pixels = np.asarray(overlay_rgb)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
@@ -627,9 +664,7 @@ def build_sc(
         sc.Laterality = src.Laterality
 
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = (
-        f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM heatmap overlay."
-    )
+    sc.ImageComments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM heatmap overlay."
     sc.DerivationDescription = (
         f"Grad-CAM heatmap of {prediction.model_name} {prediction.model_version} "
         f"blended over the source image, with burned-in text. {DISCLAIMER}"

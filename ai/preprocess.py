@@ -143,6 +143,8 @@ def to_model_input(image: np.ndarray, size: int, channels: int = 1) -> np.ndarra
 
 
 def batch(images: Sequence[np.ndarray], size: int, channels: int = 1) -> np.ndarray:
-    return np.stack([to_model_input(i, size, channels) for i in images]) if images else np.zeros(
-        (0, size, size, channels), np.float32
+    return (
+        np.stack([to_model_input(i, size, channels) for i in images])
+        if images
+        else np.zeros((0, size, size, channels), np.float32)
     )

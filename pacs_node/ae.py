@@ -35,9 +35,9 @@ def build_scp(config: Config) -> AE:
     node = config.node
     ae = AE(ae_title=node.ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
     for context in VerificationPresentationContexts:
-        ae.add_supported_context(context.abstract_syntax)
+        ae.add_supported_context(str(context.abstract_syntax))
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.network_timeout = node.network_timeout_s

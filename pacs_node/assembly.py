@@ -28,7 +28,9 @@ def sop_class_name(ds: Dataset) -> str:
     return UID(str(value)).name if value else "unknown SOP class"
 
 
-def schedule(session: Session, indexed: Indexed, ds: Dataset, config: Config, now: datetime) -> None:
+def schedule(
+    session: Session, indexed: Indexed, ds: Dataset, config: Config, now: datetime
+) -> None:
     """Queue or skip the series of a newly stored instance."""
     series = indexed.series
     if series.generated:

@@ -15,6 +15,8 @@ from typing import Any
 from pacs_node import DISCLAIMER, __version__
 from pacs_node.errors import NodeError
 
+# TensorFlow reads this once, at import: keep its C++ start-up chatter out of the node's log
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("pacs_node")
 
 EPILOG = f"All results are {DISCLAIMER}; research use only."
@@ -27,7 +29,8 @@ def _setup_logging(level: str) -> None:
     )
     # pynetdicom logs every PDU at INFO, including patient attributes: keep it to warnings
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -133,12 +136,23 @@ def _write_outputs(out_dir: Path, path: Path, analysis: Any, ds: Any) -> list[st
         cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
         return [str(target)]
     key = [p.model_name, p.model_version, str(ds.SOPInstanceUID)]
-    sr = build_sr([ds], p, series_instance_uid=derived_uid("sr-series", *key),
-                  sop_instance_uid=derived_uid("sr", *key), series_number=SR_SERIES_NUMBER,
-                  software_version=__version__)
-    sc = build_sc(ds, overlay, p, series_instance_uid=derived_uid("sc-series", *key),
-                  sop_instance_uid=derived_uid("sc", str(ds.SOPInstanceUID), *key),
-                  series_number=SC_SERIES_NUMBER, software_version=__version__)
+    sr = build_sr(
+        [ds],
+        p,
+        series_instance_uid=derived_uid("sr-series", *key),
+        sop_instance_uid=derived_uid("sr", *key),
+        series_number=SR_SERIES_NUMBER,
+        software_version=__version__,
+    )
+    sc = build_sc(
+        ds,
+        overlay,
+        p,
+        series_instance_uid=derived_uid("sc-series", *key),
+        sop_instance_uid=derived_uid("sc", str(ds.SOPInstanceUID), *key),
+        series_number=SC_SERIES_NUMBER,
+        software_version=__version__,
+    )
     for suffix, obj in (("sr", sr), ("sc", sc)):
         target = out_dir / f"{path.stem}_{suffix}.dcm"
         obj.save_as(target, enforce_file_format=True)
@@ -196,31 +210,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
-        "serve", help="run the DICOM node (C-ECHO, C-STORE, C-FIND) and its worker",
+        "serve",
+        help="run the DICOM node (C-ECHO, C-STORE, C-FIND) and its worker",
         description="Run the node until interrupted. Without --config it uses the built-in "
         "defaults: AE title AINODE on 127.0.0.1:11112, data and SQLite database under ./var, "
-        "any calling AE title accepted, shipped models for CR/DX and CT.", epilog=EPILOG)
+        "any calling AE title accepted, shipped models for CR/DX and CT.",
+        epilog=EPILOG,
+    )
     serve.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
 
     classify = sub.add_parser(
-        "classify", help="classify DICOM, PNG or JPEG files offline",
+        "classify",
+        help="classify DICOM, PNG or JPEG files offline",
         description="Run the node's inference on files and print, per file, the label, every "
-        "class's probability and the model's name and version.", epilog=EPILOG)
+        "class's probability and the model's name and version.",
+        epilog=EPILOG,
+    )
     classify.add_argument("files", nargs="+", metavar="FILE")
     classify.add_argument("--json", action="store_true", help="print JSON")
-    classify.add_argument("--task", choices=["cxr", "ct"], default="cxr",
-                          help="which shipped model to use (default cxr)")
+    classify.add_argument(
+        "--task",
+        choices=["cxr", "ct"],
+        default="cxr",
+        help="which shipped model to use (default cxr)",
+    )
     classify.add_argument("--model", metavar="NAME_OR_DIR", help="a model folder or shipped name")
-    classify.add_argument("--output", metavar="DIR",
-                          help="also write the SR and SC (or a PNG heatmap for image files)")
+    classify.add_argument(
+        "--output",
+        metavar="DIR",
+        help="also write the SR and SC (or a PNG heatmap for image files)",
+    )
     classify.set_defaults(func=cmd_classify)
 
     train = sub.add_parser(
-        "train", help="train a model on a folder of images and a manifest",
+        "train",
+        help="train a model on a folder of images and a manifest",
         description="Train a classifier with a patient-disjoint train/validation/test split "
-        "(from the manifest's patient_group column) and write a model folder.", epilog=EPILOG)
+        "(from the manifest's patient_group column) and write a model folder.",
+        epilog=EPILOG,
+    )
     train.add_argument("--task", choices=["cxr", "ct"], required=True)
     train.add_argument("--data", required=True, metavar="DIR", help="folder holding the images")
     train.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
@@ -236,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit-per-class", type=int, help="use at most N images per class")
     train.set_defaults(func=cmd_train)
 
-    status = sub.add_parser("status", help="show the queue, results and failed deliveries",
-                            epilog=EPILOG)
+    status = sub.add_parser(
+        "status", help="show the queue, results and failed deliveries", epilog=EPILOG
+    )
     status.add_argument("--config", metavar="PATH")
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(func=cmd_status)

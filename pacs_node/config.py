@@ -104,15 +104,23 @@ class Config:
 # -- parsing helpers -------------------------------------------------------------------------
 
 
-def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: str, default: Any) -> Any:
+def _take(
+    table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: str, default: Any
+) -> Any:
     if key not in table:
         return default
     value = table[key]
     # bool is an int subclass; refuse it where a number is wanted
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
         raise ConfigError(f"{path}.{key}: expected {_kind_name(kind)}, got a boolean")
     if not isinstance(value, kind):
-        raise ConfigError(f"{path}.{key}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{path}.{key}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
@@ -120,11 +128,19 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if set(kinds) == {int, float}:
         return "a number"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _number(table: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0) -> float:
+def _number(
+    table: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0
+) -> float:
     value = float(_take(table, key, (int, float), path, default))
     if value < minimum:
         raise ConfigError(f"{path}.{key}: must be at least {minimum}, got {value}")
@@ -135,7 +151,9 @@ def _reject_unknown(table: Mapping[str, Any], known: set[str], path: str) -> Non
     unknown = sorted(set(table) - known)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})"
+        )
 
 
 def validate_ae_title(value: Any, path: str) -> str:
@@ -145,7 +163,9 @@ def validate_ae_title(value: Any, path: str) -> str:
     if not title or len(title) > AE_TITLE_MAX:
         raise ConfigError(f"{path}: AE title must be 1 to 16 characters, got {value!r}")
     if "\\" in title or any(ord(c) < 0x20 or ord(c) > 0x7E for c in title):
-        raise ConfigError(f"{path}: AE title may hold only printable ASCII without backslash, got {value!r}")
+        raise ConfigError(
+            f"{path}: AE title may hold only printable ASCII without backslash, got {value!r}"
+        )
     return title
 
 
@@ -189,9 +209,13 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         port=_port(table.get("port", d.port), "node.port"),
         storage_dir=storage_dir,
         database_url=database_url,
-        accept_unknown_peers=_take(table, "accept_unknown_peers", bool, "node", d.accept_unknown_peers),
+        accept_unknown_peers=_take(
+            table, "accept_unknown_peers", bool, "node", d.accept_unknown_peers
+        ),
         max_pdu_bytes=int(_number(table, "max_pdu_bytes", "node", d.max_pdu_bytes)),
-        network_timeout_s=_number(table, "network_timeout_s", "node", d.network_timeout_s, minimum=1),
+        network_timeout_s=_number(
+            table, "network_timeout_s", "node", d.network_timeout_s, minimum=1
+        ),
         acse_timeout_s=_number(table, "acse_timeout_s", "node", d.acse_timeout_s, minimum=1),
         dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
     )
@@ -228,7 +252,9 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
     if max_attempts < 1:
         raise ConfigError(f"worker.max_attempts: must be at least 1, got {max_attempts}")
     return WorkerSettings(
-        poll_interval_s=_number(table, "poll_interval_s", "worker", d.poll_interval_s, minimum=0.05),
+        poll_interval_s=_number(
+            table, "poll_interval_s", "worker", d.poll_interval_s, minimum=0.05
+        ),
         lease_s=_number(table, "lease_s", "worker", d.lease_s, minimum=1),
         max_attempts=max_attempts,
         retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),
@@ -252,7 +278,9 @@ def _parse_delivery(table: Mapping[str, Any], peers: tuple[Peer, ...]) -> Delive
     initial = _number(table, "backoff_initial_s", "delivery", d.backoff_initial_s)
     maximum = _number(table, "backoff_max_s", "delivery", d.backoff_max_s)
     if maximum < initial:
-        raise ConfigError("delivery.backoff_max_s: must not be less than delivery.backoff_initial_s")
+        raise ConfigError(
+            "delivery.backoff_max_s: must not be less than delivery.backoff_initial_s"
+        )
     return DeliverySettings(max_attempts, initial, maximum, tuple(titles))
 
 
@@ -282,7 +310,9 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
         if enabled:
             for m in mods:
                 if m in seen:
-                    raise ConfigError(f"{path}.modalities: {m} is already served by model {seen[m]!r}")
+                    raise ConfigError(
+                        f"{path}.modalities: {m} is already served by model {seen[m]!r}"
+                    )
                 seen[m] = name
         bindings.append(ModelBinding(name=name, modalities=mods, path=model_path, enabled=enabled))
     return tuple(bindings)
@@ -314,7 +344,9 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
             "node.accept_unknown_peers: false, but no [[peers]] are listed, so nobody could connect"
         )
     if config.peer(config.node.ae_title):
-        raise ConfigError(f"peers: {config.node.ae_title!r} is this node's own AE title (node.ae_title)")
+        raise ConfigError(
+            f"peers: {config.node.ae_title!r} is this node's own AE title (node.ae_title)"
+        )
     return config
 
 

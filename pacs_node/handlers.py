@@ -46,7 +46,7 @@ class Handlers:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def bindings(self) -> list[tuple[Any, Any]]:
+    def bindings(self) -> list[Any]:
         from pynetdicom import evt
 
         return [
@@ -72,13 +72,20 @@ class Handlers:
             log.warning("C-STORE from %s refused: unreadable data set (%s)", calling, exc)
             return status(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
         if sop_uid != str(request.AffectedSOPInstanceUID).strip():
-            log.warning("C-STORE from %s refused: SOP Instance UID %s differs from request %s",
-                        calling, sop_uid, request.AffectedSOPInstanceUID)
-            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                          "SOPInstanceUID differs from the request's")
+            log.warning(
+                "C-STORE from %s refused: SOP Instance UID %s differs from request %s",
+                calling,
+                sop_uid,
+                request.AffectedSOPInstanceUID,
+            )
+            return status(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOPInstanceUID differs from the request's",
+            )
         if str(ds.get("SOPClassUID", "")).strip() != str(request.AffectedSOPClassUID).strip():
-            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                          "SOPClassUID differs from the request's")
+            return status(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
+            )
         try:
             receive_instance(self.node, ds, event.encoded_dataset(), calling)
         except OutOfSpaceError as exc:
@@ -138,6 +145,9 @@ def receive_instance(node: Node, ds: Dataset, encoded: bytes, calling_ae: str) -
             node.files.remove(relpath)
         raise
     log.info(
-        "stored %s (series %s, %s) from %s", ds.SOPInstanceUID, ds.SeriesInstanceUID,
-        ds.get("Modality", ""), calling_ae,
+        "stored %s (series %s, %s) from %s",
+        ds.SOPInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.get("Modality", ""),
+        calling_ae,
     )

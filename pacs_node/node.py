@@ -35,8 +35,11 @@ class Node:
         with self.db.session() as session:
             requeued = queue.requeue_all_running(session)
         if removed or requeued:
-            log.warning("recovered: %d partial files removed, %d jobs/deliveries requeued",
-                        removed, requeued)
+            log.warning(
+                "recovered: %d partial files removed, %d jobs/deliveries requeued",
+                removed,
+                requeued,
+            )
 
     def start_server(self) -> None:
         ae = build_scp(self.config)
@@ -69,8 +72,12 @@ class Node:
             if binding.enabled:
                 classifier = load_classifier(binding.path or binding.name)
                 classifier.warm_up()
-                log.info("model %s %s serves %s", classifier.spec.name, classifier.spec.version,
-                         "/".join(binding.modalities))
+                log.info(
+                    "model %s %s serves %s",
+                    classifier.spec.name,
+                    classifier.spec.version,
+                    "/".join(binding.modalities),
+                )
 
     def run_pending(self) -> int:
         return self.worker.run_pending()

@@ -13,8 +13,9 @@ import io
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -48,6 +49,10 @@ class SeriesWork:
     paths: list[Path]
 
 
+def _write_bytes(data: bytes, fh: BinaryIO) -> None:
+    fh.write(data)
+
+
 def derived_uid(*parts: str) -> str:
     """A UID fixed by its inputs: a retry makes the same instances, not duplicates.
 
@@ -78,7 +83,10 @@ class Worker:
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
             work = SeriesWork(
-                job.id, job.model_name, series.series_instance_uid, series.source_ae,
+                job.id,
+                job.model_name,
+                series.series_instance_uid,
+                series.source_ae,
                 [self.node.files.abspath(p) for p in paths],
             )
         self._run(work)
@@ -104,7 +112,9 @@ class Worker:
         try:
             self._store_results(work, analysis)
         except Exception as exc:
-            log.exception("job %d (series %s): storing results failed", work.job_id, work.series_uid)
+            log.exception(
+                "job %d (series %s): storing results failed", work.job_id, work.series_uid
+            )
             self._fail(work, f"storing results failed: {type(exc).__name__}: {exc}")
 
     def _fail(self, work: SeriesWork, error: str, final: bool = False) -> None:
@@ -174,7 +184,7 @@ class Worker:
             relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            size = self.node.files.write_atomic(relpath, lambda fh, b=buffer: fh.write(b.getvalue()))
+            size = self.node.files.write_atomic(relpath, partial(_write_bytes, buffer.getvalue()))
             written.append((ds, relpath, size))
         destinations = self.destinations(work.source_ae)
         with self.node.db.session() as session:
@@ -183,8 +193,12 @@ class Worker:
             pks = []
             for ds, relpath, size in written:
                 indexed = record_instance(
-                    session, ds, relpath=relpath.as_posix(), size_bytes=size,
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), generated=True,
+                    session,
+                    ds,
+                    relpath=relpath.as_posix(),
+                    size_bytes=size,
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    generated=True,
                 )
                 pks.append(indexed.instance.id)
                 for ae_title in destinations:
@@ -208,9 +222,15 @@ class Worker:
             queue.complete(session, job)
         log.info(
             "job %d (series %s): %s %.3f by %s %s; %d images used, %d excluded; results owed to %s",
-            work.job_id, work.series_uid, prediction.label.name, prediction.probability,
-            prediction.model_name, prediction.model_version, len(analysis.used),
-            len(analysis.excluded), ", ".join(destinations) or "nobody",
+            work.job_id,
+            work.series_uid,
+            prediction.label.name,
+            prediction.probability,
+            prediction.model_name,
+            prediction.model_version,
+            len(analysis.used),
+            len(analysis.excluded),
+            ", ".join(destinations) or "nobody",
         )
 
     def destinations(self, source_ae: str) -> list[str]:
@@ -249,13 +269,22 @@ class Worker:
                         queue.delivered(session, outcome.key, outcome.status or 0)
                     else:
                         state = queue.delivery_failed(
-                            session, outcome.key, outcome.error, status=outcome.status,
+                            session,
+                            outcome.key,
+                            outcome.error,
+                            status=outcome.status,
                             max_attempts=settings.max_attempts,
                             backoff_initial_s=settings.backoff_initial_s,
-                            backoff_max_s=settings.backoff_max_s, permanent=outcome.permanent,
+                            backoff_max_s=settings.backoff_max_s,
+                            permanent=outcome.permanent,
                         )
-                        log.warning("delivery %d to %s: %s (%s)", outcome.key, ae_title,
-                                    outcome.error, state)
+                        log.warning(
+                            "delivery %d to %s: %s (%s)",
+                            outcome.key,
+                            ae_title,
+                            outcome.error,
+                            state,
+                        )
             sent = sum(o.ok for o in outcomes)
             log.info("sent %d of %d results to %s", sent, len(outcomes), ae_title)
         return sum(len(v) for v in batches.values())
@@ -297,4 +326,3 @@ def pending_deliveries(node: Node) -> int:
                 )
             ).all()
         )
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -64,7 +65,7 @@ class FileStore:
                 f"{self.min_free_bytes // 2**20} MiB"
             )
 
-    def write_atomic(self, relpath: str | Path, write: Callable[[BinaryIO], None]) -> int:
+    def write_atomic(self, relpath: str | Path, write: Callable[[BinaryIO], object]) -> int:
         """Write a file through *write* so that it is either whole on disk or absent.
 
         Returns the size in bytes. The data is fsynced, renamed into place and the folder
@@ -112,7 +113,5 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _unlink_quietly(path: str | Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -135,8 +135,12 @@ def requeue_expired(
     jobs = session.execute(
         update(Job)
         .where(Job.state == JobState.RUNNING, Job.lease_expires_at < cutoff)
-        .values(state=JobState.QUEUED, lease_expires_at=None, not_before=now,
-                last_error="lease expired: the worker stopped during the job")
+        .values(
+            state=JobState.QUEUED,
+            lease_expires_at=None,
+            not_before=now,
+            last_error="lease expired: the worker stopped during the job",
+        )
     ).rowcount  # type: ignore[attr-defined]
     deliveries = session.execute(
         update(Delivery)

@@ -20,15 +20,18 @@ def _ae(title: str) -> AE:
     return ae
 
 
-def store(port: int, items: Sequence[Path | Dataset], *, calling: str = "TESTSCU",
-          called: str = "AINODE") -> list[Dataset]:
+def store(
+    port: int, items: Sequence[Path | Dataset], *, calling: str = "TESTSCU", called: str = "AINODE"
+) -> list[Dataset]:
     """C-STORE each file or dataset in its own transfer syntax; the status datasets, in order."""
     datasets = [pydicom.dcmread(i) if isinstance(i, Path) else i for i in items]
     ae = _ae(calling)
     for ds in datasets:
         ts = ds.file_meta.TransferSyntaxUID
-        if not any(c.abstract_syntax == ds.SOPClassUID and ts in c.transfer_syntax
-                   for c in ae.requested_contexts):
+        if not any(
+            c.abstract_syntax == ds.SOPClassUID and ts in c.transfer_syntax
+            for c in ae.requested_contexts
+        ):
             ae.add_requested_context(ds.SOPClassUID, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association refused"
@@ -38,8 +41,9 @@ def store(port: int, items: Sequence[Path | Dataset], *, calling: str = "TESTSCU
         assoc.release()
 
 
-def find(port: int, identifier: Dataset, *, calling: str = "TESTSCU",
-         called: str = "AINODE") -> tuple[list[Dataset], Dataset]:
+def find(
+    port: int, identifier: Dataset, *, calling: str = "TESTSCU", called: str = "AINODE"
+) -> tuple[list[Dataset], Dataset]:
     """C-FIND (Study Root); the matches and the final status."""
     ae = _ae(calling)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -47,7 +51,9 @@ def find(port: int, identifier: Dataset, *, calling: str = "TESTSCU",
     assert assoc.is_established, "association refused"
     matches, final = [], Dataset()
     try:
-        for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        for status, ident in assoc.send_c_find(
+            identifier, StudyRootQueryRetrieveInformationModelFind
+        ):
             if status.Status in (0xFF00, 0xFF01):
                 matches.append(ident)
             else:

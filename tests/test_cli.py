@@ -21,8 +21,9 @@ CLI = [sys.executable, "-m", "pacs_node.cli"]
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env=env)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
 
 
 def test_help_lists_commands():
@@ -37,7 +38,7 @@ def test_help_lists_commands():
 
 def test_bad_config_stops_startup_naming_the_key(tmp_path):
     config = tmp_path / "node.toml"
-    config.write_text("[node]\nport = \"eleven\"\n")
+    config.write_text('[node]\nport = "eleven"\n')
     run = run_cli("serve", "--config", str(config))
     assert run.returncode == 2
     assert "node.port: expected a TCP port" in run.stderr
@@ -47,8 +48,13 @@ def test_serve_listens_answers_and_stops_cleanly(tmp_path):
     port = free_port()
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nport = {port}\nhost = "127.0.0.1"\nstorage_dir = "data"\n')
-    proc = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         line = proc.stdout.readline()  # printed once the server is listening
         assert f"listening on 127.0.0.1:{port}" in line, proc.stderr.read() if proc.poll() else line
@@ -99,7 +105,8 @@ def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
     assert run.returncode == 1
     assert "note.txt: cannot classify: note.txt: not a readable PNG or JPEG" in run.stdout
     assert "dcmqi__sr.dcm: cannot classify: no usable image in the series: not an image" in (
-        run.stdout)
+        run.stdout
+    )
 
 
 @pytest.mark.parametrize("command", ["serve", "classify", "train", "status"])

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_builtin_defaults():
     config = load(None)
     assert config == Config()
-    assert (config.node.ae_title, config.node.port, config.node.host) == ("AINODE", 11112,
-                                                                           "127.0.0.1")
+    assert (config.node.ae_title, config.node.port, config.node.host) == (
+        "AINODE",
+        11112,
+        "127.0.0.1",
+    )
     assert config.node.resolved_database_url.startswith("sqlite:///")
     assert config.node.resolved_database_url.endswith("var/node.sqlite3")
     assert config.model_for("CR").name == "cxr" and config.model_for("CT").name == "ct"
@@ -37,18 +40,23 @@ def test_documented_example_loads_with_every_key():
     [
         ("[node]\nport = 70000\n", "node.port: expected a TCP port"),
         ("[node]\nport = true\n", "node.port"),
-        ("[node]\nae_title = \"THIS_TITLE_IS_TOO_LONG\"\n", "node.ae_title: AE title must be"),
+        ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n', "node.ae_title: AE title must be"),
         ("[node]\nbogus = 1\n", "node.bogus: unknown key"),
-        ("[[peers]]\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\n", "peers[0].port: required"),
-        ("[[peers]]\nae_title = \"A\"\nhost = \"h\"\nport = 1\n[[peers]]\nae_title = \"A\"\n"
-         "host = \"h\"\nport = 2\n", "peers[1].ae_title: 'A' is listed twice"),
+        ('[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\n', "peers[0].port: required"),
+        (
+            '[[peers]]\nae_title = "A"\nhost = "h"\nport = 1\n[[peers]]\nae_title = "A"\n'
+            'host = "h"\nport = 2\n',
+            "peers[1].ae_title: 'A' is listed twice",
+        ),
         ("[worker]\nmax_attempts = 0\n", "worker.max_attempts: must be at least 1"),
-        ("[worker]\nct_quiet_period_s = \"five\"\n", "worker.ct_quiet_period_s: expected a number"),
-        ("[delivery]\nalso_send_to = [\"NOBODY\"]\n", "delivery.also_send_to[0]: 'NOBODY' is not"),
-        ("[[models]]\nname = \"x\"\nmodalities = [\"CR\"]\npath = \"/nonexistent\"\n",
-         "models[0].path: no model at /nonexistent"),
+        ('[worker]\nct_quiet_period_s = "five"\n', "worker.ct_quiet_period_s: expected a number"),
+        ('[delivery]\nalso_send_to = ["NOBODY"]\n', "delivery.also_send_to[0]: 'NOBODY' is not"),
+        (
+            '[[models]]\nname = "x"\nmodalities = ["CR"]\npath = "/nonexistent"\n',
+            "models[0].path: no model at /nonexistent",
+        ),
         ("[node]\naccept_unknown_peers = false\n", "node.accept_unknown_peers: false, but no"),
-        ("[node]\ndatabase_url = \"not a url\"\n", "node.database_url"),
+        ('[node]\ndatabase_url = "not a url"\n', "node.database_url"),
         ("node = [\n", "not valid TOML"),
     ],
 )

@@ -38,7 +38,10 @@ def test_echo_with_dcmtk(start_node):
     node = start_node()
     run = subprocess.run(
         [DCMTK["echoscu"], "-aec", "AINODE", "-aet", "ECHOER", "127.0.0.1", str(node.port)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 0, run.stderr
 
@@ -75,13 +78,31 @@ def test_store_with_storescu_and_skip_reasons(start_node):
     seg = DICOM / "seg_with_ct" / "dcmqi__liver.dcm"
     mr = DICOM / "compressed" / "pydicom_wheel__MR_small_RLE.dcm"
     run = subprocess.run(
-        [DCMTK["storescu"], "-aec", "AINODE", "-aet", "STORER", "-R", "-xr",
-         "127.0.0.1", str(node.port), str(sr), str(seg), str(mr)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+        [
+            DCMTK["storescu"],
+            "-aec",
+            "AINODE",
+            "-aet",
+            "STORER",
+            "-R",
+            "-xr",
+            "127.0.0.1",
+            str(node.port),
+            str(sr),
+            str(seg),
+            str(mr),
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    expectations = {sr: "not an image", seg: "no model for modality SEG",
-                    mr: "no model for modality MR"}
+    expectations = {
+        sr: "not an image",
+        seg: "no model for modality SEG",
+        mr: "no model for modality MR",
+    }
     for path, reason in expectations.items():
         jobs = _jobs(node, str(pydicom.dcmread(path).SeriesInstanceUID))
         assert [j.state for j in jobs] == [JobState.SKIPPED]
@@ -129,19 +150,36 @@ def test_cfind_finds_received_instances_at_each_level(start_node):
     node = start_node()
     scu.store(node.port, [CR_CHEST, *CT_SERIES[:5]])
     ct = pydicom.dcmread(CT_SERIES[0])
-    studies, final = scu.find(node.port, scu.query(
-        "STUDY", StudyInstanceUID="", PatientID=ct.PatientID, ModalitiesInStudy="",
-        NumberOfStudyRelatedInstances=""))
+    studies, final = scu.find(
+        node.port,
+        scu.query(
+            "STUDY",
+            StudyInstanceUID="",
+            PatientID=ct.PatientID,
+            ModalitiesInStudy="",
+            NumberOfStudyRelatedInstances="",
+        ),
+    )
     assert final.Status == statuses.SUCCESS
     assert [s.StudyInstanceUID for s in studies] == [ct.StudyInstanceUID]
     assert studies[0].ModalitiesInStudy == "CT"
     assert int(studies[0].NumberOfStudyRelatedInstances) == 5
-    series, _ = scu.find(node.port, scu.query(
-        "SERIES", StudyInstanceUID=ct.StudyInstanceUID, SeriesInstanceUID="", Modality="CT"))
+    series, _ = scu.find(
+        node.port,
+        scu.query(
+            "SERIES", StudyInstanceUID=ct.StudyInstanceUID, SeriesInstanceUID="", Modality="CT"
+        ),
+    )
     assert [s.SeriesInstanceUID for s in series] == [ct.SeriesInstanceUID]
-    images, _ = scu.find(node.port, scu.query(
-        "IMAGE", StudyInstanceUID=ct.StudyInstanceUID, SeriesInstanceUID=ct.SeriesInstanceUID,
-        SOPInstanceUID=""))
+    images, _ = scu.find(
+        node.port,
+        scu.query(
+            "IMAGE",
+            StudyInstanceUID=ct.StudyInstanceUID,
+            SeriesInstanceUID=ct.SeriesInstanceUID,
+            SOPInstanceUID="",
+        ),
+    )
     assert len(images) == 5
 
 
@@ -152,10 +190,30 @@ def test_cfind_with_findscu_wildcards_and_dates(start_node, tmp_path: Path):
     scu.store(node.port, [CR_CHEST, CT_SERIES[0]])
     ct = pydicom.dcmread(CT_SERIES[0])
     run = subprocess.run(
-        [DCMTK["findscu"], "-S", "-aec", "AINODE", "-aet", "FINDER", "127.0.0.1", str(node.port),
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={ct.PatientID[:4]}*",
-         "-k", f"StudyDate={ct.StudyDate}-", "-k", "StudyInstanceUID", "-k", "ModalitiesInStudy"],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+        [
+            DCMTK["findscu"],
+            "-S",
+            "-aec",
+            "AINODE",
+            "-aet",
+            "FINDER",
+            "127.0.0.1",
+            str(node.port),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"PatientID={ct.PatientID[:4]}*",
+            "-k",
+            f"StudyDate={ct.StudyDate}-",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "ModalitiesInStudy",
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 0, run.stderr
     output = run.stdout + run.stderr

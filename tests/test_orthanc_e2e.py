@@ -38,17 +38,21 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @pytest.fixture
 def orthanc_and_node(tmp_path: Path, start_node):
-    if not (orthanc_available() and dcmtk_available("findscu", "dsrdump")
-            and Path(DCIODVFY).exists()):
+    if not (
+        orthanc_available() and dcmtk_available("findscu", "dsrdump") and Path(DCIODVFY).exists()
+    ):
         if IN_CI:
             pytest.fail("Orthanc, dcmtk and dicom3tools must be installed in CI")
         pytest.skip("needs Orthanc, dcmtk and dicom3tools")
     node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc",
-                            modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)})
+    orthanc = OrthancServer(
+        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
+    )
     with orthanc:
         config = make_config(
-            tmp_path, port=node_port, accept_unknown_peers=False,
+            tmp_path,
+            port=node_port,
+            accept_unknown_peers=False,
             peers=(Peer("ORTHANC", "127.0.0.1", orthanc.dicom_port),),
         )
         config = replace(config, worker=replace(config.worker, ct_quiet_period_s=1.0))
@@ -82,15 +86,33 @@ def test_orthanc_sends_studies_and_receives_sr_and_heatmaps(orthanc_and_node, tm
         return len(arrived) == 2
 
     wait_for(results_back, timeout_s=180, interval_s=0.2, what="SR and SC back in Orthanc")
-    print(f"\nOrthanc send -> SR+SC in Orthanc: CR {arrived[cr_uid]:.1f} s, "
-          f"CT (30 slices, 1 s quiet period) {arrived[ct_uid]:.1f} s")
+    print(
+        f"\nOrthanc send -> SR+SC in Orthanc: CR {arrived[cr_uid]:.1f} s, "
+        f"CT (30 slices, 1 s quiet period) {arrived[ct_uid]:.1f} s"
+    )
 
     # C-FIND to the node: both studies list SR among their modalities
     run = subprocess.run(
-        [DCMTK["findscu"], "-S", "-aec", "AINODE", "-aet", "ORTHANC", "127.0.0.1",
-         str(node.port), "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
-         "-k", "ModalitiesInStudy=SR"],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+        [
+            DCMTK["findscu"],
+            "-S",
+            "-aec",
+            "AINODE",
+            "-aet",
+            "ORTHANC",
+            "127.0.0.1",
+            str(node.port),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "ModalitiesInStudy=SR",
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert run.returncode == 0, run.stderr
     assert cr_uid in run.stderr + run.stdout and ct_uid in run.stderr + run.stdout
@@ -109,7 +131,11 @@ def test_orthanc_sends_studies_and_receives_sr_and_heatmaps(orthanc_and_node, tm
                 assert ds.StudyInstanceUID == uid
                 assert "not for diagnostic use" in ds.SeriesDescription.lower()
                 if modality == "SR":
-                    dump = subprocess.run([DCMTK["dsrdump"], str(tmp_path / f"{instance_id}.dcm")],
-                                          capture_output=True, text=True, timeout=30)
+                    dump = subprocess.run(
+                        [DCMTK["dsrdump"], str(tmp_path / f"{instance_id}.dcm")],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )
                     assert dump.returncode == 0, dump.stderr
                     assert "Imaging Measurement Report" in dump.stdout

@@ -277,7 +277,8 @@ def test_sr_content(case):
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     equipment = [
-        e for e in sr.ContributingEquipmentSequence
+        e
+        for e in sr.ContributingEquipmentSequence
         if e.get("ManufacturerModelName") == prediction.model_name
     ]
     assert len(equipment) == 1
@@ -288,7 +289,10 @@ def test_sr_content(case):
     assert len(findings) == 1
     value = findings[0].ConceptCodeSequence[0]
     assert (value.CodingSchemeDesignator, value.CodeValue, value.CodeMeaning) == (
-        prediction.label.scheme, prediction.label.value, prediction.label.meaning)
+        prediction.label.scheme,
+        prediction.label.value,
+        prediction.label.meaning,
+    )
 
     nums = {_concept(i): i for i in items if i.ValueType == "NUM"}
     assert len(nums) == len(prediction.classes)
@@ -304,8 +308,11 @@ def test_sr_content(case):
 
     observer = [i for i in items if i.ValueType == "TEXT" and _concept(i) == ("DCM", "121013")]
     assert observer[0].TextValue == prediction.model_name
-    algorithm = {i.TextValue for i in items if i.ValueType == "TEXT"
-                 and _concept(i) in {("DCM", "111001"), ("DCM", "111003")}}
+    algorithm = {
+        i.TextValue
+        for i in items
+        if i.ValueType == "TEXT" and _concept(i) in {("DCM", "111001"), ("DCM", "111003")}
+    }
     assert algorithm == {prediction.model_name, prediction.model_version}
 
     assert any(i.ValueType == "TEXT" and i.TextValue == DISCLAIMER for i in items)
@@ -313,7 +320,8 @@ def test_sr_content(case):
     source_uids = {str(s.SOPInstanceUID) for s in sources}
     referenced = {
         str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        for i in items if i.ValueType == "IMAGE"
+        for i in items
+        if i.ValueType == "IMAGE"
     }
     assert referenced == source_uids
     evidence = {
@@ -378,8 +386,11 @@ def test_sr_handles_missing_type2_attributes():
 def test_sr_argument_validation():
     cr = _headers([CR])[0]
     ct = _headers(_ct_paths()[:2])
-    kwargs = {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid(),
-              "software_version": "0.1.0"}
+    kwargs = {
+        "series_instance_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+        "software_version": "0.1.0",
+    }
     with pytest.raises(ValueError, match="sources"):
         build_sr([], CXR_PRED, **kwargs)
     with pytest.raises(ValueError, match="sources"):
@@ -405,7 +416,8 @@ def test_sr_ignores_duplicate_sources():
     sr = _sr([*ct, ct[0]], CT_PRED)
     referenced = [
         i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for i in _items(sr.ContentSequence) if i.ValueType == "IMAGE"
+        for i in _items(sr.ContentSequence)
+        if i.ValueType == "IMAGE"
     ]
     assert sorted(referenced) == sorted(s.SOPInstanceUID for s in ct)
 
@@ -461,8 +473,11 @@ def test_sc_patient_orientation():
 
 def test_sc_argument_validation():
     cr = _headers([CR])[0]
-    kwargs = {"series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid(),
-              "software_version": "0.1.0"}
+    kwargs = {
+        "series_instance_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+        "software_version": "0.1.0",
+    }
     good = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="overlay_rgb"):
         build_sc(cr, good.astype(np.float32), CXR_PRED, **kwargs)

@@ -20,7 +20,7 @@ from storage import queue
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, Series
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
-from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, free_port, storescp_cmd, wait_for
+from tests.orthanc import dcmtk_available, dcmtk_env, free_port, storescp_cmd, wait_for
 
 pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
@@ -33,11 +33,18 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     out = tmp_path / "received"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(storescp_cmd(out, port), env=dcmtk_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        storescp_cmd(out, port),
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
-                 timeout_s=20, what="storescp to listen")
+        wait_for(
+            lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
+            timeout_s=20,
+            what="storescp to listen",
+        )
         yield port, out
     finally:
         proc.terminate()
@@ -46,8 +53,11 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def _results(node) -> list[tuple[Result, Series]]:
     with node.db.read() as session:
-        return list(session.execute(
-            select(Result, Series).join(Series, Result.series_pk == Series.id)).all())
+        return list(
+            session.execute(
+                select(Result, Series).join(Series, Result.series_pk == Series.id)
+            ).all()
+        )
 
 
 def _job_states(node) -> dict[str, tuple[JobState, str]]:
@@ -62,14 +72,19 @@ def test_cr_gets_sr_and_sc_delivered_to_its_sender(start_node, tmp_path, storesc
     node = start_node(make_config(tmp_path, peers=peers))
     assert scu.store(node.port, [CR_CHEST], calling="STORESCP")[0].Status == 0
     assert node.run_pending() == 1
-    (result, series), = _results(node)
+    ((result, series),) = _results(node)
     source = pydicom.dcmread(CR_CHEST)
     assert series.series_instance_uid == source.SeriesInstanceUID
     assert result.label in {"covid", "pneumonia", "normal"}
     assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     expected = {result.sr_sop_instance_uid, *result.sc_sop_instance_uids}
-    files = wait_for(lambda: list(received.iterdir()) if len(list(received.iterdir())) ==
-                     len(expected) else None, timeout_s=10, what="results at storescp")
+    files = wait_for(
+        lambda: (
+            list(received.iterdir()) if len(list(received.iterdir())) == len(expected) else None
+        ),
+        timeout_s=10,
+        what="results at storescp",
+    )
     got = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
     assert set(got) == expected
     for ds in got.values():
@@ -86,12 +101,20 @@ def test_results_are_found_by_cfind_and_list_sr(start_node):
     scu.store(node.port, [CR_CHEST])
     node.run_pending()
     study_uid = str(pydicom.dcmread(CR_CHEST).StudyInstanceUID)
-    studies, _ = scu.find(node.port, scu.query(
-        "STUDY", StudyInstanceUID=study_uid, ModalitiesInStudy=""))
+    studies, _ = scu.find(
+        node.port, scu.query("STUDY", StudyInstanceUID=study_uid, ModalitiesInStudy="")
+    )
     assert set(studies[0].ModalitiesInStudy) == {"CR", "SR", "OT"}
-    srs, _ = scu.find(node.port, scu.query(
-        "SERIES", StudyInstanceUID=study_uid, Modality="SR", SeriesInstanceUID="",
-        SeriesDescription=""))
+    srs, _ = scu.find(
+        node.port,
+        scu.query(
+            "SERIES",
+            StudyInstanceUID=study_uid,
+            Modality="SR",
+            SeriesInstanceUID="",
+            SeriesDescription="",
+        ),
+    )
     assert len(srs) == 1 and "NOT FOR DIAGNOSTIC USE" in srs[0].SeriesDescription.upper()
 
 
@@ -99,13 +122,15 @@ def test_ct_series_gives_one_sr_over_all_slices_and_few_heatmaps(start_node):
     node = start_node()
     scu.store(node.port, CT_SERIES)
     assert node.run_pending() == 1
-    (result, _), = _results(node)
+    ((result, _),) = _results(node)
     assert result.label in {"covid", "noncovid"}
     assert 1 <= len(result.sc_sop_instance_uids) <= 3
     with node.db.read() as session:
         from storage.models import Instance
-        sr_row = session.scalar(select(Instance).where(
-            Instance.sop_instance_uid == result.sr_sop_instance_uid))
+
+        sr_row = session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == result.sr_sop_instance_uid)
+        )
         sr_path = node.files.abspath(sr_row.path)
     sr = pydicom.dcmread(sr_path)
     referenced = {
@@ -121,7 +146,7 @@ def test_retry_of_a_job_makes_the_same_instances(start_node):
     node = start_node()
     scu.store(node.port, [CR_CHEST])
     node.run_pending()
-    (first, _), = _results(node)
+    ((first, _),) = _results(node)
     with node.db.session() as session:  # run the analysis again, as after a crash
         job = session.scalars(select(Job)).one()
         job.state = JobState.QUEUED
@@ -150,27 +175,34 @@ def test_images_the_model_was_not_built_for_are_skipped(start_node, path, reason
     assert not _results(node)
 
 
-def test_undecodable_12bit_jpeg_is_stored_and_skipped_with_reason(start_node, tmp_path):
-    # The NM whole-body 12-bit JPEG: pretend a model serves NM, so the decoder is reached.
-    from pacs_node.config import ModelBinding
-
-    config = make_config(tmp_path)
-    config = replace(config, models=(ModelBinding("cxr", ("CR", "DX", "NM")),
-                                     ModelBinding("ct", ("CT",))))
-    node = start_node(config)
+def test_undecodable_12bit_jpeg_is_stored_and_skipped_with_reason(start_node):
+    # An NM whole-body bone scan in 12-bit JPEG that pylibjpeg cannot decode: stored, findable,
+    # and skipped (no model reads NM; the decoder's own refusal is tested in test_preprocess).
+    node = start_node()
     path = DICOM / "compressed" / "pydicom_wheel__JPEG-lossy.dcm"
     assert scu.store(node.port, [path])[0].Status == 0
     node.run_pending()
-    state, error = _job_states(node)[str(pydicom.dcmread(path).SeriesInstanceUID)]
-    assert state == JobState.SKIPPED
-    assert "body part WHOLE BODY" in error or "cannot be decoded" in error
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    state, error = _job_states(node)[str(ds.SeriesInstanceUID)]
+    assert (state, error) == (JobState.SKIPPED, "no model for modality NM: stored, not analysed")
+    images, _ = scu.find(
+        node.port,
+        scu.query(
+            "IMAGE",
+            StudyInstanceUID=ds.StudyInstanceUID,
+            SeriesInstanceUID=ds.SeriesInstanceUID,
+            SOPInstanceUID="",
+        ),
+    )
+    assert [i.SOPInstanceUID for i in images] == [ds.SOPInstanceUID]
 
 
 def test_delivery_to_a_dead_peer_backs_off_then_fails_with_reason(start_node, tmp_path):
     dead = Peer("GONE", "127.0.0.1", free_port())
     config = make_config(tmp_path, peers=(dead,))
-    config = replace(config, delivery=replace(config.delivery, max_attempts=2,
-                                              backoff_initial_s=0.0))
+    config = replace(
+        config, delivery=replace(config.delivery, max_attempts=2, backoff_initial_s=0.0)
+    )
     node = start_node(config)
     scu.store(node.port, [CR_CHEST], calling="GONE")
     node.run_pending()
@@ -189,5 +221,5 @@ def test_a_job_running_when_the_process_died_runs_again(start_node, tmp_path):
     node.stop()
     restarted = start_node(config)
     assert restarted.run_pending() == 1
-    (job_state, _), = _job_states(restarted).values()
+    ((job_state, _),) = _job_states(restarted).values()
     assert job_state == JobState.DONE

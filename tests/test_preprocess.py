@@ -50,8 +50,8 @@ def test_monochrome1_is_inverted_so_bone_is_bright():
     image = dicom_to_image(ds)
     h, w = image.shape
     # the spine/mediastinum (centre) is brighter than the air-filled lungs beside it
-    centre = image[h // 3: 2 * h // 3, w // 2 - w // 20: w // 2 + w // 20].mean()
-    lungs = image[h // 3: 2 * h // 3, w // 4 - w // 20: w // 4 + w // 20].mean()
+    centre = image[h // 3 : 2 * h // 3, w // 2 - w // 20 : w // 2 + w // 20].mean()
+    lungs = image[h // 3 : 2 * h // 3, w // 4 - w // 20 : w // 4 + w // 20].mean()
     assert centre > lungs
 
 
