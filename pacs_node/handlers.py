@@ -115,10 +115,16 @@ class Handlers:
             return
         log.info("C-FIND from %s: %d matches", calling, len(matches))
         for match in matches:
+            if "SpecificCharacterSet" not in match and not _is_ascii(match):
+                match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
             if event.is_cancelled:
                 yield statuses.CANCEL, None
                 return
             yield statuses.PENDING, match
+
+
+def _is_ascii(ds: Dataset) -> bool:
+    return all(str(elem.value).isascii() for elem in ds if elem.VR in ("PN", "LO", "SH", "LT"))
 
 
 def receive_instance(node: Node, ds: Dataset, encoded: bytes, calling_ae: str) -> None:

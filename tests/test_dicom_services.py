@@ -219,3 +219,14 @@ def test_cfind_with_findscu_wildcards_and_dates(start_node, tmp_path: Path):
     output = run.stdout + run.stderr
     assert ct.StudyInstanceUID in output
     assert str(pydicom.dcmread(CR_CHEST).StudyInstanceUID) not in output
+
+
+def test_cfind_declares_utf8_when_a_match_is_not_ascii(start_node):
+    node = start_node()
+    ds = pydicom.dcmread(CR_CHEST)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jürgen"
+    assert scu.store(node.port, [ds])[0].Status == statuses.SUCCESS
+    matches, _ = scu.find(node.port, scu.query("STUDY", StudyInstanceUID="", PatientName="M*"))
+    assert [str(m.PatientName) for m in matches] == ["Müller^Jürgen"]
+    assert matches[0].SpecificCharacterSet == "ISO_IR 192"
