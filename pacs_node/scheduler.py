@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def start_scheduler(worker: Worker, poll_interval_s: float) -> BackgroundScheduler:
+    # "skipped: maximum number of running instances reached" is the intended back-pressure
+    # while a long job runs, not a fault worth a warning every poll
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     scheduler = BackgroundScheduler(daemon=True)
     scheduler.add_job(
         _guarded(worker.tick),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from pacs_node import statuses
 from pacs_node.config import Peer
@@ -50,6 +50,7 @@ def test_store_every_transfer_syntax_is_durable_and_indexed(start_node):
     node = start_node()
     files = [*COMPRESSED, CR_CHEST, *sorted((DICOM / "sr").glob("*.dcm"))]
     answers = scu.store(node.port, files)
+    repaired = []
     with node.db.read() as session:
         rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance)).all()}
     for path, answer in zip(files, answers, strict=True):
@@ -58,6 +59,7 @@ def test_store_every_transfer_syntax_is_durable_and_indexed(start_node):
             assert answer.Status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
             assert answer.ErrorComment == "StudyInstanceUID is missing"
             assert str(sent.SOPInstanceUID) not in rows
+            repaired.append(sent)
             continue
         assert answer.Status == statuses.SUCCESS, path.name
         row = rows[str(sent.SOPInstanceUID)]
@@ -68,6 +70,22 @@ def test_store_every_transfer_syntax_is_durable_and_indexed(start_node):
         if "PixelData" in sent and sent.file_meta.TransferSyntaxUID.is_encapsulated:
             assert stored.PixelData == sent.PixelData  # compressed pixels kept bit for bit
     assert not list((node.files.root / "tmp").iterdir()), "temporary files left behind"
+    # the same two (JPEG-LS and HTJ2K) with their UIDs supplied are stored as they are
+    assert {r.file_meta.TransferSyntaxUID.name for r in repaired} == {
+        "JPEG-LS Lossless Image Compression",
+        "High-Throughput JPEG 2000 Image Compression (Lossless Only)",
+    }
+    for n, ds in enumerate(repaired):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = f"1.2.826.0.1.{n}", f"1.2.826.0.1.{n}.1"
+    assert [a.Status for a in scu.store(node.port, repaired)] == [statuses.SUCCESS] * 2
+    with node.db.read() as session:
+        assert (
+            session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == str(repaired[0].SOPInstanceUID))
+            )
+            is not None
+        )
+        assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
 def test_store_with_storescu_and_skip_reasons(start_node):

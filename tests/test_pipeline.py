@@ -212,6 +212,48 @@ def test_delivery_to_a_dead_peer_backs_off_then_fails_with_reason(start_node, tm
     assert all(d.attempts == 2 and "GONE@127.0.0.1" in d.last_error for d in deliveries)
 
 
+def test_delivery_waits_with_backoff_and_arrives_when_the_peer_is_back(start_node, tmp_path):
+    port = free_port()
+    config = make_config(tmp_path, peers=(Peer("STORESCP", "127.0.0.1", port),))
+    config = replace(config, delivery=replace(config.delivery, backoff_initial_s=60.0))
+    node = start_node(config)
+    scu.store(node.port, [CR_CHEST], calling="STORESCP")
+    node.run_pending()  # the peer is down: first attempt fails, next one in 60 s
+    with node.db.read() as session:
+        waiting = session.scalars(select(Delivery)).all()
+    assert waiting and all(d.state == DeliveryState.PENDING and d.attempts == 1 for d in waiting)
+    assert all(55 < (d.next_attempt_at - d.created_at).total_seconds() < 70 for d in waiting)
+    assert all("STORESCP@127.0.0.1" in d.last_error for d in waiting)
+    if not dcmtk_available("storescp"):
+        pytest.skip("dcmtk not installed")
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        storescp_cmd(out, port),
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
+            timeout_s=20,
+            what="storescp to listen",
+        )
+        assert node.worker.deliver_due() == 0  # not due yet: the backoff holds
+        with node.db.session() as session:  # let the 60 s pass
+            for d in session.scalars(select(Delivery)).all():
+                d.next_attempt_at = d.created_at
+        node.run_pending()
+        with node.db.read() as session:
+            sent = session.scalars(select(Delivery)).all()
+        assert all(d.state == DeliveryState.SENT and d.attempts == 2 for d in sent)
+        assert len(list(out.iterdir())) == len(sent)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_a_job_running_when_the_process_died_runs_again(start_node, tmp_path):
     config = make_config(tmp_path)
     node = start_node(config)

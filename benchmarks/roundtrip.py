@@ -1,0 +1,98 @@
+"""Round trip through a real Orthanc: send a study, wait until its SR and heatmap are back.
+
+    python benchmarks/roundtrip.py [--rounds 3]
+
+For each round the CR chest X-ray and the 30-slice CT series get fresh UIDs (so the node
+analyses them anew), are uploaded to Orthanc and sent to the node. Reported per study: the time
+from Orthanc's send to the SR and SC being in Orthanc, and, as the in-run reference that makes
+numbers comparable across noisy machines, the time Orthanc's synchronous C-STORE itself took.
+The node runs as ``pacs-node serve`` does (scheduler, shipped models, 1 s CT quiet period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pacs_node.config import Peer  # noqa: E402
+from pacs_node.node import Node  # noqa: E402
+from tests.conftest import CR_CHEST, CT_SERIES, make_config  # noqa: E402
+from tests.orthanc import OrthancServer, free_port, wait_for  # noqa: E402
+
+
+def fresh_copy(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
+    """Copies of *paths* as a new study and series; returns (StudyInstanceUID, files)."""
+    study, series = generate_uid(), generate_uid()
+    out.mkdir(parents=True)
+    files = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        target = out / path.name
+        ds.save_as(target)
+        files.append(target)
+    return study, files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        node_port = free_port()
+        with OrthancServer(
+            tmp / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
+        ) as orthanc:
+            config = make_config(
+                tmp,
+                port=node_port,
+                accept_unknown_peers=False,
+                peers=(Peer("ORTHANC", "127.0.0.1", orthanc.dicom_port),),
+            )
+            config = replace(config, worker=replace(config.worker, ct_quiet_period_s=1.0))
+            node = Node(config)
+            node.start()
+            rows: dict[str, list[tuple[float, float]]] = {"CR": [], "CT": []}
+            try:
+                for r in range(args.rounds):
+                    for kind, paths in (("CR", [CR_CHEST]), ("CT", CT_SERIES)):
+                        uid, files = fresh_copy(paths, tmp / f"{kind}{r}")
+                        orthanc.upload_many(files)
+                        study_id = orthanc.find_study_id(uid)
+                        start = time.monotonic()
+                        orthanc.send_to_modality("AINODE", [study_id])
+                        sent = time.monotonic() - start
+                        wait_for(
+                            lambda u=uid: {"SR", "OT"} <= set(orthanc.series_modalities(u)),
+                            timeout_s=300,
+                            interval_s=0.05,
+                            what=f"{kind} results",
+                        )
+                        rows[kind].append((time.monotonic() - start, sent))
+            finally:
+                node.stop()
+    print(
+        f"{'study':6} {'round trip s':>13} {'C-STORE s':>10} {'ratio':>7}  (median of "
+        f"{args.rounds})"
+    )
+    for kind, values in rows.items():
+        total = statistics.median(v[0] for v in values)
+        send = statistics.median(v[1] for v in values)
+        print(f"{kind:6} {total:13.2f} {send:10.2f} {total / send:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
