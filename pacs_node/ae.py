@@ -44,8 +44,7 @@ def build_scp(config: Config) -> AE:
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.maximum_associations = 32
-    if not node.accept_unknown_peers:
-        ae.require_calling_aet = [p.ae_title for p in config.peers]
+    # calling AE titles and their addresses are checked in Handlers.handle_requested
     return ae
 
 

@@ -26,6 +26,7 @@ class NodeSettings:
     storage_dir: Path = Path("var")
     database_url: str = ""  # empty: SQLite file inside storage_dir
     accept_unknown_peers: bool = True
+    min_free_mb: int = 200  # below this much free space, C-STORE answers "out of resources"
     max_pdu_bytes: int = 0  # 0: unlimited
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
@@ -44,6 +45,19 @@ class Peer:
     host: str
     port: int
     send_results: bool = True
+    check_host: bool = True  # refuse this AE title when it calls from another address
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM over TLS on a second port (PS3.15 B.1, "The Basic TLS Secure Transport")."""
+
+    enabled: bool = False
+    port: int = 2762
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None  # client certificates must chain to this
+    require_client_cert: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class Config:
     peers: tuple[Peer, ...] = ()
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     models: tuple[ModelBinding, ...] = DEFAULT_MODELS
     log_level: str = "INFO"
 
@@ -229,7 +244,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
         path = f"peers[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{path}: expected a table")
-        _reject_unknown(item, {"ae_title", "host", "port", "send_results"}, path)
+        _reject_unknown(item, {"ae_title", "host", "port", "send_results", "check_host"}, path)
         for key in ("ae_title", "host", "port"):
             if key not in item:
                 raise ConfigError(f"{path}.{key}: required")
@@ -238,6 +253,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
             host=_host(item["host"], f"{path}.host"),
             port=_port(item["port"], f"{path}.port"),
             send_results=_take(item, "send_results", bool, path, True),
+            check_host=_take(item, "check_host", bool, path, True),
         )
         if any(p.ae_title == peer.ae_title for p in peers):
             raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")
@@ -284,6 +300,34 @@ def _parse_delivery(table: Mapping[str, Any], peers: tuple[Peer, ...]) -> Delive
     return DeliverySettings(max_attempts, initial, maximum, tuple(titles))
 
 
+def _parse_tls(table: Mapping[str, Any], base_dir: Path) -> TlsSettings:
+    _reject_unknown(table, set(TlsSettings.__dataclass_fields__), "tls")
+    d = TlsSettings()
+    enabled = _take(table, "enabled", bool, "tls", d.enabled)
+    files: dict[str, Path | None] = {}
+    for key in ("cert_file", "key_file", "ca_file"):
+        value = _take(table, key, str, "tls", "")
+        path = (base_dir / value) if value and not Path(value).is_absolute() else Path(value)
+        files[key] = path if value else None
+        if enabled and value and not path.is_file():
+            raise ConfigError(f"tls.{key}: no such file {path}")
+    require = _take(table, "require_client_cert", bool, "tls", d.require_client_cert)
+    if enabled:
+        for key in ("cert_file", "key_file"):
+            if files[key] is None:
+                raise ConfigError(f"tls.{key}: required when tls.enabled is true")
+        if require and files["ca_file"] is None:
+            raise ConfigError("tls.ca_file: required when tls.require_client_cert is true")
+    return TlsSettings(
+        enabled=enabled,
+        port=_port(table.get("port", d.port), "tls.port"),
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        ca_file=files["ca_file"],
+        require_client_cert=require,
+    )
+
+
 def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
     if not isinstance(items, list):
         raise ConfigError("models: expected [[models]] tables")
@@ -321,8 +365,8 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
 def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML mapping."""
     base_dir = base_dir or Path.cwd()
-    _reject_unknown(data, {"node", "peers", "worker", "delivery", "models", "logging"}, "")
-    for key in ("node", "worker", "delivery", "logging"):
+    _reject_unknown(data, {"node", "peers", "worker", "delivery", "tls", "models", "logging"}, "")
+    for key in ("node", "worker", "delivery", "tls", "logging"):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{key}: expected a [{key}] table")
     peers = _parse_peers(data.get("peers", []))
@@ -336,6 +380,7 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
         peers=peers,
         worker=_parse_worker(data.get("worker", {})),
         delivery=_parse_delivery(data.get("delivery", {}), peers),
+        tls=_parse_tls(data.get("tls", {}), base_dir),
         models=_parse_models(data["models"], base_dir) if "models" in data else DEFAULT_MODELS,
         log_level=level,
     )
@@ -343,6 +388,8 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
         raise ConfigError(
             "node.accept_unknown_peers: false, but no [[peers]] are listed, so nobody could connect"
         )
+    if config.tls.enabled and config.tls.port == config.node.port:
+        raise ConfigError("tls.port: must differ from node.port")
     if config.peer(config.node.ae_title):
         raise ConfigError(
             f"peers: {config.node.ae_title!r} is this node's own AE title (node.ae_title)"

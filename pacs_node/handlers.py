@@ -7,7 +7,11 @@ Log lines carry UIDs and AE titles, never patient names or IDs.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
+import socket
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +54,32 @@ class Handlers:
         from pynetdicom import evt
 
         return [
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_FIND, self.handle_find),
         ]
+
+    def refusal(self, calling: str, address: str) -> str | None:
+        """Why an association from *calling* at *address* is refused, or None to accept."""
+        config = self.node.config
+        peer = config.peer(calling)
+        if peer is None:
+            if config.node.accept_unknown_peers:
+                return None
+            return f"calling AE title {calling!r} is not a configured peer"
+        if peer.check_host and address not in resolve(peer.host):
+            return f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
+        return None
+
+    def handle_requested(self, event: Any) -> None:
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(event.assoc.requestor.address)
+        reason = self.refusal(calling, address)
+        if reason is not None:
+            log.warning("association from %s refused: %s", address, reason)
+            # rejected-permanent, DUL service-user, calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     def handle_echo(self, event: Any) -> int:
         return statuses.SUCCESS
@@ -121,6 +147,22 @@ class Handlers:
                 yield statuses.CANCEL, None
                 return
             yield statuses.PENDING, match
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(host: str, _epoch: int) -> frozenset[str]:
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset()
+
+
+def resolve(host: str) -> frozenset[str]:
+    """The addresses of *host*; names are looked up again every five minutes."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        return _resolve_cached(host, int(time.monotonic() // 300))
 
 
 def _is_ascii(ds: Dataset) -> bool:

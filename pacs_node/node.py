@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from typing import Any
 
 from pacs_node.ae import build_scp
-from pacs_node.config import Config
+from pacs_node.config import Config, TlsSettings
 from pacs_node.handlers import Handlers
 from pacs_node.worker import Worker
 from storage import queue
@@ -17,15 +18,28 @@ from storage.files import FileStore
 log = logging.getLogger(__name__)
 
 
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS 1.2+ with the node's certificate; client certificates checked against the CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None and tls.key_file is not None
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         config.node.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.files = FileStore(config.node.storage_dir)
+        self.files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
         self.db = Database(config.node.resolved_database_url)
         self.worker = Worker(self)
         self.handlers = Handlers(self)
         self.server: Any = None
+        self.tls_server: Any = None
         self.scheduler: Any = None
         self._stopped = threading.Event()
 
@@ -48,6 +62,18 @@ class Node:
             block=False,
             evt_handlers=self.handlers.bindings(),
         )
+        tls = self.config.tls
+        if tls.enabled:
+            self.tls_server = ae.start_server(
+                (self.config.node.host, tls.port),
+                block=False,
+                evt_handlers=self.handlers.bindings(),
+                ssl_context=server_ssl_context(tls),
+            )
+
+    @property
+    def tls_port(self) -> int:
+        return int(self.tls_server.server_address[1]) if self.tls_server else self.config.tls.port
 
     @property
     def port(self) -> int:
@@ -86,8 +112,9 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.tls_server = None
         self.db.dispose()
         self._stopped.set()
