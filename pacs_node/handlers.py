@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
+from ai.preprocess import has_pixels
 from pacs_node import assembly, statuses
 from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
 from storage import query
@@ -108,9 +110,16 @@ class Handlers:
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOPInstanceUID differs from the request's",
             )
-        if str(ds.get("SOPClassUID", "")).strip() != str(request.AffectedSOPClassUID).strip():
+        sop_class = str(ds.get("SOPClassUID", "")).strip()
+        if sop_class != str(request.AffectedSOPClassUID).strip():
             return status(
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
+            )
+        if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
+            # Type 1 in every image IOD; missing here usually means the data set was cut off
+            log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
+            return status(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated"
             )
         try:
             receive_instance(self.node, ds, event.encoded_dataset(), calling)

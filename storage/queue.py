@@ -243,3 +243,32 @@ def delivery_failed(
         delivery.state = DeliveryState.PENDING
         delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
     return delivery.state
+
+
+def retry_failed(
+    session: Session,
+    *,
+    delivery_ids: Sequence[int] | None = None,
+    job_ids: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """Give failed deliveries and jobs a fresh set of attempts (all when no ids are given).
+
+    Returns (deliveries, jobs) requeued. What is not failed is left alone.
+    """
+    deliveries = select(Delivery).where(Delivery.state == DeliveryState.FAILED)
+    jobs = select(Job).where(Job.state == JobState.FAILED)
+    if delivery_ids is not None or job_ids is not None:
+        deliveries = deliveries.where(Delivery.id.in_(delivery_ids or []))
+        jobs = jobs.where(Job.id.in_(job_ids or []))
+    n_deliveries = n_jobs = 0
+    for delivery in session.scalars(deliveries).all():
+        reset_delivery(delivery)
+        n_deliveries += 1
+    now = utcnow()
+    for job in session.scalars(jobs).all():
+        job.state = JobState.QUEUED
+        job.attempts = 0
+        job.not_before = now
+        job.finished_at = None
+        n_jobs += 1
+    return n_deliveries, n_jobs

@@ -8,6 +8,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
@@ -21,23 +22,42 @@ def _ae(title: str) -> AE:
 
 
 def store(
-    port: int, items: Sequence[Path | Dataset], *, calling: str = "TESTSCU", called: str = "AINODE"
+    port: int,
+    items: Sequence[Path | Dataset],
+    *,
+    calling: str = "TESTSCU",
+    called: str = "AINODE",
+    raw: bool = False,
 ) -> list[Dataset]:
-    """C-STORE each file or dataset in its own transfer syntax; the status datasets, in order."""
-    datasets = [pydicom.dcmread(i) if isinstance(i, Path) else i for i in items]
+    """C-STORE each file or dataset in its own transfer syntax; the status datasets, in order.
+
+    With *raw*, files are sent as their bytes (pynetdicom takes the SOP Class and Instance
+    UIDs of the command from the file meta), so broken files reach the node as they are.
+    """
+    payload: list[Path | Dataset]
+    if raw:
+        metas = [pydicom.dcmread(i, stop_before_pixels=True, force=True).file_meta for i in items]
+        keys = [(m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in metas]
+        payload = list(items)
+    else:
+        datasets = [pydicom.dcmread(i) if isinstance(i, Path) else i for i in items]
+        keys = [(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets]
+        payload = list(datasets)
     ae = _ae(calling)
-    for ds in datasets:
-        ts = ds.file_meta.TransferSyntaxUID
+    for sop_class, ts in keys:
         if not any(
-            c.abstract_syntax == ds.SOPClassUID and ts in c.transfer_syntax
+            c.abstract_syntax == sop_class and ts in c.transfer_syntax
             for c in ae.requested_contexts
         ):
-            ae.add_requested_context(ds.SOPClassUID, ts)
+            ae.add_requested_context(sop_class, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association refused"
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = raw  # raw: the file's bytes, not a re-encoding
     try:
-        return [assoc.send_c_store(ds) for ds in datasets]
+        return [assoc.send_c_store(item) for item in payload]
     finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
 
 
