@@ -185,6 +185,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    from ai.evaluate import evaluate, fmt_ci
+    from ai.model import model_dir
+
+    data_dir = Path(args.data)
+    out = Path(args.out)
+    result = evaluate(
+        model_dir(args.model),
+        data_dir,
+        Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
+        out,
+        bootstrap=args.bootstrap,
+        gradcam_images=args.gradcam_images,
+    )
+    print(
+        f"{out / 'report.md'}: accuracy {fmt_ci(result['overall']['accuracy'])}, "
+        f"macro-F1 {fmt_ci(result['overall']['macro_f1'])}  ({DISCLAIMER})"
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pacs_node.config import load
     from pacs_node.status import render_status
@@ -289,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit-per-class", type=int, help="use at most N images per class")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="write an evaluation report of a model on its held-out patients",
+        description="Evaluate a model folder on the test patients of its own training split: "
+        "report.md with per-class metrics and 95%% patient-level bootstrap intervals, confusion "
+        "matrix, ROC and learning curves, and a sheet of Grad-CAM maps.",
+        epilog=EPILOG,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="a model folder or a shipped name")
+    evaluate.add_argument("--data", required=True, metavar="DIR")
+    evaluate.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
+    evaluate.add_argument("--gradcam-images", type=int, default=12)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     status = sub.add_parser(
         "status", help="show the queue, results and failed deliveries", epilog=EPILOG

@@ -109,7 +109,7 @@ def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
     )
 
 
-@pytest.mark.parametrize("command", ["serve", "classify", "train", "status"])
+@pytest.mark.parametrize("command", ["serve", "classify", "train", "evaluate", "status", "retry"])
 def test_each_subcommand_has_help(command):
     run = run_cli(command, "--help")
     assert run.returncode == 0 and "usage: pacs-node" in run.stdout
