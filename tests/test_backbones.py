@@ -1,0 +1,95 @@
+"""EfficientNet-Lite0: the shipped ImageNet weights reproduce the original PyTorch model.
+
+The reference outputs in ai/weights/efficientnet_lite0_port_check.json were computed with
+PyTorch by scripts/port_efficientnet_lite0.py; torch is not needed here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ai import backbones
+from ai.preprocess import read_image_file, to_model_input
+
+CHECK = json.loads((backbones.WEIGHTS_DIR / "efficientnet_lite0_port_check.json").read_text())
+
+
+def _images(shared_data: Path) -> np.ndarray:
+    return np.stack(
+        [
+            to_model_input(read_image_file(shared_data / ref["file"]), CHECK["input_size"], 3)
+            for ref in CHECK["images"]
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def imagenet_model() -> Any:
+    """Pooled features and logits of the ImageNet model, as loaded from the package data."""
+    import keras
+
+    model = backbones.efficientnet_lite0(weights="imagenet", include_top=True)
+    return keras.Model(model.input, [model.get_layer("avg_pool").output, model.output])
+
+
+def test_imagenet_weights_match_pytorch_on_real_images(
+    imagenet_model: Any, shared_data: Path
+) -> None:
+    assert len(CHECK["images"]) == 3
+    features, logits = (np.asarray(t) for t in imagenet_model(_images(shared_data)))
+    assert features.shape == (3, backbones.HEAD_FILTERS)
+    assert logits.shape == (3, backbones.NUM_CLASSES)
+    for i, ref in enumerate(CHECK["images"]):
+        np.testing.assert_allclose(features[i, :16], ref["features_first16"], atol=1e-3, rtol=1e-3)
+        assert features[i].mean() == pytest.approx(ref["features_mean"], rel=1e-3, abs=1e-4)
+        assert np.linalg.norm(features[i]) == pytest.approx(ref["features_l2"], rel=1e-3)
+        top5 = [int(c) for c in np.argsort(-logits[i])[:5]]
+        assert top5 == ref["top5"], ref["file"]
+        # The classifier ships as float16: logits move by ~1e-3, far below the top-5 gaps.
+        np.testing.assert_allclose(logits[i, top5], ref["top5_logits"], atol=5e-3)
+
+
+def test_feature_extractor_without_top(imagenet_model: Any, shared_data: Path) -> None:
+    model = backbones.efficientnet_lite0(weights="imagenet", include_top=False, pooling="avg")
+    assert model.output.shape == (None, backbones.HEAD_FILTERS)
+    assert model.get_layer("top_activation").output.shape == (None, 7, 7, backbones.HEAD_FILTERS)
+    assert "predictions" not in [layer.name for layer in model.layers]
+    image = _images(shared_data)[:1]
+    np.testing.assert_allclose(
+        np.asarray(model(image)), np.asarray(imagenet_model(image)[0]), atol=1e-5
+    )
+
+
+def test_untrained_variants_build() -> None:
+    fmap = backbones.efficientnet_lite0(input_shape=(96, 96, 3))
+    assert fmap.output.shape == (None, 3, 3, backbones.HEAD_FILTERS)
+    assert fmap.get_layer(backbones.FEATURE_LAYER) is fmap.layers[-1]
+    assert len(backbones.block_specs()) == 16
+
+
+def test_bad_weights_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        backbones.efficientnet_lite0(weights=tmp_path / "nope.weights.h5")
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        backbones.efficientnet_lite0(weights="imagenet21k")
+    not_hdf5 = tmp_path / "junk.weights.h5"
+    not_hdf5.write_text("not weights")
+    with pytest.raises(ValueError, match="not an HDF5 weights file"):
+        backbones.efficientnet_lite0(weights=not_hdf5)
+    monkeypatch.setattr(backbones, "IMAGENET_WEIGHTS", tmp_path / "gone.weights.h5")
+    with pytest.raises(FileNotFoundError, match="port_efficientnet_lite0"):
+        backbones.efficientnet_lite0(weights="imagenet")
+    with pytest.raises(ValueError, match="pooling"):
+        backbones.efficientnet_lite0(pooling="mean")
+    with pytest.raises(ValueError, match="RGB"):
+        backbones.efficientnet_lite0(input_shape=(224, 224, 1))
+
+
+def test_shipped_weights_stay_small() -> None:
+    files = (backbones.IMAGENET_WEIGHTS, backbones.IMAGENET_TOP_WEIGHTS)
+    assert sum(f.stat().st_size for f in files) < 20e6
