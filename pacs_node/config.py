@@ -227,6 +227,7 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         accept_unknown_peers=_take(
             table, "accept_unknown_peers", bool, "node", d.accept_unknown_peers
         ),
+        min_free_mb=int(_number(table, "min_free_mb", "node", d.min_free_mb)),
         max_pdu_bytes=int(_number(table, "max_pdu_bytes", "node", d.max_pdu_bytes)),
         network_timeout_s=_number(
             table, "network_timeout_s", "node", d.network_timeout_s, minimum=1
