@@ -21,6 +21,7 @@ from pydicom.uid import UID
 from ai.preprocess import has_pixels
 from pacs_node import assembly, statuses
 from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
+from pacs_node.logs import log_failure
 from storage import query
 from storage.files import check_uid, instance_relpath
 from storage.ingest import record_instance
@@ -130,7 +131,7 @@ class Handlers:
             log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
             return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
         except Exception as exc:  # never let a storage fault kill the association
-            log.exception("C-STORE %s from %s failed", sop_uid, calling)
+            log_failure(log, "C-STORE %s from %s failed", sop_uid, calling)
             return status(statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}")
         return status(statuses.SUCCESS)
 
@@ -145,7 +146,7 @@ class Handlers:
             yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         except Exception as exc:
-            log.exception("C-FIND from %s failed", calling)
+            log_failure(log, "C-FIND from %s failed", calling)
             yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
             return
         log.info("C-FIND from %s: %d matches", calling, len(matches))

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from pacs_node.logs import log_failure
+
 if TYPE_CHECKING:
     from pacs_node.worker import Worker
 
@@ -36,6 +38,6 @@ def _guarded(fn):  # type: ignore[no-untyped-def]
         try:
             fn()
         except Exception:  # the scheduler must keep running whatever one round did
-            log.exception("worker round failed")
+            log_failure(log, "worker round failed")
 
     return run

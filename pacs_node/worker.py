@@ -25,6 +25,7 @@ from ai.model import ModelError, load_classifier
 from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
 from pacs_node import __version__, sender
 from pacs_node.errors import UnusableInputError
+from pacs_node.logs import log_failure
 from storage import queue
 from storage.files import instance_relpath
 from storage.ingest import record_instance
@@ -106,14 +107,14 @@ class Worker:
             self._fail(work, f"model unavailable: {exc}", final=True)
             return
         except Exception as exc:
-            log.exception("job %d (series %s) failed", work.job_id, work.series_uid)
+            log_failure(log, "job %d (series %s) failed", work.job_id, work.series_uid)
             self._fail(work, f"{type(exc).__name__}: {exc}")
             return
         try:
             self._store_results(work, analysis)
         except Exception as exc:
-            log.exception(
-                "job %d (series %s): storing results failed", work.job_id, work.series_uid
+            log_failure(
+                log, "job %d (series %s): storing results failed", work.job_id, work.series_uid
             )
             self._fail(work, f"storing results failed: {type(exc).__name__}: {exc}")
 
@@ -124,7 +125,10 @@ class Worker:
             if final:
                 job.attempts = job.max_attempts
             state = queue.fail(session, job, error, self.config.worker.retry_backoff_s)
-        log.warning("job %d (series %s) %s: %s", work.job_id, work.series_uid, state, error)
+        # the full reason (which may quote data) is on the job row, for pacs-node status
+        log.warning(
+            "job %d (series %s) %s: %s", work.job_id, work.series_uid, state, error.split(":", 1)[0]
+        )
 
     def _analyse(self, work: SeriesWork) -> Analysis:
         from ai.analysis import analyse_datasets
