@@ -490,3 +490,37 @@ def storescp_cmd(output_dir: str | os.PathLike[str], port: int, aet: str = "STOR
         str(output_dir),
         str(port),
     ]
+
+
+class StoreScp:
+    """A dcmtk ``storescp`` destination on a free (or given) port, writing into *out_dir*."""
+
+    def __init__(self, out_dir: Path, port: int | None = None, *extra: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreScp:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [*storescp_cmd(self.out_dir, self.port), *self.extra],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout_s=20, interval_s=0.05, what="storescp to listen")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def received(self) -> list[Path]:
+        return sorted(self.out_dir.iterdir())

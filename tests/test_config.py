@@ -59,10 +59,12 @@ def test_documented_example_loads_with_every_key():
         ('[node]\ndatabase_url = "not a url"\n', "node.database_url"),
         ("node = [\n", "not valid TOML"),
         ("[tls]\nenabled = true\n", "tls.cert_file: required when tls.enabled is true"),
-        ("[tls]\nenabled = true\ncert_file = \"absent.pem\"\n", "tls.cert_file: no such file"),
+        ('[tls]\nenabled = true\ncert_file = "absent.pem"\n', "tls.cert_file: no such file"),
         ("[node]\nmin_free_mb = -1\n", "node.min_free_mb: must be at least 0"),
-        ("[[peers]]\nae_title = \"A\"\nhost = \"h\"\nport = 1\ncheck_host = \"yes\"\n",
-         "peers[0].check_host: expected true or false"),
+        (
+            '[[peers]]\nae_title = "A"\nhost = "h"\nport = 1\ncheck_host = "yes"\n',
+            "peers[0].check_host: expected true or false",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):

@@ -26,7 +26,7 @@ from storage.db import Database
 from storage.models import Instance, Job, JobState, Result
 from tests import scu
 from tests.conftest import CT_SERIES
-from tests.orthanc import dcmtk_available, dcmtk_env, free_port, storescp_cmd, wait_for
+from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -152,12 +152,7 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
     received = tmp_path / "received"
     received.mkdir()
     dest_port, port = free_port(), free_port()
-    storescp = subprocess.Popen(
-        [*storescp_cmd(received, dest_port), "--unique-filenames"],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    storescp = StoreScp(received, dest_port, "--unique-filenames").__enter__()
     node = NodeProcess(
         tmp_path,
         f'[node]\nport = {port}\nstorage_dir = "data"\n'
@@ -239,6 +234,5 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
     finally:
         db.dispose()
         node.stop()
-        storescp.terminate()
-        storescp.wait(timeout=10)
+        storescp.__exit__()
         time.sleep(0)

@@ -11,30 +11,17 @@ from pathlib import Path
 
 import pytest
 
-try:  # repo root on sys.path (python -m pytest, or tests/ as a package)
-    from tests.orthanc import (
-        DCMTK,
-        SHARED_DATA,
-        OrthancServer,
-        dcmtk_available,
-        dcmtk_env,
-        free_port,
-        orthanc_available,
-        storescp_cmd,
-        wait_for,
-    )
-except ImportError:  # plain `pytest` with rootdir-relative imports
-    from orthanc import (  # type: ignore[no-redef]
-        DCMTK,
-        SHARED_DATA,
-        OrthancServer,
-        dcmtk_available,
-        dcmtk_env,
-        free_port,
-        orthanc_available,
-        storescp_cmd,
-        wait_for,
-    )
+from tests.orthanc import (
+    DCMTK,
+    SHARED_DATA,
+    OrthancServer,
+    dcmtk_available,
+    dcmtk_env,
+    free_port,
+    orthanc_available,
+    storescp_cmd,
+    wait_for,
+)
 
 _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -27,6 +27,25 @@ def _deliveries(node) -> list[Delivery]:
         return list(session.scalars(select(Delivery)).all())
 
 
+def _gone_orthanc(tmp_path: Path, node_port: int) -> int:
+    """Start and stop an Orthanc: the port of a PACS that has gone away."""
+    orthanc = OrthancServer(
+        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
+    )
+    orthanc.start()
+    orthanc.stop()
+    return orthanc.dicom_port
+
+
+def _orthanc_back(tmp_path: Path, node_port: int, orthanc_port: int) -> OrthancServer:
+    """The same Orthanc (same storage, same DICOM port) started again."""
+    orthanc = OrthancServer(
+        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
+    )
+    orthanc.dicom_port = orthanc_port
+    return orthanc.start(attempts=1)
+
+
 def _write_config(path: Path, config) -> None:
     n = config.node
     path.write_text(
@@ -44,12 +63,8 @@ def test_orthanc_down_then_back_and_retry_after_final_failure(tmp_path, start_no
             pytest.fail("Orthanc must be installed in CI")
         pytest.skip("needs Orthanc")
     node_port = free_port()
-    orthanc = OrthancServer(
-        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-    )
-    orthanc.start()
-    orthanc_port = orthanc.dicom_port
-    orthanc.stop()  # the PACS goes away before the results are ready
+    orthanc_port = _gone_orthanc(tmp_path, node_port)  # away before the results are ready
+    orthanc = None
     config = make_config(
         tmp_path, port=node_port, peers=(Peer("ORTHANC", "127.0.0.1", orthanc_port),)
     )
@@ -88,11 +103,7 @@ def test_orthanc_down_then_back_and_retry_after_final_failure(tmp_path, start_no
         assert "association with ORTHANC" in status.stdout
 
         # 2. it comes back on the same port; an operator runs pacs-node retry
-        orthanc = OrthancServer(
-            tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-        )
-        orthanc.dicom_port = orthanc_port
-        orthanc.start(attempts=1)
+        orthanc = _orthanc_back(tmp_path, node_port, orthanc_port)
         retry = subprocess.run(
             [
                 sys.executable,
@@ -112,21 +123,22 @@ def test_orthanc_down_then_back_and_retry_after_final_failure(tmp_path, start_no
             timeout_s=120,
             what="results in Orthanc after retry",
         )
-        assert all(d.state == DeliveryState.SENT for d in _deliveries(node))
+        wait_for(
+            lambda: all(d.state == DeliveryState.SENT for d in _deliveries(node)),
+            timeout_s=30,
+            what="deliveries recorded as sent",
+        )
     finally:
-        orthanc.stop()
+        if orthanc is not None:
+            orthanc.stop()
 
 
 def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path, start_node):
     if not orthanc_available():
         pytest.skip("needs Orthanc")
     node_port = free_port()
-    orthanc = OrthancServer(
-        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-    )
-    orthanc.start()
-    orthanc_port = orthanc.dicom_port
-    orthanc.stop()
+    orthanc_port = _gone_orthanc(tmp_path, node_port)
+    orthanc = None
     config = make_config(
         tmp_path, port=node_port, peers=(Peer("ORTHANC", "127.0.0.1", orthanc_port),)
     )
@@ -148,11 +160,7 @@ def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path
         assert all(
             d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in _deliveries(node)
         )
-        orthanc = OrthancServer(
-            tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-        )
-        orthanc.dicom_port = orthanc_port
-        orthanc.start(attempts=1)
+        orthanc = _orthanc_back(tmp_path, node_port, orthanc_port)
         wait_for(
             lambda: {"SR", "OT"} <= set(orthanc.series_modalities(study_uid)),
             timeout_s=120,
@@ -164,4 +172,5 @@ def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path
             what="deliveries recorded as sent",
         )
     finally:
-        orthanc.stop()
+        if orthanc is not None:
+            orthanc.stop()

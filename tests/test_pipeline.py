@@ -6,7 +6,6 @@ covered by the Orthanc end-to-end test.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from storage import queue
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, Series
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
-from tests.orthanc import dcmtk_available, dcmtk_env, free_port, storescp_cmd, wait_for
+from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
 
 pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
@@ -30,25 +29,8 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A dcmtk storescp destination on a free port; yields (port, folder it writes to)."""
     if not dcmtk_available("storescp"):
         pytest.skip("dcmtk not installed")
-    out = tmp_path / "received"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        storescp_cmd(out, port),
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
-            timeout_s=20,
-            what="storescp to listen",
-        )
-        yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with StoreScp(tmp_path / "received") as scp:
+        yield scp.port, scp.out_dir
 
 
 def _results(node) -> list[tuple[Result, Series]]:
@@ -226,20 +208,7 @@ def test_delivery_waits_with_backoff_and_arrives_when_the_peer_is_back(start_nod
     assert all("STORESCP@127.0.0.1" in d.last_error for d in waiting)
     if not dcmtk_available("storescp"):
         pytest.skip("dcmtk not installed")
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        storescp_cmd(out, port),
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: scu.association_accepted(port, calling="PROBE", called="STORESCP"),
-            timeout_s=20,
-            what="storescp to listen",
-        )
+    with StoreScp(tmp_path / "received", port) as scp:
         assert node.worker.deliver_due() == 0  # not due yet: the backoff holds
         with node.db.session() as session:  # let the 60 s pass
             for d in session.scalars(select(Delivery)).all():
@@ -248,10 +217,7 @@ def test_delivery_waits_with_backoff_and_arrives_when_the_peer_is_back(start_nod
         with node.db.read() as session:
             sent = session.scalars(select(Delivery)).all()
         assert all(d.state == DeliveryState.SENT and d.attempts == 2 for d in sent)
-        assert len(list(out.iterdir())) == len(sent)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        assert len(scp.received()) == len(sent)
 
 
 def test_a_job_running_when_the_process_died_runs_again(start_node, tmp_path):
