@@ -79,10 +79,12 @@ def _classify_one(path: Path, classifier: Any) -> tuple[Any, Any]:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
-    from ai.model import load_classifier
+    from ai.runtime import load_runtime_classifier
     from pacs_node.errors import UnusableInputError
 
-    classifier = load_classifier(args.model or ("ct" if args.task == "ct" else "cxr"))
+    classifier = load_runtime_classifier(
+        args.model or ("ct" if args.task == "ct" else "cxr"), args.runtime
+    )
     spec = classifier.spec
     failures = 0
     records = []
@@ -283,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which shipped model to use (default cxr)",
     )
     classify.add_argument("--model", metavar="NAME_OR_DIR", help="a model folder or shipped name")
+    classify.add_argument(
+        "--runtime",
+        choices=["onnx", "keras"],
+        default="onnx",
+        help="ONNX Runtime (default, faster on CPU) or Keras",
+    )
     classify.add_argument(
         "--output",
         metavar="DIR",

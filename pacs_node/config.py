@@ -16,6 +16,7 @@ from typing import Any
 from pacs_node.errors import ConfigError
 
 AE_TITLE_MAX = 16
+RUNTIMES = ("onnx", "keras")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ModelBinding:
     modalities: tuple[str, ...]
     path: str = ""  # empty: the model shipped inside the package under this name
     enabled: bool = True
+    runtime: str = "onnx"  # "onnx" (ONNX Runtime, the faster on CPU) or "keras"
 
 
 DEFAULT_MODELS = (
@@ -338,7 +340,7 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
         path = f"models[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{path}: expected a table")
-        _reject_unknown(item, {"name", "modalities", "path", "enabled"}, path)
+        _reject_unknown(item, {"name", "modalities", "path", "enabled", "runtime"}, path)
         name = _take(item, "name", str, path, None)
         if not name:
             raise ConfigError(f"{path}.name: required")
@@ -359,7 +361,16 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
                         f"{path}.modalities: {m} is already served by model {seen[m]!r}"
                     )
                 seen[m] = name
-        bindings.append(ModelBinding(name=name, modalities=mods, path=model_path, enabled=enabled))
+        runtime = _take(item, "runtime", str, path, "onnx")
+        if runtime not in RUNTIMES:
+            raise ConfigError(
+                f"{path}.runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}"
+            )
+        bindings.append(
+            ModelBinding(
+                name=name, modalities=mods, path=model_path, enabled=enabled, runtime=runtime
+            )
+        )
     return tuple(bindings)
 
 

@@ -92,16 +92,17 @@ class Node:
 
     def preload_models(self) -> None:
         """Load every configured model now, so a broken model stops start-up, not a job."""
-        from ai.model import load_classifier
+        from ai.runtime import load_runtime_classifier
 
         for binding in self.config.models:
             if binding.enabled:
-                classifier = load_classifier(binding.path or binding.name)
+                classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
                 classifier.warm_up()
                 log.info(
-                    "model %s %s serves %s",
+                    "model %s %s (%s) serves %s",
                     classifier.spec.name,
                     classifier.spec.version,
+                    binding.runtime,
                     "/".join(binding.modalities),
                 )
 

@@ -21,8 +21,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from ai.model import ModelError, load_classifier
+from ai.model import ModelError
 from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
+from ai.runtime import load_runtime_classifier
 from pacs_node import __version__, sender
 from pacs_node.errors import UnusableInputError
 from pacs_node.logs import log_failure
@@ -136,7 +137,7 @@ class Worker:
         binding = next((m for m in self.config.models if m.name == work.model_name), None)
         if binding is None:
             raise ModelError(f"model {work.model_name!r} is no longer configured")
-        classifier = load_classifier(binding.path or binding.name)
+        classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
         datasets: list[Dataset] = []
         unreadable: list[str] = []
         for path in work.paths:
