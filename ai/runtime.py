@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -39,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from ai.model import Classifier, ModelError, ModelSpec, load_classifier, model_dir, read_spec
+from ai.model import (
+    BUILTIN_DIR,
+    Classifier,
+    ModelError,
+    ModelSpec,
+    load_classifier,
+    model_dir,
+    read_spec,
+)
 
 ONNX_FILE = "model.onnx"
 HEAD_FILE = "gradcam_head.npz"
@@ -534,14 +543,44 @@ def load_runtime_classifier(
         cached = _cache.get(directory)
         if cached is not None:
             return cached
+        serve_from = directory
         if needs_export(directory):
-            try:
-                export_onnx(directory)
-            except OSError as exc:  # e.g. a read-only installed package
-                raise ModelError(
-                    f"{directory}: cannot write the ONNX export there ({exc}); export it with "
-                    "ai.runtime.export_onnx into a writable copy of the folder"
-                ) from exc
-        classifier = OnnxClassifier(directory, threads=threads)
+            serve_from = export_folder(directory)
+            if needs_export(serve_from):
+                try:
+                    export_onnx(directory, serve_from / ONNX_FILE)
+                except OSError as exc:
+                    raise ModelError(
+                        f"{directory}: cannot write the ONNX export to {serve_from} ({exc}); "
+                        "set PACS_NODE_CACHE to a writable folder"
+                    ) from exc
+        classifier = OnnxClassifier(serve_from, threads=threads)
         _cache[directory] = classifier
         return classifier
+
+
+def cache_root() -> Path:
+    """Where exports of read-only model folders go: ``$PACS_NODE_CACHE``, else
+    ``~/.cache/pacs-node``."""
+    configured = os.environ.get("PACS_NODE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "pacs-node"
+
+
+def export_folder(directory: Path) -> Path:
+    """The folder an export of *directory* is served from.
+
+    A writable model folder holds its own export. A model shipped in the package, or a
+    read-only folder, is exported once into the cache, in a folder named after the weights' SHA-256
+    so new weights never meet an old export; ``model.json`` is copied beside it.
+    """
+    shipped = directory.resolve().is_relative_to(BUILTIN_DIR.resolve())
+    if not shipped and os.access(directory, os.W_OK):
+        return directory
+    spec = read_spec(directory)
+    target = cache_root() / "onnx" / f"{spec.name}-{_sha256(directory / spec.file)[:16]}"
+    target.mkdir(parents=True, exist_ok=True)
+    meta = target / "model.json"
+    if not meta.is_file():
+        with _staged(meta) as tmp:
+            shutil.copyfile(directory / "model.json", tmp)
+    return target

@@ -213,3 +213,26 @@ def test_head_accepts_dense_then_softmax_layer_and_names_missing_layer():
     assert find_head(model, "features_out").dense is dense
     with pytest.raises(ModelError, match="no layer named 'top_conv'"):
         find_head(model, "top_conv")
+
+
+def test_shipped_models_without_an_export_are_exported_into_the_cache(tmp_path, monkeypatch):
+    from ai import model as model_module
+    from ai import runtime
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(
+        BUILTIN_DIR / "ct", shipped / "ct", ignore=shutil.ignore_patterns("*.onnx", "*.npz")
+    )
+    monkeypatch.setattr(model_module, "BUILTIN_DIR", shipped)
+    monkeypatch.setattr(runtime, "BUILTIN_DIR", shipped)
+    monkeypatch.setenv("PACS_NODE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "_cache", {})
+    classifier = runtime.load_runtime_classifier("ct", "onnx")
+    assert classifier.directory.is_relative_to(tmp_path / "cache" / "onnx")
+    assert not list((shipped / "ct").glob("*.onnx")), "the package folder must stay untouched"
+    x = np.full(
+        (1, classifier.spec.input_size, classifier.spec.input_size, classifier.spec.channels),
+        0.5,
+        np.float32,
+    )
+    assert classifier.predict(x).shape == (1, len(classifier.spec.classes))
