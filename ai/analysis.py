@@ -18,9 +18,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ai.eligibility import reason_not_eligible
-from ai.model import Classifier
+from ai.model import Predictor
 from ai.outputs import Prediction
-from ai.preprocess import batch, dicom_to_image
+from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame
 from pacs_node.errors import UnusableInputError
 
 BATCH_SIZE = 16
@@ -47,7 +47,7 @@ class Analysis:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
-def analyse_datasets(datasets: Sequence[Dataset], classifier: Classifier) -> Analysis:
+def analyse_datasets(datasets: Sequence[Dataset], classifier: Predictor) -> Analysis:
     """Classify the eligible images among *datasets* (one series)."""
     spec = classifier.spec
     images: list[np.ndarray] = []
@@ -76,7 +76,7 @@ def analyse_datasets(datasets: Sequence[Dataset], classifier: Classifier) -> Ana
 def analyse_images(
     names: Sequence[str],
     images: Sequence[np.ndarray],
-    classifier: Classifier,
+    classifier: Predictor,
     *,
     datasets: Sequence[Dataset] | None = None,
 ) -> Analysis:
@@ -86,7 +86,11 @@ def analyse_images(
         raise UnusableInputError("no image to classify")
     probs = np.concatenate(
         [
-            classifier.predict(batch(images[i : i + BATCH_SIZE], spec.input_size, spec.channels))
+            classifier.predict(
+                batch(
+                    images[i : i + BATCH_SIZE], spec.input_size, spec.channels, spec.preprocessing
+                )
+            )
             for i in range(0, len(images), BATCH_SIZE)
         ]
     )
@@ -107,13 +111,13 @@ def analyse_images(
     )
     label = int(np.argmax(series_probs))
     order = np.argsort(-probs[:, label], kind="stable")[:MAX_EXPLAINED]
-    x = batch([images[i] for i in order], spec.input_size, spec.channels)
+    x = batch([images[i] for i in order], spec.input_size, spec.channels, spec.preprocessing)
     maps = classifier.heatmaps(x, np.full(len(order), label))
     explained = [
         Explained(
             name=names[i],
             image=images[i],
-            heatmap=maps[j],
+            heatmap=heatmap_in_image_frame(maps[j], images[i].shape, spec.preprocessing),
             probability=float(probs[i, label]),
             dataset=datasets[i] if datasets is not None else None,
         )

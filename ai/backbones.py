@@ -111,6 +111,7 @@ def efficientnet_lite0(
     pooling: str | None = None,
     name: str = "efficientnet_lite0",
     classifier_activation: str | None = None,
+    input_tensor: Any = None,
 ) -> Any:
     """Build EfficientNet-Lite0 (a ``keras.Model``) taking RGB images in [0, 1].
 
@@ -119,7 +120,13 @@ def efficientnet_lite0(
     weights: None (random init), "imagenet" (the shipped package data), or a path: either a file
         in this module's by-name format or a Keras ``.weights.h5`` saved from the same variant.
     pooling: without the top, None (the 4-D "top_activation" map), "avg" or "max" (1280-d).
+    input_tensor: a symbolic Keras tensor to build on instead of a new ``Input`` (as in
+        keras.applications): the layers are called on it once, so a model that continues from
+        the returned model's output is one flat graph. The returned model then starts at that
+        tensor's source ``Input`` and includes the layers before it.
     """
+    if input_tensor is not None:
+        input_shape = tuple(input_tensor.shape[1:])
     # Check the arguments before the (slow) build, so that a bad path fails fast.
     files = _weight_files(weights, include_top)
     by_name = files is not None and all(_is_by_name_file(f) for f in files)
@@ -144,7 +151,12 @@ def efficientnet_lite0(
             filters, kernel, strides=strides, padding="same", use_bias=False, name=layer_name
         )(x)
 
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if input_tensor is None:
+        inputs = keras.Input(shape=tuple(input_shape), name="image")
+        model_inputs = inputs
+    else:
+        inputs = input_tensor
+        model_inputs = keras.utils.get_source_inputs(input_tensor)
     x = layers.Rescaling(
         scale=1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="normalization"
     )(inputs)
@@ -184,7 +196,7 @@ def efficientnet_lite0(
     elif pooling == "max":
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
 
-    model = keras.Model(inputs, x, name=name)
+    model = keras.Model(model_inputs, x, name=name)
     if files is not None and by_name:
         load_weights_by_name(model, files)
     elif files is not None:

@@ -3,8 +3,8 @@
 The test split is recomputed from ``training.json["settings"]`` (task, seed, fractions,
 per-class limit) with the same functions as training, so the evaluation sees exactly the
 patients the model never saw. Images go through the training preprocessing
-(``read_image_file`` + ``to_model_input``). Metrics come from :mod:`ai.metrics` with
-patient-level bootstrap intervals.
+(``read_image_file`` + ``to_model_input`` with the model's ``preprocessing`` options). Metrics
+come from :mod:`ai.metrics` with patient-level bootstrap intervals.
 
 Written into the output folder: ``report.md``, ``metrics.json``, ``confusion_matrix.png``,
 ``learning_curves.png``, ``roc.png`` and ``gradcam_sheet.png``. These are research numbers,
@@ -29,7 +29,7 @@ import numpy as np
 from ai import metrics as m
 from ai.model import Classifier, ModelSpec
 from ai.outputs import render_overlay
-from ai.preprocess import read_image_file, to_model_input
+from ai.preprocess import heatmap_in_image_frame, read_image_file, to_model_input
 from ai.train import Sample, read_manifest, split_by_group
 from pacs_node import DISCLAIMER
 
@@ -108,7 +108,10 @@ def read_training(model_dir: Path) -> dict[str, Any]:
 
 def _model_input(paths: Sequence[Path], spec: ModelSpec) -> np.ndarray:
     return np.stack(
-        [to_model_input(read_image_file(p), spec.input_size, spec.channels) for p in paths]
+        [
+            to_model_input(read_image_file(p), spec.input_size, spec.channels, spec.preprocessing)
+            for p in paths
+        ]
     )
 
 
@@ -251,8 +254,10 @@ def plot_gradcam_sheet(
     predicted = probs[picked].argmax(axis=1)
     maps = heatmaps(classifier, [paths[i] for i in picked], predicted)
     for n, i in enumerate(picked):
-        image = _display(read_image_file(paths[i]))
-        overlay = render_overlay(image, maps[n], [])
+        original = read_image_file(paths[i])
+        heat = heatmap_in_image_frame(maps[n], original.shape, classifier.spec.preprocessing)
+        image = _display(original)
+        overlay = render_overlay(image, heat, [])
         pred = int(predicted[n])
         ax = fig.add_subplot(rows, cols, 2 * n + 1)
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)

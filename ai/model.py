@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ai.outputs import ClassCode
+from ai.preprocess import check_options
 from pacs_node.errors import NodeError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "models"
@@ -38,6 +39,8 @@ class ModelSpec:
     positive_class: str = "covid"
     window: tuple[float, float] | None = None  # CT display window applied to DICOM slices
     description: str = ""
+    # shortcut-removing options (ai.preprocess.prepare) the model was trained with; {} = none
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def class_index(self, name: str) -> int:
         return [c.name for c in self.classes].index(name)
@@ -55,6 +58,7 @@ class ModelSpec:
             "positive_class": self.positive_class,
             "window": list(self.window) if self.window else None,
             "description": self.description,
+            "preprocessing": dict(self.preprocessing),
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class ModelSpec:
                 positive_class=str(data.get("positive_class", "covid")),
                 window=(float(window[0]), float(window[1])) if window else None,
                 description=str(data.get("description", "")),
+                preprocessing=check_options(data.get("preprocessing") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid model metadata: {exc!r}") from None
@@ -102,6 +107,18 @@ def read_spec(directory: Path) -> ModelSpec:
     if not meta.is_file():
         raise ModelError(f"{directory}: no model.json")
     return ModelSpec.from_json(json.loads(meta.read_text()), where=str(meta))
+
+
+class Predictor(Protocol):
+    """What serving needs of a model, whatever runtime runs it (Keras or ONNX Runtime)."""
+
+    spec: ModelSpec
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    def heatmaps(self, x: np.ndarray, class_index: np.ndarray | None = None) -> np.ndarray: ...
+
+    def warm_up(self) -> None: ...
 
 
 class Classifier:

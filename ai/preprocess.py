@@ -6,8 +6,9 @@ used raises :class:`UnusableInputError` with a reason an operator can read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -132,8 +133,140 @@ def read_image_file(path: str | Path) -> np.ndarray:
     return (img.astype(np.float32) / scale).clip(0, 1)
 
 
-def to_model_input(image: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
-    """Resize a [0, 1] image to ``size x size`` and give it the model's channel count."""
+# ----------------------------------------------------------------- shortcut-removing options
+#
+# Named options applied by :func:`prepare`, the one place both training and serving call (through
+# :func:`to_model_input` / :func:`batch`), in this order: crop, mask_border, then clahe or
+# equalize. A model stores the options it was trained with in ``model.json["preprocessing"]`` so
+# that serving applies exactly the same ones.
+PREPROCESS_OPTIONS = {
+    "crop": "keep the central fraction (0-1] of each side, approximating a lung-centred crop",
+    "mask_border": "set this fraction [0-0.5) of each edge to the mean of the rest (corner text)",
+    "clahe": "CLAHE contrast normalisation with this clip limit (true = 2.0), 8x8 tiles",
+    "equalize": "global histogram equalisation (true/false)",
+}
+CLAHE_DEFAULT_CLIP = 2.0
+CLAHE_TILES = 8
+
+
+def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options as a plain, validated dict (``{}`` for none); ValueError when invalid."""
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key not in PREPROCESS_OPTIONS:
+            known = ", ".join(PREPROCESS_OPTIONS)
+            raise ValueError(f"unknown preprocessing option {key!r} (known: {known})")
+        if key == "equalize":
+            if not isinstance(value, bool):
+                raise ValueError(f"equalize must be true or false, not {value!r}")
+            out[key] = value
+            continue
+        if key == "clahe" and isinstance(value, bool):
+            if value:
+                out[key] = CLAHE_DEFAULT_CLIP
+            continue
+        number = float(value)
+        ok = {
+            "crop": 0.0 < number <= 1.0,
+            "mask_border": 0.0 <= number < 0.5,
+            "clahe": number > 0.0,
+        }[key]
+        if not ok or not np.isfinite(number):
+            raise ValueError(f"preprocessing option {key}={value!r} is out of range")
+        out[key] = number
+    if out.get("clahe") and out.get("equalize"):
+        raise ValueError("choose clahe or equalize, not both")
+    return out
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"crop=0.8,mask_border=0.06,clahe"`` (a bare name means true) to a checked dict."""
+    raw: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part or part.lower() == "none":
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or value.strip().lower() in ("true", "yes", "on"):
+            raw[key] = True
+        elif value.strip().lower() in ("false", "no", "off"):
+            raw[key] = False
+        else:
+            try:
+                raw[key] = float(value)
+            except ValueError:
+                raise ValueError(f"preprocessing option {part!r}: not a number") from None
+    return check_options(raw)
+
+
+def crop_box(shape: tuple[int, ...], fraction: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the central crop keeping *fraction* of each side."""
+    h, w = shape[:2]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return top, top + ch, left, left + cw
+
+
+def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Apply the shortcut-removing *options* to a 2-D [0, 1] image; no options: unchanged."""
+    opts = check_options(options)
+    if not opts:
+        return image
+    out = np.asarray(image, dtype=np.float32)
+    if "crop" in opts and opts["crop"] < 1.0:
+        top, bottom, left, right = crop_box(out.shape, opts["crop"])
+        out = out[top:bottom, left:right]
+    if opts.get("mask_border", 0.0) > 0.0:
+        h, w = out.shape
+        dy, dx = round(h * opts["mask_border"]), round(w * opts["mask_border"])
+        inner = out[dy : h - dy, dx : w - dx]
+        fill = float(inner.mean()) if inner.size else float(out.mean())
+        out = out.copy()
+        out[:dy, :] = fill
+        out[h - dy :, :] = fill
+        out[:, :dx] = fill
+        out[:, w - dx :] = fill
+    if opts.get("clahe") or opts.get("equalize"):
+        as8: np.ndarray = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if opts.get("clahe"):
+            clahe = cv2.createCLAHE(
+                clipLimit=float(opts["clahe"]), tileGridSize=(CLAHE_TILES, CLAHE_TILES)
+            )
+            as8 = clahe.apply(as8)
+        else:
+            as8 = cv2.equalizeHist(as8)
+        out = as8.astype(np.float32) / 255.0
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def heatmap_in_image_frame(
+    heatmap: np.ndarray, shape: tuple[int, ...], options: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """A Grad-CAM map computed on the prepared image, placed over the original image of *shape*.
+
+    Without a crop the map already covers the whole image and is returned unchanged; with one
+    it is resized into the crop box and zero outside it, so overlays line up with the original.
+    """
+    opts = check_options(options)
+    if opts.get("crop", 1.0) >= 1.0:
+        return heatmap
+    top, bottom, left, right = crop_box(shape, opts["crop"])
+    full = np.zeros(shape[:2], dtype=np.float32)
+    full[top:bottom, left:right] = cv2.resize(
+        heatmap.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR
+    )
+    return np.clip(full, 0.0, 1.0)
+
+
+def to_model_input(
+    image: np.ndarray,
+    size: int,
+    channels: int = 1,
+    options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Prepare (see :func:`prepare`), resize a [0, 1] image to ``size x size`` and give it the
+    model's channel count (grey replicated)."""
+    image = prepare(image, options)
     interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
     resized = cv2.resize(image.astype(np.float32), (size, size), interpolation=interp)
     resized = resized[..., np.newaxis]
@@ -142,9 +275,14 @@ def to_model_input(image: np.ndarray, size: int, channels: int = 1) -> np.ndarra
     return resized.astype(np.float32)
 
 
-def batch(images: Sequence[np.ndarray], size: int, channels: int = 1) -> np.ndarray:
+def batch(
+    images: Sequence[np.ndarray],
+    size: int,
+    channels: int = 1,
+    options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
     return (
-        np.stack([to_model_input(i, size, channels) for i in images])
+        np.stack([to_model_input(i, size, channels, options) for i in images])
         if images
         else np.zeros((0, size, size, channels), np.float32)
     )

@@ -3,5 +3,5 @@
 Every result it produces is AI-generated, for research use, and not for diagnostic use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 DISCLAIMER = "AI-generated, not for diagnostic use"

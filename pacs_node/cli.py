@@ -20,6 +20,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("pacs_node")
 
 EPILOG = f"All results are {DISCLAIMER}; research use only."
+# ai.train.BACKBONES, listed here so that the parser does not import TensorFlow
+BACKBONE_NAMES = [
+    "small-cnn",
+    "efficientnet_lite0",
+    "efficientnet_b0",
+    "mobilenet_v2",
+    "densenet121",
+    "resnet50",
+    "vgg16",
+    "vgg19",
+    "inception_v3",
+    "inception_resnet_v2",
+]
 
 
 def _setup_logging(level: str) -> None:
@@ -162,26 +175,67 @@ def _write_outputs(out_dir: Path, path: Path, analysis: Any, ds: Any) -> list[st
     return written
 
 
+def _key_values(items: list[str] | None, what: str) -> dict[str, int]:
+    """``["covid=30", "normal=50"]`` to ``{"covid": 30, "normal": 50}``."""
+    out: dict[str, int] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise NodeError(f"{what}: expected CLASS=N, got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
+    from ai.preprocess import parse_options
     from ai.train import TrainSettings, train
 
     data_dir = Path(args.data)
-    settings = TrainSettings(
-        task=args.task,
-        data_dir=data_dir,
-        manifest=Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
-        out_dir=Path(args.out),
-        name=args.name or "",
-        version=args.version,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        patience=args.patience,
-        seed=args.seed,
-        limit_per_class=args.limit_per_class,
-    )
+    try:
+        preprocessing: dict[str, Any] = {}
+        for text in args.preprocess or []:
+            preprocessing.update(parse_options(text))
+        settings = TrainSettings(
+            task=args.task,
+            data_dir=data_dir,
+            manifest=Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
+            out_dir=Path(args.out),
+            name=args.name or "",
+            version=args.version,
+            description=args.description or "",
+            backbone=args.backbone,
+            pretrained=args.pretrained,
+            image_size=args.image_size,
+            epochs=args.epochs,
+            phase2_epochs=args.phase2_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            phase2_learning_rate=args.phase2_learning_rate,
+            fine_tune_layers=args.fine_tune_layers,
+            train_batchnorm=args.train_batchnorm,
+            lr_schedule=args.lr_schedule,
+            patience=args.patience,
+            dropout=args.dropout,
+            class_weights=not args.no_class_weights,
+            rotation_degrees=args.rotation,
+            shift=args.shift,
+            zoom=args.zoom,
+            horizontal_flip=args.horizontal_flip,
+            brightness=args.brightness,
+            contrast=args.contrast,
+            preprocessing=preprocessing,
+            dcgan=args.dcgan,
+            dcgan_steps=args.dcgan_steps,
+            dcgan_target=args.dcgan_target,
+            train_class_limit=_key_values(args.train_class_limit, "--train-class-limit"),
+            seed=args.seed,
+            validation_fraction=args.validation_fraction,
+            test_fraction=args.test_fraction,
+            limit_per_class=args.limit_per_class,
+        )
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
     metrics = train(settings)
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return 0
@@ -302,22 +356,122 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on a folder of images and a manifest",
         description="Train a classifier with a patient-disjoint train/validation/test split "
-        "(from the manifest's patient_group column) and write a model folder.",
+        "(from the manifest's patient_group column, fixed by --seed) and write a model folder "
+        "(model.keras, model.json, training.json with every setting). Two phases: phase 1 "
+        "trains the head on a frozen pretrained base (a randomly initialised base trains with "
+        "it), phase 2 trains the base too at a lower learning rate. A progress bar per epoch.",
         epilog=EPILOG,
     )
     train.add_argument("--task", choices=["cxr", "ct"], required=True)
     train.add_argument("--data", required=True, metavar="DIR", help="folder holding the images")
     train.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
-    train.add_argument("--name")
+    train.add_argument("--name", help="model name in model.json (default TASK-BACKBONE)")
     train.add_argument("--version", default="0.1.0")
-    train.add_argument("--image-size", type=int, default=128)
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--patience", type=int, default=4, help="early-stopping patience")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--limit-per-class", type=int, help="use at most N images per class")
+    train.add_argument("--description", help="model.json description (default: generated)")
+    g = train.add_argument_group("model")
+    g.add_argument(
+        "--backbone",
+        choices=BACKBONE_NAMES,
+        default="small-cnn",
+        help="architecture (default small-cnn). Only efficientnet_lite0 has ImageNet weights "
+        "here (--pretrained); the keras.applications ones start from random weights, since "
+        "nothing is downloaded at run time",
+    )
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from ImageNet weights (efficientnet_lite0 only; shipped in ai/weights)",
+    )
+    g.add_argument("--image-size", type=int, default=128, help="square input side (default 128)")
+    g.add_argument("--dropout", type=float, default=0.3, help="before the classifier (0.3)")
+    g = train.add_argument_group("schedule")
+    g.add_argument(
+        "--epochs",
+        "--phase1-epochs",
+        dest="epochs",
+        type=int,
+        default=20,
+        help="phase-1 epochs (default 20)",
+    )
+    g.add_argument(
+        "--phase2-epochs", type=int, default=0, help="phase-2 (fine-tune) epochs (default 0: none)"
+    )
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument(
+        "--learning-rate", type=float, default=1e-3, help="phase-1 learning rate (default 1e-3)"
+    )
+    g.add_argument(
+        "--phase2-learning-rate", type=float, default=1e-4, help="phase-2 learning rate (1e-4)"
+    )
+    g.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        metavar="N",
+        help="phase 2 trains only the last N backbone layers (default: all)",
+    )
+    g.add_argument(
+        "--train-batchnorm",
+        action="store_true",
+        help="phase 2 also trains a pretrained backbone's BatchNormalization (default frozen)",
+    )
+    g.add_argument(
+        "--lr-schedule",
+        choices=["plateau", "cosine", "constant"],
+        default="plateau",
+        help="per phase: halve on a validation-loss plateau (default), cosine decay, or none",
+    )
+    g.add_argument(
+        "--patience", type=int, default=4, help="early-stopping patience, epochs (default 4)"
+    )
+    g.add_argument(
+        "--no-class-weights", action="store_true", help="do not weight the loss by class"
+    )
+    g = train.add_argument_group("augmentation (training only)")
+    g.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees (10)")
+    g.add_argument("--shift", type=float, default=0.05, help="max shift, fraction (0.05)")
+    g.add_argument("--zoom", type=float, default=0.05, help="max zoom, fraction (0.05)")
+    g.add_argument(
+        "--horizontal-flip",
+        action="store_true",
+        help="random left-right flips (off: the heart is on the left)",
+    )
+    g.add_argument("--brightness", type=float, default=0.1, help="max brightness change (0.1)")
+    g.add_argument("--contrast", type=float, default=0.1, help="max contrast change (0.1)")
+    g = train.add_argument_group("preprocessing and data")
+    g.add_argument(
+        "--preprocess",
+        action="append",
+        metavar="OPTS",
+        help="shortcut-removing preprocessing, stored in model.json and applied by the node "
+        "too: comma-separated crop=F (central crop, e.g. 0.8), mask_border=F (blank each edge, "
+        "e.g. 0.06), clahe[=CLIP], equalize; e.g. --preprocess crop=0.8,mask_border=0.06,clahe",
+    )
+    g.add_argument(
+        "--dcgan",
+        action="store_true",
+        help="balance the training split's classes with DCGAN-generated images (off)",
+    )
+    g.add_argument(
+        "--dcgan-steps", type=int, default=800, help="DCGAN training steps per class (800)"
+    )
+    g.add_argument(
+        "--dcgan-target",
+        type=int,
+        metavar="N",
+        help="top each class up to N training images (default: the largest class's count)",
+    )
+    g.add_argument(
+        "--train-class-limit",
+        action="append",
+        metavar="CLASS=N",
+        help="use at most N training images of CLASS (validation/test untouched), e.g. to "
+        "simulate scarce COVID-19 data: --train-class-limit covid=30",
+    )
+    g.add_argument("--seed", type=int, default=0, help="split, weights and shuffling (0)")
+    g.add_argument("--validation-fraction", type=float, default=0.15)
+    g.add_argument("--test-fraction", type=float, default=0.15)
+    g.add_argument("--limit-per-class", type=int, help="use at most N images per class")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(

@@ -1,0 +1,77 @@
+"""Print the comparison tables of docs/model_comparison.md from evaluated runs.
+
+Usage: ``python scripts/comparison_table.py RUNS_DIR [RUN ...]``: every ``RUNS_DIR/RUN`` holding
+``training.json`` and ``eval/metrics.json`` (written by ``scripts/model_comparison.sh``) gives
+one row of :func:`ai.evaluate.comparison_table`, then a second table with what that one leaves
+out: the initialisation, preprocessing, validation scores (used to choose), COVID-19 AUC with its
+interval and the training images per class.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ai.evaluate import comparison_table, fmt_ci
+
+
+def load_run(run: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((run / "eval" / "metrics.json").read_text())
+    training = json.loads((run / "training.json").read_text())
+    s, metrics = training["settings"], training["metrics"]
+    label = f"{run.name} ({'ImageNet' if s.get('pretrained') else 'random init'})"
+    phases = metrics.get("phase_epochs") or [len(metrics["history"]["loss"])]
+    result.update(
+        backbone=label,
+        run=run.name,
+        image_size=s["image_size"],
+        epochs="+".join(str(p) for p in phases),
+        train_time_s=metrics.get("train_time_s"),
+        params=metrics.get("params"),
+        settings=s,
+        train_metrics=metrics,
+    )
+    return result
+
+
+def details_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| Run | Init | Preprocessing | DCGAN | Train images (per class) | "
+        "Val macro-F1 | Val COVID AUC | Test COVID AUC (95% CI) |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        s, tm = row["settings"], row["train_metrics"]
+        prep = ",".join(f"{k}={v}" for k, v in s.get("preprocessing", {}).items()) or "none"
+        dcgan = "no"
+        if s.get("dcgan"):
+            dcgan = "+" + ", ".join(f"{n} {k}" for k, n in tm["dcgan"]["synthetic"].items())
+        per_class = ", ".join(f"{k} {n}" for k, n in tm.get("train_images_per_class", {}).items())
+        val = tm.get("validation", {})
+        cells = [
+            row["run"],
+            "ImageNet" if s.get("pretrained") else "random",
+            prep,
+            dcgan,
+            per_class,
+            f"{val.get('macro_f1', float('nan')):.3f}",
+            f"{val.get('covid_auc') or float('nan'):.3f}",
+            fmt_ci((row.get("binary") or {}).get("auc")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    runs_dir = Path(argv[0])
+    names = argv[1:] or sorted(p.name for p in runs_dir.iterdir() if (p / "eval").is_dir())
+    rows = [load_run(runs_dir / name) for name in names]
+    print(comparison_table(rows))
+    print(details_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
