@@ -53,23 +53,8 @@ RESEARCH_NOTE = (
 
 def _limit(samples: Sequence[Sample], per_class: int | None, seed: int) -> list[Sample]:
     """The per-class cap training applied to each split (``ai.train.limit``)."""
-    try:
-        from ai.train import limit
-    except ImportError:  # pragma: no cover - same rule, should train.py rename it
-        import random
-        from collections import Counter
+    from ai.train import limit
 
-        if per_class is None:
-            return list(samples)
-        shuffled = list(samples)
-        random.Random(seed).shuffle(shuffled)
-        counts: Counter[str] = Counter()
-        kept = []
-        for s in shuffled:
-            if counts[s.label] < per_class:
-                counts[s.label] += 1
-                kept.append(s)
-        return kept
     return limit(samples, per_class, seed)
 
 

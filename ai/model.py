@@ -121,6 +121,14 @@ class Predictor(Protocol):
     def warm_up(self) -> None: ...
 
 
+def warm_up(predictor: Predictor) -> None:
+    """One prediction and one heatmap on a blank image: loads, traces and allocates up front."""
+    spec = predictor.spec
+    blank = np.full((1, spec.input_size, spec.input_size, spec.channels), 0.5, dtype=np.float32)
+    predictor.predict(blank)
+    predictor.heatmaps(blank)
+
+
 class Classifier:
     """A loaded model: predicts class probabilities and Grad-CAM heatmaps for batches."""
 
@@ -138,13 +146,7 @@ class Classifier:
 
     def warm_up(self) -> None:
         """Run one prediction and one heatmap, so the first real job does not pay for tracing."""
-        blank = np.full(
-            (1, self.spec.input_size, self.spec.input_size, self.spec.channels),
-            0.5,
-            dtype=np.float32,
-        )
-        self.predict(blank)
-        self.heatmaps(blank)
+        warm_up(self)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (N, classes)."""

@@ -48,6 +48,7 @@ from ai.model import (
     load_classifier,
     model_dir,
     read_spec,
+    warm_up,
 )
 
 ONNX_FILE = "model.onnx"
@@ -468,13 +469,7 @@ class OnnxClassifier:
 
     def warm_up(self) -> None:
         """Run one prediction and one heatmap, as :meth:`Classifier.warm_up`."""
-        blank = np.full(
-            (1, self.spec.input_size, self.spec.input_size, self.spec.channels),
-            0.5,
-            dtype=np.float32,
-        )
-        self.predict(blank)
-        self.heatmaps(blank)
+        warm_up(self)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (N, classes)."""
