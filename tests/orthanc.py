@@ -524,3 +524,14 @@ class StoreScp:
 
     def received(self) -> list[Path]:
         return sorted(self.out_dir.iterdir())
+
+
+def findscu(port: int, *keys: str, calling: str = "FINDER", called: str = "AINODE") -> str:
+    """Run dcmtk's Study Root ``findscu`` against 127.0.0.1:*port* with ``-k`` *keys*; its
+    output (the matches are printed to stderr). Fails the caller on a non-zero exit."""
+    args = [DCMTK["findscu"], "-S", "-aec", called, "-aet", calling, "127.0.0.1", str(port)]
+    for key in keys:
+        args += ["-k", key]
+    run = subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return run.stdout + run.stderr

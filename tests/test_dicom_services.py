@@ -14,7 +14,7 @@ from pacs_node.config import Peer
 from storage.models import Instance, Job, JobState, Series
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
-from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env
+from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, findscu
 
 # The Leadtools RLE file has an empty SOP Instance UID: no SCU can send it (the C-STORE request
 # needs one); the node's answer to a data set without one is tested below.
@@ -207,34 +207,14 @@ def test_cfind_with_findscu_wildcards_and_dates(start_node, tmp_path: Path):
     node = start_node()
     scu.store(node.port, [CR_CHEST, CT_SERIES[0]])
     ct = pydicom.dcmread(CT_SERIES[0])
-    run = subprocess.run(
-        [
-            DCMTK["findscu"],
-            "-S",
-            "-aec",
-            "AINODE",
-            "-aet",
-            "FINDER",
-            "127.0.0.1",
-            str(node.port),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"PatientID={ct.PatientID[:4]}*",
-            "-k",
-            f"StudyDate={ct.StudyDate}-",
-            "-k",
-            "StudyInstanceUID",
-            "-k",
-            "ModalitiesInStudy",
-        ],
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    output = findscu(
+        node.port,
+        "QueryRetrieveLevel=STUDY",
+        f"PatientID={ct.PatientID[:4]}*",
+        f"StudyDate={ct.StudyDate}-",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
     )
-    assert run.returncode == 0, run.stderr
-    output = run.stdout + run.stderr
     assert ct.StudyInstanceUID in output
     assert str(pydicom.dcmread(CR_CHEST).StudyInstanceUID) not in output
 

@@ -24,7 +24,7 @@ from tests.orthanc import (
     DCMTK,
     OrthancServer,
     dcmtk_available,
-    dcmtk_env,
+    findscu,
     free_port,
     orthanc_available,
     wait_for,
@@ -92,30 +92,14 @@ def test_orthanc_sends_studies_and_receives_sr_and_heatmaps(orthanc_and_node, tm
     )
 
     # C-FIND to the node: both studies list SR among their modalities
-    run = subprocess.run(
-        [
-            DCMTK["findscu"],
-            "-S",
-            "-aec",
-            "AINODE",
-            "-aet",
-            "ORTHANC",
-            "127.0.0.1",
-            str(node.port),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID",
-            "-k",
-            "ModalitiesInStudy=SR",
-        ],
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    output = findscu(
+        node.port,
+        "QueryRetrieveLevel=STUDY",
+        "StudyInstanceUID",
+        "ModalitiesInStudy=SR",
+        calling="ORTHANC",
     )
-    assert run.returncode == 0, run.stderr
-    assert cr_uid in run.stderr + run.stdout and ct_uid in run.stderr + run.stdout
+    assert cr_uid in output and ct_uid in output
 
     # every result object in Orthanc passes dciodvfy; the SR renders with dsrdump
     for uid in (cr_uid, ct_uid):

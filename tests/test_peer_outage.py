@@ -46,6 +46,18 @@ def _orthanc_back(tmp_path: Path, node_port: int, orthanc_port: int) -> OrthancS
     return orthanc.start(attempts=1)
 
 
+def _wait_results_back(orthanc: OrthancServer, node, study_uid: str, what: str) -> None:
+    """Until the SR and heatmap are in Orthanc and the node has recorded them as sent."""
+    wait_for(
+        lambda: {"SR", "OT"} <= set(orthanc.series_modalities(study_uid)), timeout_s=120, what=what
+    )
+    wait_for(
+        lambda: all(d.state == DeliveryState.SENT for d in _deliveries(node)),
+        timeout_s=30,
+        what="deliveries recorded as sent",
+    )
+
+
 def _write_config(path: Path, config) -> None:
     n = config.node
     path.write_text(
@@ -118,16 +130,7 @@ def test_orthanc_down_then_back_and_retry_after_final_failure(tmp_path, start_no
             timeout=60,
         )
         assert retry.returncode == 0 and f"requeued {len(failed)} failed deliveries" in retry.stdout
-        wait_for(
-            lambda: {"SR", "OT"} <= set(orthanc.series_modalities(study_uid)),
-            timeout_s=120,
-            what="results in Orthanc after retry",
-        )
-        wait_for(
-            lambda: all(d.state == DeliveryState.SENT for d in _deliveries(node)),
-            timeout_s=30,
-            what="deliveries recorded as sent",
-        )
+        _wait_results_back(orthanc, node, study_uid, "results in Orthanc after retry")
     finally:
         if orthanc is not None:
             orthanc.stop()
@@ -161,16 +164,7 @@ def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path
             d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in _deliveries(node)
         )
         orthanc = _orthanc_back(tmp_path, node_port, orthanc_port)
-        wait_for(
-            lambda: {"SR", "OT"} <= set(orthanc.series_modalities(study_uid)),
-            timeout_s=120,
-            what="results in Orthanc once it is back",
-        )
-        wait_for(
-            lambda: all(d.state == DeliveryState.SENT for d in _deliveries(node)),
-            timeout_s=30,
-            what="deliveries recorded as sent",
-        )
+        _wait_results_back(orthanc, node, study_uid, "results in Orthanc once it is back")
     finally:
         if orthanc is not None:
             orthanc.stop()

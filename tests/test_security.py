@@ -53,13 +53,8 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    """A CA, a server and a client certificate signed by it, and a self-signed stranger."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path / "pki"
-    d.mkdir()
+def _self_signed(folder: Path, name: str) -> None:
+    """``name.pem`` and ``name.key``: a self-signed certificate with CN=name."""
     _openssl(
         "req",
         "-x509",
@@ -69,13 +64,23 @@ def pki(tmp_path: Path) -> Path:
         "-days",
         "2",
         "-subj",
-        "/CN=test-ca",
+        f"/CN={name}",
         "-keyout",
-        "ca.key",
+        f"{name}.key",
         "-out",
-        "ca.pem",
-        cwd=d,
+        f"{name}.pem",
+        cwd=folder,
     )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, a server and a client certificate signed by it, and a self-signed stranger."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _self_signed(d, "ca")
     for name in ("server", "client"):
         _openssl(
             "req",
@@ -109,22 +114,7 @@ def pki(tmp_path: Path) -> Path:
             f"{name}.pem",
             cwd=d,
         )
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stranger",
-        "-keyout",
-        "stranger.key",
-        "-out",
-        "stranger.pem",
-        cwd=d,
-    )
+    _self_signed(d, "stranger")
     return d
 
 
