@@ -181,13 +181,48 @@ def binary_view(y_true: np.ndarray, probs: np.ndarray, positive: int) -> dict[st
     }
 
 
+def pair_view(
+    y_true: np.ndarray, probs: np.ndarray, positive: int, negative: int
+) -> dict[str, float]:
+    """Class *positive* versus class *negative*, on the cases that are truly one of the two.
+
+    The question the research answered with a separate binary model ("normal vs pneumonia"),
+    asked of the multi-class output: the score is ``P(positive) / (P(positive) + P(negative))``
+    and a case is called positive when it is at least 0.5. Cases of any other class are left
+    out, whatever the model called them.
+    """
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    keep = (y == positive) | (y == negative)
+    truth = y[keep] == positive
+    both = p[keep][:, positive] + p[keep][:, negative]
+    score = np.divide(p[keep][:, positive], both, out=np.full(both.shape, 0.5), where=both > 0)
+    called = score >= 0.5
+    tp, fn = int(np.sum(truth & called)), int(np.sum(truth & ~called))
+    fp, tn = int(np.sum(~truth & called)), int(np.sum(~truth & ~called))
+    return {
+        "accuracy": _div(tp + tn, tp + tn + fp + fn),
+        "sensitivity": _div(tp, tp + fn),
+        "specificity": _div(tn, tn + fp),
+        "auc": roc_auc(truth, score),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
 # ---------------------------------------------------------------------- all point metrics
 
 
 def point_metrics(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive: int | None
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive: int | None,
+    pair: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Every scalar metric, flat: ``accuracy``, ``covid/f1``, ``binary/auc``, ..."""
+    """Every scalar metric, flat: ``accuracy``, ``covid/f1``, ``binary/auc``, ``pair/auc``..."""
     y = np.asarray(y_true).reshape(-1)
     p = np.asarray(probs, dtype=np.float64)
     cm = confusion_matrix(y, p.argmax(axis=1), len(class_names))
@@ -207,6 +242,10 @@ def point_metrics(
         view = binary_view(y, p, positive)
         for metric in ("sensitivity", "specificity", "ppv", "npv", "auc"):
             out[f"binary/{metric}"] = view[metric]
+    if pair is not None:
+        two = pair_view(y, p, *pair)
+        for metric in ("accuracy", "sensitivity", "specificity", "auc"):
+            out[f"pair/{metric}"] = two[metric]
     return out
 
 
@@ -304,6 +343,7 @@ def summarize(
     groups: Sequence[Hashable],
     class_names: Sequence[str],
     positive: str | None = "covid",
+    pair: tuple[str, str] | None = ("pneumonia", "normal"),
     *,
     n_bootstrap: int = BOOTSTRAP_N,
     seed: int = BOOTSTRAP_SEED,
@@ -312,17 +352,18 @@ def summarize(
     """All metrics with patient-level bootstrap intervals, as JSON-ready nested dicts.
 
     Each metric is ``{"value", "ci_low", "ci_high", "n_valid"}``; undefined numbers are
-    ``None``.
+    ``None``. *pair* (positive, negative) adds ``summary["pair"]`` when both classes exist.
     """
     y = np.asarray(y_true, dtype=np.int64).reshape(-1)
     p = np.asarray(probs, dtype=np.float64)
     names = list(class_names)
     pos = names.index(positive) if positive in names else None
-    point = point_metrics(y, p, names, pos)
+    two = (names.index(pair[0]), names.index(pair[1])) if pair and set(pair) <= set(names) else None
+    point = point_metrics(y, p, names, pos, two)
     intervals: dict[str, Interval] = {}
     if n_bootstrap > 0:
         intervals = bootstrap_many(
-            lambda rows: point_metrics(y[rows], p[rows], names, pos),
+            lambda rows: point_metrics(y[rows], p[rows], names, pos, two),
             list(groups),
             n=n_bootstrap,
             seed=seed,
@@ -361,6 +402,17 @@ def summarize(
             "rule": f"positive when '{names[pos]}' is the most probable class",
             **{m: metric[f"binary/{m}"] for m in ("sensitivity", "specificity", "ppv", "npv")},
             "auc": metric["binary/auc"],
+            **{c: counts[c] for c in ("tp", "fp", "tn", "fn")},
+        }
+    if two is not None:
+        counts = pair_view(y, p, *two)
+        summary["pair"] = {
+            "positive_class": names[two[0]],
+            "negative_class": names[two[1]],
+            "rule": f"only cases that are truly '{names[two[0]]}' or '{names[two[1]]}'; "
+            f"positive when P({names[two[0]]}) / (P({names[two[0]]}) + P({names[two[1]]})) "
+            ">= 0.5",
+            **{m: metric[f"pair/{m}"] for m in ("accuracy", "sensitivity", "specificity", "auc")},
             **{c: counts[c] for c in ("tp", "fp", "tn", "fn")},
         }
     return summary

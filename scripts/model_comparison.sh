@@ -4,6 +4,8 @@
 #
 #   scripts/model_comparison.sh backbones    # (a) CXR 3-class, one budget, several backbones
 #   scripts/model_comparison.sh backbones-heavy  # (a) ResNet50, same budget
+#   scripts/model_comparison.sh backbones-research  # (a) VGG16/19, InceptionV3, InceptionResNetV2
+#   scripts/model_comparison.sh ct-longer    # (c) CT: pretrained Lite0, longer, flips, 224 px
 #   scripts/model_comparison.sh cxr-variants # (b) preprocessing and DCGAN on the best setup
 #   scripts/model_comparison.sh ct           # (c) CT slices: pretrained Lite0 vs small CNN
 #   scripts/model_comparison.sh candidate-cxr  # (d) the final candidates, longer budget
@@ -11,7 +13,7 @@
 #   scripts/model_comparison.sh cxr-dcgan-steps  # (b) DCGAN again, with more GAN steps
 #   scripts/model_comparison.sh table        # print the tables from the reports
 #
-# Same budget everywhere in (a)-(c): 128 x 128, phase 1 3 epochs + phase 2 3 epochs, batch 16,
+# Same budget everywhere in (a)-(c) except ct-longer: 128 x 128, phase 1 3 epochs + phase 2 3 epochs, batch 16,
 # learning rates 1e-3 / 1e-4, reduce-on-plateau, patience 4, seed 0, default augmentation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +49,22 @@ backbones)
 backbones-heavy)
     # ResNet50 alone costs as much CPU time as the five above together (2 cores).
     run cxr-resnet50 cxr --backbone resnet50 "${BUDGET[@]}"
+    ;;
+backbones-research)
+    # The rest of the research's backbones, same budget (random init: no ImageNet weights here).
+    run cxr-vgg16 cxr --backbone vgg16 "${BUDGET[@]}"
+    run cxr-inception_v3 cxr --backbone inception_v3 "${BUDGET[@]}"
+    run cxr-vgg19 cxr --backbone vgg19 "${BUDGET[@]}"
+    run cxr-inception_resnet_v2 cxr --backbone inception_resnet_v2 "${BUDGET[@]}"
+    ;;
+ct-longer)
+    # (c) again: the pretrained Lite0 had not converged in 3+3 epochs. Longer phase 2, then
+    # left-right flips (a CT slice seen from the feet is still a CT slice), then a larger input.
+    CTLONG=(--backbone efficientnet_lite0 --pretrained --batch-size 16 --seed 0 --epochs 5
+        --phase2-epochs 25 --patience 8)
+    run ct-lite0-long ct "${CTLONG[@]}" --image-size 128
+    run ct-lite0-long-flip ct "${CTLONG[@]}" --image-size 128 --horizontal-flip
+    run ct-lite0-long-224 ct "${CTLONG[@]}" --image-size 224 --horizontal-flip
     ;;
 cxr-variants)
     LITE=(--backbone efficientnet_lite0 --pretrained "${BUDGET[@]}")
@@ -95,7 +113,7 @@ table)
     python scripts/comparison_table.py "$RUNS"
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac

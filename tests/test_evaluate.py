@@ -128,6 +128,39 @@ def test_binary_covid_view_from_three_classes() -> None:
     assert view["auc"] == pytest.approx(5 / 6)
 
 
+def test_pair_view_leaves_other_classes_out_and_renormalises() -> None:
+    y = np.array([0, 1, 1, 2, 2, 2])  # 0 covid, 1 pneumonia (positive), 2 normal
+    probs = np.array(
+        [
+            [0.1, 0.8, 0.1],  # covid: not part of the pair, whatever it was called
+            [0.6, 0.3, 0.1],  # pneumonia called covid overall, but 0.3 > 0.1: TP in the pair
+            [0.2, 0.3, 0.5],  # FN
+            [0.1, 0.2, 0.7],  # TN
+            [0.8, 0.15, 0.05],  # FP: 0.15 / 0.20 = 0.75
+            [0.0, 0.0, 0.0],  # both zero: score 0.5, called positive (FP)
+        ]
+    )
+    view = m.pair_view(y, probs, positive=1, negative=2)
+    assert (view["tp"], view["fn"], view["fp"], view["tn"]) == (1, 1, 2, 1)
+    assert view["accuracy"] == pytest.approx(2 / 5)
+    assert view["sensitivity"] == pytest.approx(0.5)
+    assert view["specificity"] == pytest.approx(1 / 3)
+    # scores: pos {0.75, 0.375} vs neg {2/9, 0.75, 0.5}: 0.75 wins 1 + ties 0.5 + wins 1 = 2.5;
+    # 0.375 wins 1 of 3
+    assert view["auc"] == pytest.approx(3.5 / 6)
+
+
+def test_summarize_adds_the_pair_only_when_both_classes_exist() -> None:
+    y = np.array([0, 1, 1, 2])
+    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
+    three = m.summarize(y, probs, ["a", "b", "c", "d"], ["covid", "pneumonia", "normal"])
+    pair = three["pair"]
+    assert isinstance(pair, dict)
+    assert pair["positive_class"] == "pneumonia" and pair["accuracy"]["value"] == 1.0
+    ct = m.summarize(y[:2], probs[:2, :2], ["a", "b"], ["covid", "noncovid"])
+    assert "pair" not in ct
+
+
 # -------------------------------------------------------------------------- bootstrap
 
 
@@ -213,7 +246,7 @@ def test_comparison_table_renders_one_row_per_model() -> None:
     assert lines[0].startswith("| Backbone | Image size | Epochs | Accuracy (95% CI)")
     assert len(lines) == 4
     assert "| small-cnn | 128×128 | 20 | 0.800 (0.700–0.900) |" in lines[2]
-    assert "| 0.750 | n/a | 0.910 | 61 | 123,456 |" in lines[2]
+    assert "| 0.750 | n/a | 0.910 | n/a | 61 | 123,456 |" in lines[2]
 
 
 # ------------------------------------------------------------------------ integration
@@ -257,6 +290,7 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
     for meaning in ("COVID-19", "Pneumonia", "Normal"):
         assert f"| {meaning} |" in report
     assert "(gradcam_sheet.png)" in report and "COVID-19 vs not" in report
+    assert "## Pneumonia vs normal" in report
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["bootstrap"]["n"] == 50 and saved["bootstrap"]["unit"] == "patient group"
@@ -264,4 +298,8 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
         assert {"value", "ci_low", "ci_high", "n_valid"} <= set(saved["overall"][key])
     assert "ci_low" in saved["per_class"]["covid"]["recall"]
     assert "ci_high" in saved["binary"]["sensitivity"]
+    assert (
+        saved["pair"]["tp"] + saved["pair"]["fn"]
+        == result["test_split"]["per_class"]["pneumonia"]["images"]
+    )
     assert len(saved["predictions"]) == result["n_images"]
