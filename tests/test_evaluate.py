@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ai import metrics as m
-from ai.evaluate import comparison_table, evaluate, rebuild_test_split
+from ai.evaluate import comparison_table, evaluate, occlude, rebuild_test_split
 from ai.train import TrainSettings, train
 from tests.orthanc import SHARED_DATA
 
@@ -161,6 +161,22 @@ def test_summarize_adds_the_pair_only_when_both_classes_exist() -> None:
     assert "pair" not in ct
 
 
+def test_occlude_hides_the_centre_box_or_everything_else() -> None:
+    image = np.arange(2 * 20 * 20 * 3, dtype=np.float32).reshape(2, 20, 20, 3)
+    hidden = occlude(image, keep_centre=False)
+    shown = occlude(image, keep_centre=True)
+    means = image.mean(axis=(1, 2))  # per image and channel
+    # 15 % of 20 = 3: the centre box is rows/cols 3..16
+    assert np.allclose(hidden[:, 3:17, 3:17, :], means[:, None, None, :])
+    assert np.array_equal(hidden[:, :3], image[:, :3]) and np.array_equal(
+        hidden[:, :, 17:], image[:, :, 17:]
+    )
+    assert np.array_equal(shown[:, 3:17, 3:17], image[:, 3:17, 3:17])
+    assert np.allclose(shown[:, :3], means[:, None, None, :])
+    assert np.allclose(shown[:, :, 17:], means[:, None, None, :])
+    assert image[0, 0, 0, 0] == 0  # the input is not modified
+
+
 # -------------------------------------------------------------------------- bootstrap
 
 
@@ -291,6 +307,7 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
         assert f"| {meaning} |" in report
     assert "(gradcam_sheet.png)" in report and "COVID-19 vs not" in report
     assert "## Pneumonia vs normal" in report
+    assert "## Occlusion check" in report and "| centre hidden |" in report
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["bootstrap"]["n"] == 50 and saved["bootstrap"]["unit"] == "patient group"
@@ -303,3 +320,10 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
         == result["test_split"]["per_class"]["pneumonia"]["images"]
     )
     assert len(saved["predictions"]) == result["n_images"]
+    assert set(saved["occlusion"]["conditions"]) == {
+        "whole image",
+        "centre hidden",
+        "only the centre",
+    }
+    whole = saved["occlusion"]["conditions"]["whole image"]
+    assert whole["accuracy"] == pytest.approx(result["overall"]["accuracy"]["value"], abs=1e-6)
