@@ -6,6 +6,7 @@
 #   scripts/model_comparison.sh backbones-heavy  # (a) ResNet50, same budget
 #   scripts/model_comparison.sh backbones-research  # (a) VGG16/19, InceptionV3, InceptionResNetV2
 #   scripts/model_comparison.sh ct-longer    # (c) CT: pretrained Lite0, longer, flips, 224 px
+#   scripts/model_comparison.sh ct-small     # (c) CT: small CNN with flips, 224 px
 #   scripts/model_comparison.sh cxr-variants # (b) preprocessing and DCGAN on the best setup
 #   scripts/model_comparison.sh ct           # (c) CT slices: pretrained Lite0 vs small CNN
 #   scripts/model_comparison.sh candidate-cxr  # (d) the final candidates, longer budget
@@ -66,6 +67,12 @@ ct-longer)
     run ct-lite0-long-flip ct "${CTLONG[@]}" --image-size 128 --horizontal-flip
     run ct-lite0-long-224 ct "${CTLONG[@]}" --image-size 224 --horizontal-flip
     ;;
+ct-small)
+    # (c) the small CNN, the better one on validation at the common budget: flips, larger input.
+    run ct-small-cnn-flip ct --backbone small-cnn "${BUDGET[@]}" --horizontal-flip
+    run ct-small-cnn-224 ct --backbone small-cnn --image-size 224 --epochs 3 --phase2-epochs 3 \
+        --batch-size 16 --seed 0 --horizontal-flip
+    ;;
 cxr-variants)
     LITE=(--backbone efficientnet_lite0 --pretrained "${BUDGET[@]}")
     run cxr-lite0-preprocess cxr "${LITE[@]}" --preprocess crop=0.8,mask_border=0.06,clahe
@@ -113,7 +120,7 @@ table)
     python scripts/comparison_table.py "$RUNS"
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac
