@@ -140,6 +140,8 @@ def read_image_file(path: str | Path) -> np.ndarray:
 # equalize. A model stores the options it was trained with in ``model.json["preprocessing"]`` so
 # that serving applies exactly the same ones.
 PREPROCESS_OPTIONS = {
+    "square": "first cut the central square (the shorter side), so the aspect ratio of the "
+    "source image is not squeezed into the model input as a shape the model can learn",
     "crop": "keep the central fraction (0-1] of each side, approximating a lung-centred crop",
     "mask_border": "set this fraction [0-0.5) of each edge to the mean of the rest (corner text)",
     "clahe": "CLAHE contrast normalisation with this clip limit (true = 2.0), 8x8 tiles",
@@ -156,10 +158,11 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         if key not in PREPROCESS_OPTIONS:
             known = ", ".join(PREPROCESS_OPTIONS)
             raise ValueError(f"unknown preprocessing option {key!r} (known: {known})")
-        if key == "equalize":
+        if key in ("equalize", "square"):
             if not isinstance(value, bool):
-                raise ValueError(f"equalize must be true or false, not {value!r}")
-            out[key] = value
+                raise ValueError(f"{key} must be true or false, not {value!r}")
+            if value:
+                out[key] = True
             continue
         if key == "clahe" and isinstance(value, bool):
             if value:
@@ -207,15 +210,29 @@ def crop_box(shape: tuple[int, ...], fraction: float) -> tuple[int, int, int, in
     return top, top + ch, left, left + cw
 
 
+def prepared_box(shape: tuple[int, ...], options: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the part of an image of *shape* that :func:`prepare` keeps
+    (the central square, then the central crop of it)."""
+    h, w = shape[:2]
+    top, bottom, left, right = 0, h, 0, w
+    if options.get("square"):
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        bottom, right = top + side, left + side
+    if options.get("crop", 1.0) < 1.0:
+        box = crop_box((bottom - top, right - left), options["crop"])
+        top, bottom, left, right = top + box[0], top + box[1], left + box[2], left + box[3]
+    return top, bottom, left, right
+
+
 def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Apply the shortcut-removing *options* to a 2-D [0, 1] image; no options: unchanged."""
     opts = check_options(options)
     if not opts:
         return image
     out = np.asarray(image, dtype=np.float32)
-    if "crop" in opts and opts["crop"] < 1.0:
-        top, bottom, left, right = crop_box(out.shape, opts["crop"])
-        out = out[top:bottom, left:right]
+    top, bottom, left, right = prepared_box(out.shape, opts)
+    out = out[top:bottom, left:right]
     if opts.get("mask_border", 0.0) > 0.0:
         h, w = out.shape
         dy, dx = round(h * opts["mask_border"]), round(w * opts["mask_border"])
@@ -244,13 +261,14 @@ def heatmap_in_image_frame(
 ) -> np.ndarray:
     """A Grad-CAM map computed on the prepared image, placed over the original image of *shape*.
 
-    Without a crop the map already covers the whole image and is returned unchanged; with one
-    it is resized into the crop box and zero outside it, so overlays line up with the original.
+    Without a crop or square the map already covers the whole image and is returned unchanged;
+    otherwise it is resized into the kept box and zero outside it, so overlays line up with the
+    original.
     """
     opts = check_options(options)
-    if opts.get("crop", 1.0) >= 1.0:
+    top, bottom, left, right = prepared_box(shape, opts)
+    if (top, left, bottom, right) == (0, 0, shape[0], shape[1]):
         return heatmap
-    top, bottom, left, right = crop_box(shape, opts["crop"])
     full = np.zeros(shape[:2], dtype=np.float32)
     full[top:bottom, left:right] = cv2.resize(
         heatmap.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR

@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OPTS",
         help="shortcut-removing preprocessing, stored in model.json and applied by the node "
-        "too: comma-separated crop=F (central crop, e.g. 0.8), mask_border=F (blank each edge, "
+        "too: comma-separated square (central square first: hides the source's aspect ratio), "
+        "crop=F (central crop, e.g. 0.8), mask_border=F (blank each edge, "
         "e.g. 0.06), clahe[=CLIP], equalize; e.g. --preprocess crop=0.8,mask_border=0.06,clahe",
     )
     g.add_argument(

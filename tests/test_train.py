@@ -99,6 +99,21 @@ def test_crop_keeps_the_centre():
     assert out.sum() == 1.0 and out[40, 80] == 1.0
 
 
+def test_square_cuts_the_central_square_before_the_crop():
+    wide = np.zeros((100, 160), np.float32)
+    wide[:, 30:130] = 0.5  # the central 100 x 100
+    wide[50, 80] = 1.0
+    out = prepare(wide, {"square": True})
+    assert out.shape == (100, 100) and np.all(out[out != 1.0] == 0.5) and out[50, 50] == 1.0
+    tall = prepare(np.ones((90, 60), np.float32), {"square": True, "crop": 0.5})
+    assert tall.shape == (30, 30)
+    # a square image is left as it was; both orientations give the same model input shape
+    assert prepare(np.ones((64, 64), np.float32), {"square": True}).shape == (64, 64)
+    heat = heatmap_in_image_frame(np.ones((4, 4), np.float32), (100, 160), {"square": True})
+    assert heat[50, 80] == 1.0 and heat[50, 29] == 0.0 and heat[50, 130] == 0.0
+    assert heat[50, 30] == 1.0 and heat[50, 129] == 1.0
+
+
 def test_mask_border_blanks_corner_text_with_the_inner_mean():
     image = np.full((100, 100), 0.3, np.float32)
     image[1:6, 1:30] = 1.0  # burned-in text in a corner
@@ -120,8 +135,10 @@ def test_contrast_normalisation_spreads_a_narrow_histogram(option):
 def test_options_parse_validate_and_serving_maps_heatmaps_back():
     assert parse_options("crop=0.8,mask_border=0.06,clahe") == SHORTCUT_OPTIONS
     assert parse_options("equalize") == {"equalize": True}
+    assert parse_options("square,crop=0.9") == {"square": True, "crop": 0.9}
+    assert parse_options("square=false") == {}
     assert parse_options("none") == {}
-    bad_options = ({"crop": 0.0}, {"mask_border": 0.5}, {"sharpen": 1})
+    bad_options = ({"crop": 0.0}, {"mask_border": 0.5}, {"sharpen": 1}, {"square": 0.5})
     for bad in (*bad_options, {"clahe": 2, "equalize": True}):
         with pytest.raises(ValueError):
             check_options(bad)
