@@ -136,6 +136,9 @@ class TrainSettings:
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     limit_per_class: int | None = None  # for quick runs and tests
+    # grouped cross-validation: (fold, folds) makes fold `fold` of the non-test patient groups
+    # the validation split and the other folds the training split; the test split is unchanged
+    cv_fold: tuple[int, int] | None = None
     description: str = ""
     jit_compile: bool = False  # XLA compilation of the train step (no gain seen on CPU here)
     run_eagerly: bool = False  # no graph tracing: slower steps, much faster start (tests)
@@ -164,6 +167,11 @@ class TrainSettings:
             raise ValueError("epochs cannot be negative")
         if self.phase1_epochs + self.phase2_epochs < 1:
             raise ValueError("nothing to train: phase1_epochs + phase2_epochs is 0")
+        if self.cv_fold is not None:
+            fold, folds = (int(v) for v in self.cv_fold)
+            if not (folds >= 2 and 0 <= fold < folds):
+                raise ValueError(f"cv_fold {fold}/{folds}: need folds >= 2 and 0 <= fold < folds")
+            self.cv_fold = (fold, folds)
 
     @property
     def augmentation(self) -> Augmentation:
@@ -190,12 +198,19 @@ def read_manifest(manifest: Path, task: str, data_dir: Path) -> list[Sample]:
 
 
 def split_by_group(
-    samples: Sequence[Sample], seed: int, validation_fraction: float, test_fraction: float
+    samples: Sequence[Sample],
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+    cv_fold: tuple[int, int] | None = None,
 ) -> dict[str, list[Sample]]:
     """Assign whole patient groups to splits, stratified by label, reproducibly from *seed*.
 
     Each group goes to one split only, so no patient is in two; groups are ordered by a hash of
-    (seed, group) within each label and cut by fraction.
+    (seed, group) within each label and cut by fraction. With *cv_fold* ``(i, k)`` the test
+    groups stay the same and the others are dealt round-robin into *k* folds (per label, in the
+    same hash order): fold *i* is the validation split, the rest the training split, and
+    *validation_fraction* is not used.
     """
     by_label: dict[str, dict[str, list[Sample]]] = {}
     for s in samples:
@@ -211,7 +226,12 @@ def split_by_group(
         n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
         n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
         for i, group in enumerate(groups):
-            split = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+            if i < n_test:
+                split = "test"
+            elif cv_fold is not None:
+                split = "validation" if (i - n_test) % cv_fold[1] == cv_fold[0] else "train"
+            else:
+                split = "validation" if i < n_test + n_val else "train"
             split = assigned.setdefault(group, split)  # a group seen under another label
             out[split].extend(by_label[label][group])
     return out
@@ -514,7 +534,11 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
     if not samples:
         raise ValueError(f"no {settings.task} images listed in {settings.manifest} were found")
     splits = split_by_group(
-        samples, settings.seed, settings.validation_fraction, settings.test_fraction
+        samples,
+        settings.seed,
+        settings.validation_fraction,
+        settings.test_fraction,
+        settings.cv_fold,
     )
     splits = {k: limit(v, settings.limit_per_class, settings.seed) for k, v in splits.items()}
     splits["train"] = cap_classes(splits["train"], settings.train_class_limit, settings.seed)

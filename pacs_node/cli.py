@@ -233,12 +233,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             validation_fraction=args.validation_fraction,
             test_fraction=args.test_fraction,
             limit_per_class=args.limit_per_class,
+            cv_fold=_fold(args.cv_fold),
         )
     except ValueError as exc:
         raise NodeError(str(exc)) from None
     metrics = train(settings)
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return 0
+
+
+def _fold(text: str | None) -> tuple[int, int] | None:
+    """``"2/5"`` to ``(2, 5)``; the range is checked by TrainSettings."""
+    if text is None:
+        return None
+    fold, sep, folds = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(fold), int(folds)
+    except ValueError:
+        raise ValueError(f"--cv-fold {text!r}: expected I/K, e.g. 0/5") from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -473,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation-fraction", type=float, default=0.15)
     g.add_argument("--test-fraction", type=float, default=0.15)
     g.add_argument("--limit-per-class", type=int, help="use at most N images per class")
+    g.add_argument(
+        "--cv-fold",
+        metavar="I/K",
+        help="grouped cross-validation: deal the non-test patient groups into K folds and "
+        "validate on fold I (0-based); the test split stays the same. Run I = 0..K-1 to compare "
+        "settings on more patients than one validation split holds",
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(

@@ -5,6 +5,8 @@ Usage: ``python scripts/comparison_table.py RUNS_DIR [RUN ...]``: every ``RUNS_D
 one row of :func:`ai.evaluate.comparison_table`, then a second table with what that one leaves
 out: the initialisation, preprocessing, validation scores (used to choose), COVID-19 AUC with its
 interval and the training images per class.
+
+``python scripts/comparison_table.py --cv CV_DIR``: the cross-validation table (``cv_table``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,38 @@ def details_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cv_table(cv_dir: Path) -> str:
+    """Mean, spread and per-fold validation scores of every ``NAME-foldI`` run in *cv_dir*."""
+    folds: dict[str, list[dict[str, Any]]] = {}
+    for run in sorted(cv_dir.glob("*-fold*/training.json")):
+        name, _, index = run.parent.name.rpartition("-fold")
+        training = json.loads(run.read_text())
+        folds.setdefault(name, []).append({"fold": int(index), **training})
+    lines = [
+        "| Settings | Folds | Val macro-F1, mean ± SD | Val COVID AUC, mean ± SD | "
+        "COVID AUC per fold | Train time per fold (s) |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for name, runs in folds.items():
+        runs.sort(key=lambda r: r["fold"])
+        val = [r["metrics"].get("validation", {}) for r in runs]
+        f1 = np.array([v.get("macro_f1", np.nan) for v in val], dtype=float)
+        auc = np.array([v.get("covid_auc") or np.nan for v in val], dtype=float)
+        seconds = np.mean([r["metrics"].get("train_time_s", np.nan) for r in runs])
+        k = runs[0]["settings"]["cv_fold"][1]
+        lines.append(
+            f"| {name} | {len(runs)} of {k} | {np.nanmean(f1):.3f} ± {np.nanstd(f1, ddof=1):.3f} | "
+            f"{np.nanmean(auc):.3f} ± {np.nanstd(auc, ddof=1):.3f} | "
+            + ", ".join(f"{a:.3f}" for a in auc)
+            + f" | {seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--cv":
+        print(cv_table(Path(argv[1])))
+        return 0
     runs_dir = Path(argv[0])
     names = argv[1:] or sorted(p.name for p in runs_dir.iterdir() if (p / "eval").is_dir())
     rows = [load_run(runs_dir / name) for name in names]

@@ -113,3 +113,16 @@ def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
 def test_each_subcommand_has_help(command):
     run = run_cli(command, "--help")
     assert run.returncode == 0 and "usage: pacs-node" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("fold", "message"),
+    [("5/5", "cv_fold 5/5: need folds >= 2"), ("two", "--cv-fold 'two': expected I/K")],
+)
+def test_train_refuses_a_bad_cross_validation_fold(tmp_path, fold, message):
+    run = run_cli(
+        "train", "--task", "ct", "--data", str(SHARED_DATA), "--out", str(tmp_path / "m"),
+        "--cv-fold", fold,
+    )  # fmt: skip
+    assert run.returncode == 2 and message in run.stderr
+    assert not (tmp_path / "m").exists()

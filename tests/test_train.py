@@ -79,6 +79,24 @@ def test_split_is_patient_disjoint_stratified_and_reproducible(task):
     assert other != splits
 
 
+def test_cross_validation_folds_keep_the_test_split_and_partition_the_rest():
+    samples = read_manifest(MANIFEST, "ct", SHARED_DATA)
+    plain = split_by_group(samples, seed=0, validation_fraction=0.15, test_fraction=0.15)
+    rest = {s.group for k in ("train", "validation") for s in plain[k]}
+    seen: set[str] = set()
+    for fold in range(5):
+        splits = split_by_group(samples, 0, 0.15, 0.15, cv_fold=(fold, 5))
+        assert splits["test"] == plain["test"]  # the test patients never move
+        val = {s.group for s in splits["validation"]}
+        assert not val & {s.group for s in splits["train"]} and not val & seen
+        assert {s.label for s in splits["validation"]} == {"covid", "noncovid"}
+        assert 0.15 < len(val) / len(rest) < 0.25
+        seen |= val
+    assert seen == rest  # every non-test group validates exactly once
+    with pytest.raises(ValueError, match="cv_fold"):
+        settings(Path("/tmp/x"), cv_fold=(5, 5))
+
+
 # ------------------------------------------------------------------------- preprocessing
 
 
