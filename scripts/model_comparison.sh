@@ -9,6 +9,7 @@
 #   scripts/model_comparison.sh ct-small     # (c) CT: small CNN with flips, 224 px
 #   scripts/model_comparison.sh cxr-square   # (b) CXR: central square before the crop
 #   scripts/model_comparison.sh ct-cv        # (c) CT: 5-fold grouped cross-validation of settings
+#   scripts/model_comparison.sh cxr-cv       # (b) CXR: the same for crop with and without square
 #   scripts/model_comparison.sh cxr-variants # (b) preprocessing and DCGAN on the best setup
 #   scripts/model_comparison.sh ct           # (c) CT slices: pretrained Lite0 vs small CNN
 #   scripts/model_comparison.sh candidate-cxr  # (d) the final candidates, longer budget
@@ -101,6 +102,14 @@ ct-cv)
     cv ct-lite0-long-224 ct 5 "${CTLONG[@]}" --image-size 224 --horizontal-flip
     python scripts/comparison_table.py --cv "$RUNS/cv"
     ;;
+cxr-cv)
+    # (b) validation preferred the crop without the square, the occlusion check the square:
+    # 5-fold grouped cross-validation over the non-test groups decides.
+    LITE=(--backbone efficientnet_lite0 --pretrained "${BUDGET[@]}")
+    cv cxr-lite0-preprocess cxr 5 "${LITE[@]}" --preprocess crop=0.8,mask_border=0.06,clahe
+    cv cxr-lite0-square cxr 5 "${LITE[@]}" --preprocess square,crop=0.8,mask_border=0.06,clahe
+    python scripts/comparison_table.py --cv "$RUNS/cv"
+    ;;
 cxr-square)
     # (b) again with the central square first: aspect ratio alone separates COVID-19 from the
     # rest with AUC 0.86 (scripts/confounds.py).
@@ -154,7 +163,7 @@ table)
     python scripts/comparison_table.py "$RUNS"
     ;;
 *)
-    sed -n '2,20p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac
