@@ -173,6 +173,19 @@ def test_options_parse_validate_and_serving_maps_heatmaps_back():
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_builds_predicts_and_gives_a_gradcam_map(tmp_path, backbone):
+    info = BACKBONES[backbone]
+    s = settings(tmp_path, backbone=backbone, image_size=max(info.min_size, 64))
+    model, _, layer = build_model(s, 3)
+    x = to_model_input(chest_image(), s.image_size, info.channels)[np.newaxis]
+    probs = np.asarray(model(x, training=False))
+    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1.0) < 1e-4
+    heat = gradcam(build_grad_model(model, layer), x)
+    assert heat.ndim == 3 and heat.shape[0] == 1 and min(heat.shape[1:]) >= 1
+    assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
+
+
 def test_tiny_model_trains_and_serves(tmp_path):
     s = settings(tmp_path, image_size=48, epochs=2, limit_per_class=8, name="tiny")
     s.version = "0.0.1"
