@@ -93,3 +93,15 @@ def test_bad_weights_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.Mon
 def test_shipped_weights_stay_small() -> None:
     files = (backbones.IMAGENET_WEIGHTS, backbones.IMAGENET_TOP_WEIGHTS)
     assert sum(f.stat().st_size for f in files) < 20e6
+
+
+def test_shipped_models_fit_in_40_mb_with_their_cards() -> None:
+    models = Path(backbones.__file__).parent / "models"
+    shipped = sorted(p for p in models.iterdir() if p.is_dir())
+    assert [p.name for p in shipped] == ["ct", "cxr"]
+    for folder in shipped:
+        card = (folder / "MODEL_CARD.md").read_text()
+        assert "not for diagnostic use" in card.lower() and "research use only" in card.lower()
+        assert (folder / "model.json").is_file() and (folder / "training.json").is_file()
+    total = sum(f.stat().st_size for p in shipped for f in p.rglob("*") if f.is_file())
+    assert total <= 40e6
