@@ -56,11 +56,18 @@ def load_run(run: Path) -> dict[str, Any]:
     return result
 
 
+def _hidden_auc(row: dict[str, Any]) -> str:
+    """COVID-19 AUC of the occlusion check with the image centre hidden ("–": not measured)."""
+    hidden = ((row.get("occlusion") or {}).get("conditions") or {}).get("centre hidden") or {}
+    auc = hidden.get("positive_auc")
+    return "–" if auc is None else f"{auc:.3f}"
+
+
 def details_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| Run | Init | Preprocessing | DCGAN | Train images (per class) | "
-        "Val macro-F1 | Val COVID AUC | Test COVID AUC (95% CI) |",
-        "|---|---|---|---|---|---:|---:|---|",
+        "Val macro-F1 | Val COVID AUC | Test COVID AUC (95% CI) | Centre hidden: COVID AUC |",
+        "|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:
         s, tm = row["settings"], row["train_metrics"]
@@ -79,6 +86,7 @@ def details_table(rows: list[dict[str, Any]]) -> str:
             f"{val.get('macro_f1', float('nan')):.3f}",
             f"{val.get('covid_auc') or float('nan'):.3f}",
             fmt_ci((row.get("binary") or {}).get("auc")),
+            _hidden_auc(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

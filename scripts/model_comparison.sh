@@ -15,10 +15,12 @@
 #   scripts/model_comparison.sh candidate-cxr  # (d) the final candidates, longer budget
 #   scripts/model_comparison.sh candidate-ct
 #   scripts/model_comparison.sh cxr-dcgan-steps  # (b) DCGAN again, with more GAN steps
+#   scripts/model_comparison.sh reevaluate RUN...  # evaluate runs again (current evaluate)
 #   scripts/model_comparison.sh table        # print the tables from the reports
 #
-# Same budget everywhere in (a)-(c) except ct-longer: 128 x 128, phase 1 3 epochs + phase 2 3 epochs, batch 16,
-# learning rates 1e-3 / 1e-4, reduce-on-plateau, patience 4, seed 0, default augmentation.
+# Same budget (BUDGET) in (a)-(c) unless a section says otherwise: 128 x 128, phase 1 3 epochs
+# + phase 2 3 epochs, batch 16, rates 1e-3 / 1e-4, reduce-on-plateau, patience 4, seed 0,
+# default augmentation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/work/shared/data}
@@ -110,6 +112,16 @@ cxr-cv)
     cv cxr-lite0-square cxr 5 "${LITE[@]}" --preprocess square,crop=0.8,mask_border=0.06,clahe
     python scripts/comparison_table.py --cv "$RUNS/cv"
     ;;
+reevaluate)
+    # evaluate runs again with the current ai.evaluate (it gained the pneumonia-vs-normal view
+    # and the occlusion check after the first runs), same arguments as run()
+    shift
+    for name in "$@"; do
+        python -m ai.evaluate "$RUNS/$name" --data "$DATA" --out "$RUNS/$name/eval" \
+            --bootstrap 200 --gradcam-images 8 >>"$RUNS/$name.log" 2>&1
+        tail -n 1 "$RUNS/$name.log"
+    done
+    ;;
 cxr-square)
     # (b) again with the central square first: aspect ratio alone separates COVID-19 from the
     # rest with AUC 0.86 (scripts/confounds.py).
@@ -163,7 +175,7 @@ table)
     python scripts/comparison_table.py "$RUNS"
     ;;
 *)
-    sed -n '2,21p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
     ;;
 esac
