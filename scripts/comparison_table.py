@@ -92,6 +92,14 @@ def details_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_sd(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return "n/a"
+    sd = f"{finite.std(ddof=1):.3f}" if finite.size > 1 else "–"
+    return f"{finite.mean():.3f} ± {sd}"
+
+
 def cv_table(cv_dir: Path) -> str:
     """Mean, spread and per-fold validation scores of every ``NAME-foldI`` run in *cv_dir*."""
     folds: dict[str, list[dict[str, Any]]] = {}
@@ -112,8 +120,7 @@ def cv_table(cv_dir: Path) -> str:
         seconds = np.mean([r["metrics"].get("train_time_s", np.nan) for r in runs])
         k = runs[0]["settings"]["cv_fold"][1]
         lines.append(
-            f"| {name} | {len(runs)} of {k} | {np.nanmean(f1):.3f} ± {np.nanstd(f1, ddof=1):.3f} | "
-            f"{np.nanmean(auc):.3f} ± {np.nanstd(auc, ddof=1):.3f} | "
+            f"| {name} | {len(runs)} of {k} | {_mean_sd(f1)} | {_mean_sd(auc)} | "
             + ", ".join(f"{a:.3f}" for a in auc)
             + f" | {seconds:.0f} |"
         )
