@@ -427,7 +427,8 @@ def _occlusion_section(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Occlusion check (is it looking at the lungs?)",
         f"The same test images with the centre box ({low:.0%}–{high:.0%} of each side of the "
-        "model input, where the lungs of a PA chest film lie) set to the image mean, and with "
+        "model input, where the lungs of a PA chest film or the body of a CT slice lie) set to "
+        "the image mean, and with "
         "only that box shown. A model that reads disease in the lungs should fall towards "
         "chance with the centre hidden; one that still separates the classes reads something "
         "else (age, body shape, text, borders). Point values, no intervals.",
