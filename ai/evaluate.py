@@ -568,13 +568,21 @@ def _split_counts(samples: Sequence[Sample], names: Sequence[str]) -> dict[str, 
     }
 
 
+def _shown(path: Path) -> str:
+    """*path* relative to the working directory when it lies below it (reports get committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _model_info(classifier: Classifier, model_dir: Path) -> dict[str, Any]:
     spec = classifier.spec
     return {
         "name": spec.name,
         "version": spec.version,
         "task": spec.task,
-        "directory": str(model_dir),
+        "directory": _shown(model_dir),
         "input_size": spec.input_size,
         "channels": spec.channels,
         "params": _count_params(classifier),
