@@ -150,13 +150,16 @@ def occlusion_check(
     spec = classifier.spec
     names = [c.name for c in spec.classes]
     pos = names.index(spec.positive_class) if spec.positive_class in names else None
-    conditions: dict[str, np.ndarray] = {"whole image": full}
-    for label, keep in (("centre hidden", False), ("only the centre", True)):
-        parts = [
-            classifier.predict(occlude(_model_input(paths[i : i + BATCH_SIZE], spec), keep))
-            for i in range(0, len(paths), BATCH_SIZE)
-        ]
-        conditions[label] = np.concatenate(parts)
+    hidden, centre = [], []
+    for i in range(0, len(paths), BATCH_SIZE):
+        x = _model_input(paths[i : i + BATCH_SIZE], spec)  # read and prepared once for both
+        hidden.append(classifier.predict(occlude(x, keep_centre=False)))
+        centre.append(classifier.predict(occlude(x, keep_centre=True)))
+    conditions = {
+        "whole image": full,
+        "centre hidden": np.concatenate(hidden),
+        "only the centre": np.concatenate(centre),
+    }
     rows = {}
     for label, probs in conditions.items():
         point = m.point_metrics(y, probs, names, pos)
@@ -391,20 +394,12 @@ def _binary_section(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _pair_section(result: Mapping[str, Any]) -> list[str]:
+def _pair_section(result: Mapping[str, Any]) -> list[str | list[str]]:
     pair = result.get("pair")
     if not pair:
         return []
     pos, neg = pair["positive_class"], pair["negative_class"]
-    lines = [
-        f"## {pos.capitalize()} vs {neg}",
-        f"The research's separate binary task, read from the same output: {pair['rule']}. "
-        f"Where both classes come from one population (in `shared/data` every {pos} and "
-        f"{neg} image is a young child), this pair is not confounded by age the way "
-        "COVID-19 vs not is.",
-        "| Metric | Value (95% CI) |\n|---|---|",
-    ]
-    rows = [
+    table = ["| Metric | Value (95% CI) |", "|---|---|"] + [
         f"| {label} | {fmt_ci(pair[key])} |"
         for key, label in (
             ("accuracy", "Accuracy"),
@@ -413,18 +408,24 @@ def _pair_section(result: Mapping[str, Any]) -> list[str]:
             ("auc", "AUC"),
         )
     ]
-    lines[-1] += "\n" + "\n".join(rows)
-    lines.append(f"TP {pair['tp']}, FP {pair['fp']}, TN {pair['tn']}, FN {pair['fn']}.")
-    return ["\n\n".join(lines)]
+    return [
+        f"## {pos.capitalize()} vs {neg}",
+        f"The research's separate binary task, read from the same output: {pair['rule']}. "
+        f"Where both classes come from one population (in `shared/data` every {pos} and "
+        f"{neg} image is a young child), this pair is not confounded by age the way "
+        "COVID-19 vs not is.",
+        table,
+        f"TP {pair['tp']}, FP {pair['fp']}, TN {pair['tn']}, FN {pair['fn']}.",
+    ]
 
 
-def _occlusion_section(result: Mapping[str, Any]) -> list[str]:
+def _occlusion_section(result: Mapping[str, Any]) -> list[str | list[str]]:
     check = result.get("occlusion")
     if not check:
         return []
     low, high = check["box"]
     positive = (result.get("binary") or {}).get("positive_class", "positive")
-    lines = [
+    return [
         "## Occlusion check (is it looking at the lungs?)",
         f"The same test images with the centre box ({low:.0%}–{high:.0%} of each side of the "
         "model input, where the lungs of a PA chest film or the body of a CT slice lie) set to "
@@ -432,15 +433,16 @@ def _occlusion_section(result: Mapping[str, Any]) -> list[str]:
         "only that box shown. A model that reads disease in the lungs should fall towards "
         "chance with the centre hidden; one that still separates the classes reads something "
         "else (age, body shape, text, borders). Point values, no intervals.",
-        f"| Input | Accuracy | Macro-F1 | {positive} AUC | {positive} sensitivity |\n"
-        "|---|---:|---:|---:|---:|\n"
-        + "\n".join(
+        [
+            f"| Input | Accuracy | Macro-F1 | {positive} AUC | {positive} sensitivity |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        + [
             f"| {label} | {_num(row['accuracy'])} | {_num(row['macro_f1'])} | "
             f"{_num(row['positive_auc'])} | {_num(row['positive_sensitivity'])} |"
             for label, row in check["conditions"].items()
-        ),
+        ],
     ]
-    return ["\n\n".join(lines)]
 
 
 def render_report(result: Mapping[str, Any]) -> str:

@@ -157,6 +157,17 @@ def expected_calibration_error(
 # ------------------------------------------------------------------------ binary view
 
 
+def two_by_two(truth: np.ndarray, called: np.ndarray) -> dict[str, int]:
+    """``tp``, ``fp``, ``tn``, ``fn`` of boolean *called* against boolean *truth*."""
+    t, c = np.asarray(truth, dtype=bool), np.asarray(called, dtype=bool)
+    return {
+        "tp": int(np.sum(t & c)),
+        "fp": int(np.sum(~t & c)),
+        "tn": int(np.sum(~t & ~c)),
+        "fn": int(np.sum(t & ~c)),
+    }
+
+
 def binary_view(y_true: np.ndarray, probs: np.ndarray, positive: int) -> dict[str, float]:
     """Class *positive* versus all others, from the multi-class output.
 
@@ -165,19 +176,15 @@ def binary_view(y_true: np.ndarray, probs: np.ndarray, positive: int) -> dict[st
     """
     y = np.asarray(y_true).reshape(-1) == positive
     p = np.asarray(probs, dtype=np.float64)
-    called = p.argmax(axis=1) == positive
-    tp, fn = int(np.sum(y & called)), int(np.sum(y & ~called))
-    fp, tn = int(np.sum(~y & called)), int(np.sum(~y & ~called))
+    counts = two_by_two(y, p.argmax(axis=1) == positive)
+    tp, fp, tn, fn = (counts[k] for k in ("tp", "fp", "tn", "fn"))
     return {
         "sensitivity": _div(tp, tp + fn),
         "specificity": _div(tn, tn + fp),
         "ppv": _div(tp, tp + fp),
         "npv": _div(tn, tn + fn),
         "auc": roc_auc(y, p[:, positive]),
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
+        **counts,
     }
 
 
@@ -197,18 +204,14 @@ def pair_view(
     truth = y[keep] == positive
     both = p[keep][:, positive] + p[keep][:, negative]
     score = np.divide(p[keep][:, positive], both, out=np.full(both.shape, 0.5), where=both > 0)
-    called = score >= 0.5
-    tp, fn = int(np.sum(truth & called)), int(np.sum(truth & ~called))
-    fp, tn = int(np.sum(~truth & called)), int(np.sum(~truth & ~called))
+    counts = two_by_two(truth, score >= 0.5)
+    tp, fp, tn, fn = (counts[k] for k in ("tp", "fp", "tn", "fn"))
     return {
         "accuracy": _div(tp + tn, tp + tn + fp + fn),
         "sensitivity": _div(tp, tp + fn),
         "specificity": _div(tn, tn + fp),
         "auc": roc_auc(truth, score),
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
+        **counts,
     }
 
 

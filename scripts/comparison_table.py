@@ -18,21 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ai import metrics
 from ai.evaluate import comparison_table, fmt_ci
-
-
-def pair_from_predictions(result: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """The pneumonia-vs-normal view for reports written before evaluate had it, from the
-    per-image predictions they store (same bootstrap: 200 resamples over patient groups)."""
-    preds = result.get("predictions") or []
-    if not preds:
-        return None
-    y = np.array([p["true"] for p in preds])
-    probs = np.array([p["probabilities"] for p in preds])
-    groups = [p["patient_group"] for p in preds]
-    summary = metrics.summarize(y, probs, groups, result["classes"], n_bootstrap=200, seed=seed)
-    return summary.get("pair")  # type: ignore[return-value]
 
 
 def load_run(run: Path) -> dict[str, Any]:
@@ -40,8 +26,6 @@ def load_run(run: Path) -> dict[str, Any]:
     training = json.loads((run / "training.json").read_text())
     s, metrics = training["settings"], training["metrics"]
     label = f"{run.name} ({'ImageNet' if s.get('pretrained') else 'random init'})"
-    if "pair" not in result:
-        result["pair"] = pair_from_predictions(result, int(s.get("seed", 0)))
     phases = metrics.get("phase_epochs") or [len(metrics["history"]["loss"])]
     result.update(
         backbone=label,
