@@ -1,23 +1,34 @@
 """From the images of one series (or image files) to one prediction and the heatmaps behind it.
 
-No network, no database: datasets or pixel arrays in, an :class:`Analysis` out.
+No network, no database: datasets or pixel arrays in, an :class:`Analysis` out. The node's worker
+and ``pacs-node classify`` both come through here, so they give the same result for the same
+input.
 
-Series rule: a chest X-ray series' probabilities are the mean over its eligible images. A CT
-series' are the mean over its top-k slices ranked by the positive class (k = 10 % of the usable
-slices, at least 1): a focal finding on a few slices should not be averaged away, which suits
-triage, at the price of more false positives than a plain mean.
+One pass through the network per image gives the probabilities, the feature maps for Grad-CAM
+and the feature vector for abstention. Then, in order:
+
+1. **calibration**: the model's temperature (``model.json``, fitted on validation);
+2. **abstention** (:mod:`ai.abstention`): an image further from the training data than the
+   model's threshold is left out of the decision with that reason; a series with no image left
+   is *indeterminate* (its probabilities are still those of all its images);
+3. **series rule** (the task's :class:`TaskProfile`): a chest X-ray series' probabilities are the
+   mean over its images; a CT series' the mean over its top-k slices ranked by the positive class
+   (k = 10 % of the usable slices, at least 1), since a focal finding on a few slices should not
+   be averaged away; that suits triage, at the price of more false positives than a plain mean;
+4. **operating point**: the positive class when its probability reaches the model's threshold.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ai.eligibility import reason_not_eligible
+from ai.calibration import apply_temperature
+from ai.eligibility import ct_reason, cxr_reason
 from ai.model import Predictor
 from ai.outputs import Prediction
 from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame
@@ -25,6 +36,51 @@ from pacs_node.errors import UnusableInputError
 
 BATCH_SIZE = 16
 MAX_EXPLAINED = 3
+
+
+def _mean(probs: np.ndarray, positive: int) -> np.ndarray:
+    return np.asarray(probs.mean(axis=0))
+
+
+def _top_k_mean(probs: np.ndarray, positive: int) -> np.ndarray:
+    k = max(1, math.ceil(0.1 * len(probs)))
+    top = np.argsort(-probs[:, positive], kind="stable")[:k]
+    return np.asarray(probs[top].mean(axis=0))
+
+
+def _no_caption(item: Explained) -> str:
+    return ""
+
+
+def _slice_caption(item: Explained) -> str:
+    number = item.dataset.get("InstanceNumber", "?") if item.dataset is not None else "?"
+    return f"slice {number}: p={item.probability:.2f}"
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    """What differs between tasks, in one place: which images a model of the task may read, how
+    a series' images become one result, and what the heatmap caption says of each image."""
+
+    task: str
+    eligibility: Callable[[Dataset], str | None]
+    aggregate: Callable[[np.ndarray, int], np.ndarray]  # per-image probs, positive -> series
+    caption: Callable[[Explained], str]
+    series_rule: str
+
+
+PROFILES = {
+    "cxr": TaskProfile("cxr", cxr_reason, _mean, _no_caption, "mean over the series' images"),
+    "ct": TaskProfile(
+        "ct", ct_reason, _top_k_mean, _slice_caption, "mean of the top 10 % of slices"
+    ),
+}
+
+
+def profile(task: str) -> TaskProfile:
+    if task not in PROFILES:
+        raise UnusableInputError(f"no profile for task {task!r}")
+    return PROFILES[task]
 
 
 @dataclass
@@ -45,17 +101,22 @@ class Analysis:
     explained: list[Explained] = field(default_factory=list)
     per_image: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    novelty: list[float] = field(default_factory=list)  # per image, when the model has it
+
+    def caption(self, item: Explained) -> str:
+        return profile(self.prediction.task).caption(item)
 
 
 def analyse_datasets(datasets: Sequence[Dataset], classifier: Predictor) -> Analysis:
     """Classify the eligible images among *datasets* (one series)."""
     spec = classifier.spec
+    rules = profile(spec.task)
     images: list[np.ndarray] = []
     used: list[Dataset] = []
     excluded: list[tuple[str, str]] = []
     for ds in datasets:
         name = str(ds.get("SOPInstanceUID", "?"))
-        reason = reason_not_eligible(ds, spec.task)
+        reason = rules.eligibility(ds)
         if reason is None:
             try:
                 images.append(dicom_to_image(ds, window=spec.window))
@@ -69,7 +130,7 @@ def analyse_datasets(datasets: Sequence[Dataset], classifier: Predictor) -> Anal
         raise UnusableInputError("no usable image in the series: " + "; ".join(reasons)[:500])
     names = [str(ds.SOPInstanceUID) for ds in used]
     analysis = analyse_images(names, images, classifier, datasets=used)
-    analysis.excluded = excluded
+    analysis.excluded = excluded + analysis.excluded
     return analysis
 
 
@@ -82,37 +143,68 @@ def analyse_images(
 ) -> Analysis:
     """Classify 2-D [0, 1] images as one series; explain the few that drove the result."""
     spec = classifier.spec
+    rules = profile(spec.task)
     if not images:
         raise UnusableInputError("no image to classify")
-    probs = np.concatenate(
-        [
-            classifier.predict(
-                batch(
-                    images[i : i + BATCH_SIZE], spec.input_size, spec.channels, spec.preprocessing
-                )
+    raw_parts, feature_parts = [], []
+    for i in range(0, len(images), BATCH_SIZE):
+        x = batch(images[i : i + BATCH_SIZE], spec.input_size, spec.channels, spec.preprocessing)
+        p, f = classifier.forward(x)
+        raw_parts.append(p)
+        feature_parts.append(f)
+    raw = np.concatenate(raw_parts)
+    features = np.concatenate(feature_parts)
+    probs = apply_temperature(raw, spec.temperature)
+    names_list = [c.name for c in spec.classes]
+    positive = names_list.index(spec.positive_class) if spec.positive_class in names_list else 0
+
+    distances = classifier.novelty(features)
+    limit = float(spec.abstention.get("threshold", 0)) if spec.abstention else None
+    excluded: list[tuple[str, str]] = []
+    keep = np.ones(len(images), dtype=bool)
+    if distances is not None and limit:
+        keep = distances <= limit
+        excluded = [
+            (
+                names[i],
+                f"unlike the model's training data (distance {distances[i]:.1f} > {limit:.1f})",
             )
-            for i in range(0, len(images), BATCH_SIZE)
+            for i in np.flatnonzero(~keep)
         ]
-    )
-    if spec.task == "ct":
-        positive = spec.class_index(spec.positive_class)
-        k = max(1, math.ceil(0.1 * len(images)))
-        top = np.argsort(-probs[:, positive], kind="stable")[:k]
-        series_probs = probs[top].mean(axis=0)
-    else:
-        series_probs = probs.mean(axis=0)
+    indeterminate = ""
+    if not keep.any():
+        assert distances is not None and limit is not None
+        indeterminate = (
+            f"{'the image is' if len(images) == 1 else 'every image is'} unlike the model's "
+            f"training data (distance {float(np.min(distances)):.1f}, abstention threshold "
+            f"{limit:.1f}, fitted on validation)"
+        )
+        keep = np.ones(len(images), dtype=bool)  # still report what the images say
+    series_probs = rules.aggregate(probs[keep], positive)
     series_probs = series_probs / series_probs.sum()
+    point = spec.operating_point
+    note = ""
+    if point:
+        note = (
+            f"Chosen on validation for sensitivity >= {point.get('target_sensitivity', 0.95)}"
+            f" (validation sensitivity {point.get('validation_sensitivity', '?')}, specificity "
+            f"{point.get('validation_specificity', '?')})."
+        )
     prediction = Prediction(
         model_name=spec.name,
         model_version=spec.version,
         task=spec.task,
         classes=spec.classes,
         probabilities=tuple(float(p) for p in series_probs),
+        positive_class=spec.positive_class if point else "",
+        threshold=spec.threshold,
+        operating_point_note=note,
+        indeterminate=indeterminate,
     )
-    label = int(np.argmax(series_probs))
-    order = np.argsort(-probs[:, label], kind="stable")[:MAX_EXPLAINED]
-    x = batch([images[i] for i in order], spec.input_size, spec.channels, spec.preprocessing)
-    maps = classifier.heatmaps(x, np.full(len(order), label))
+    label = names_list.index(prediction.decided.name)
+    candidates = np.flatnonzero(keep)
+    order = candidates[np.argsort(-probs[candidates, label], kind="stable")[:MAX_EXPLAINED]]
+    maps = classifier.explain(features[order], raw[order], np.full(len(order), label))
     explained = [
         Explained(
             name=names[i],
@@ -128,4 +220,6 @@ def analyse_images(
         used=list(datasets or []),
         explained=explained,
         per_image=[(n, tuple(float(v) for v in p)) for n, p in zip(names, probs, strict=True)],
+        excluded=excluded,
+        novelty=[] if distances is None else [float(d) for d in distances],
     )

@@ -22,6 +22,8 @@ class Augmentation:
     horizontal_flip: bool = False
     brightness: float = 0.1  # added brightness, fraction of the [0, 1] range
     contrast: float = 0.1  # contrast factor in [1 - contrast, 1 + contrast]
+    blur: float = 0.0  # Gaussian blur, sigma up to this (pixels): sources differ in resolution
+    erase: float = 0.0  # probability of blanking one patch (2-8 % of the image): markers, text
 
     @property
     def enabled(self) -> bool:
@@ -32,6 +34,8 @@ class Augmentation:
             or self.horizontal_flip
             or self.brightness
             or self.contrast
+            or self.blur
+            or self.erase
         )
 
 
@@ -58,5 +62,22 @@ def apply_augmentation(x: Any, aug: Augmentation, seed: int) -> Any:
     if aug.contrast:
         x = layers.RandomContrast(
             aug.contrast, value_range=(0.0, 1.0), seed=seed + 5, name="aug_contrast"
+        )(x)
+    if aug.blur:
+        x = layers.RandomGaussianBlur(
+            factor=1.0,
+            kernel_size=2 * max(1, round(2 * aug.blur)) + 1,
+            sigma=aug.blur,
+            value_range=(0.0, 1.0),
+            seed=seed + 6,
+            name="aug_blur",
+        )(x)
+    if aug.erase:
+        x = layers.RandomErasing(
+            factor=aug.erase,
+            scale=(0.02, 0.08),
+            value_range=(0.0, 1.0),
+            seed=seed + 7,
+            name="aug_erase",
         )(x)
     return x

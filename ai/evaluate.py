@@ -27,15 +27,18 @@ import cv2
 import numpy as np
 
 from ai import metrics as m
+from ai.calibration import apply_temperature
+from ai.dataset import Sample, data_dirs_of, make_splits
 from ai.model import Classifier, ModelSpec
 from ai.outputs import render_overlay
 from ai.preprocess import heatmap_in_image_frame, read_image_file, to_model_input
-from ai.train import Sample, read_manifest, split_by_group
+from ai.serving import forward_samples
 from pacs_node import DISCLAIMER
 
 BATCH_SIZE = 32
 SHEET_COLUMNS = 4  # image/overlay pairs per row of the Grad-CAM sheet
 SHEET_TILE = 256  # pixels, long side of each displayed image
+SOURCE_SHEET_IMAGES = 4  # Grad-CAM images per source sheet
 FIGURES = {
     "confusion_matrix": "confusion_matrix.png",
     "learning_curves": "learning_curves.png",
@@ -51,31 +54,26 @@ RESEARCH_NOTE = (
 # ------------------------------------------------------------------------------ the split
 
 
-def _limit(samples: Sequence[Sample], per_class: int | None, seed: int) -> list[Sample]:
-    """The per-class cap training applied to each split (``ai.train.limit``)."""
-    from ai.train import limit
-
-    return limit(samples, per_class, seed)
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value in (None, "", "None") else int(value)
-
-
-def rebuild_test_split(settings: Mapping[str, Any], data_dir: Path, manifest: Path) -> list[Sample]:
+def rebuild_test_split(
+    settings: Mapping[str, Any], data_dir: Path | Sequence[Path], manifest: Path | None = None
+) -> list[Sample]:
     """The test samples of the training run whose *settings* are given."""
-    task = str(settings["task"])
-    seed = int(settings.get("seed", 0))
-    samples = read_manifest(manifest, task, data_dir)
-    if not samples:
-        raise ValueError(f"no {task} images listed in {manifest} were found under {data_dir}")
-    splits = split_by_group(
-        samples,
-        seed,
-        float(settings.get("validation_fraction", 0.15)),
-        float(settings.get("test_fraction", 0.15)),
-    )
-    return _limit(splits["test"], _optional_int(settings.get("limit_per_class")), seed)
+    return rebuild_splits(settings, data_dir, manifest)["test"]
+
+
+def rebuild_splits(
+    settings: Mapping[str, Any],
+    data_dirs: Path | Sequence[Path] | None,
+    manifest: Path | None = None,
+    labels: Sequence[str] | None = None,
+) -> dict[str, list[Sample]]:
+    """Every split of the training run (ai.dataset.make_splits), from *data_dirs* (default: the
+    recorded folders)."""
+    from ai.train import CLASSES
+
+    dirs = [data_dirs] if isinstance(data_dirs, Path | str) else list(data_dirs or [])
+    names = list(labels or [c.name for c in CLASSES[str(settings["task"])]])
+    return make_splits(settings, names, data_dirs=[Path(d) for d in dirs], manifest=manifest)
 
 
 def read_training(model_dir: Path) -> dict[str, Any]:
@@ -283,6 +281,7 @@ def plot_gradcam_sheet(
     probs: np.ndarray,
     count: int,
     path: Path,
+    title: str = "test images",
 ) -> int:
     """A grid of test images beside their Grad-CAM overlays; returns how many are shown."""
     picked = pick_for_gradcam(y_true, count)
@@ -290,7 +289,7 @@ def plot_gradcam_sheet(
     rows = max(1, math.ceil(len(picked) / SHEET_COLUMNS))
     cols = 2 * min(SHEET_COLUMNS, max(1, len(picked)))
     fig = _figure(2.4 * cols, 2.8 * rows + 0.6)
-    fig.suptitle(f"Grad-CAM of the predicted class, test images - {DISCLAIMER}", fontsize=11)
+    fig.suptitle(f"Grad-CAM of the predicted class, {title} - {DISCLAIMER}", fontsize=11)
     predicted = probs[picked].argmax(axis=1)
     maps = heatmaps(classifier, [paths[i] for i in picked], predicted)
     for n, i in enumerate(picked):
@@ -445,6 +444,105 @@ def _occlusion_section(result: Mapping[str, Any]) -> list[str | list[str]]:
     ]
 
 
+def _rate(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    text = f"{entry['value']:.2f}"
+    if entry.get("ci_low") is not None:
+        text += f" ({entry['ci_low']:.2f}–{entry['ci_high']:.2f})"
+    return text
+
+
+def _robustness_sections(result: Mapping[str, Any]) -> list[str | list[str]]:
+    parts: list[str | list[str]] = []
+    point = result.get("operating_point", {})
+    fitted = point.get("fitted") or {}
+    if point.get("test"):
+        t = point["test"]
+        rule = (
+            f"COVID-19 when its calibrated probability is at least {fitted['threshold']:.3f} "
+            f"(chosen on validation for sensitivity >= {fitted.get('target_sensitivity')}: "
+            f"validation sensitivity {fitted.get('validation_sensitivity')}, specificity "
+            f"{fitted.get('validation_specificity')})"
+            if fitted
+            else "arg-max (no operating point fitted)"
+        )
+        parts += [
+            "## Operating point (test split)",
+            [
+                f"- Rule: {rule}; otherwise the most probable other class.",
+                f"- Sensitivity {_rate(t['sensitivity'])}, specificity "
+                f"{_rate(t['specificity'])} (tp {t['tp']}, fn {t['fn']}, tn {t['tn']}, "
+                f"fp {t['fp']}); 3-class macro-F1 with this rule {_num(t['macro_f1'])}.",
+            ],
+        ]
+    rows = result.get("per_source") or []
+    if rows:
+        lines = [
+            "| Split | Source | Images | Patients | Labels | COVID-19 sensitivity | "
+            "Specificity | Accuracy (3-class) |",
+            "|---|---|---:|---:|---|---|---|---|",
+        ]
+        for r in rows:
+            labels = ", ".join(f"{k} {v}" for k, v in r["labels"].items())
+            lines.append(
+                f"| {r['split']} | {r['source']} | {r['images']} | {r['patients']} | {labels} | "
+                f"{_rate(r.get('sensitivity'))} | {_rate(r.get('specificity'))} | "
+                f"{_rate(r.get('accuracy'))} |"
+            )
+        parts += [
+            "## Per source (operating point; 95% patient-level bootstrap intervals)",
+            "Sensitivity on the COVID-19 images of a source, specificity (not called COVID-19) "
+            "on its other images. A held-out source was not seen in training or validation.",
+            lines,
+        ]
+    held = result.get("held_out")
+    if held:
+        parts += [
+            f"## Held-out source: {', '.join(held['sources'])} (arg-max, calibrated)",
+            [
+                f"- {held['n_images']} images, {held['n_patients']} patients; accuracy "
+                f"{fmt_ci(held['overall']['accuracy'])}, macro-F1 "
+                f"{fmt_ci(held['overall']['macro_f1'])}, "
+                f"ECE {_num(held['overall']['ece']['value'])}",
+            ],
+        ]
+    cal = result.get("calibration")
+    if cal:
+        parts += [
+            "## Calibration (test split)",
+            [
+                f"- Temperature {cal['temperature']} fitted on validation (NLL). ECE "
+                f"({m.ECE_BINS} bins, top class): before {_num(cal['ece_before'])}, after "
+                f"{_num(cal['ece_after'])}; NLL before {_num(cal['nll_before'])}, after "
+                f"{_num(cal['nll_after'])}.",
+                "- ![reliability diagram](reliability.png)",
+            ],
+        ]
+    ab = result.get("abstention")
+    if ab:
+        lines = ["| Images | n | Abstained | Rate | Median distance |", "|---|---:|---:|---:|---:|"]
+        for name, r in ab["rates"].items():
+            lines.append(
+                f"| {name} | {r['n']} | {r['abstained']} | {_num(r['rate'], 2)} | "
+                f"{_num(r['median_distance'], 1)} |"
+            )
+        parts += [
+            "## Abstention (indeterminate: unlike the training data)",
+            f"Score: {ab['fitted'].get('score', 'feature distance')}; threshold "
+            f"{ab['threshold']:.2f} = the {ab['fitted'].get('quantile')} quantile of the "
+            "validation images' distances.",
+            lines,
+        ]
+    sheets = result.get("gradcam_per_source") or {}
+    if sheets:
+        parts += [
+            "## Grad-CAM per source",
+            [f"- {src}: ![{src}]({v['file']})" for src, v in sheets.items()],
+        ]
+    return parts
+
+
 def render_report(result: Mapping[str, Any]) -> str:
     model, boot, settings = result["model"], result["bootstrap"], result["training"]["settings"]
     split_keys = ("task", "seed", "validation_fraction", "test_fraction", "limit_per_class")
@@ -477,6 +575,7 @@ def render_report(result: Mapping[str, Any]) -> str:
         _binary_section(result),
         *_pair_section(result),
         *_occlusion_section(result),
+        *_robustness_sections(result),
         "## Method",
         [
             f"- 95% intervals: percentile bootstrap over **patient groups** (clusters), "
@@ -602,19 +701,28 @@ def _training_info(training: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _predictions(
-    samples: Sequence[Sample], data_dir: Path, y: np.ndarray, probs: np.ndarray
-) -> list[dict[str, Any]]:
-    def relative(path: Path) -> str:
-        try:
-            return str(path.relative_to(data_dir))
-        except ValueError:
-            return str(path)
+def _shown_dirs(data_dir: Path | Sequence[Path] | None) -> list[str]:
+    if data_dir is None:
+        return []
+    dirs = [data_dir] if isinstance(data_dir, Path | str) else list(data_dir)
+    return [str(d) for d in dirs]
 
+
+def _relative(path: Path) -> str:
+    """*path* from its data folder on (``cxr_adult/covid/x.jpg``), so reports do not depend on
+    where the data lies."""
+    parts = Path(path).parts
+    return str(Path(*parts[-3:])) if len(parts) >= 3 else str(path)
+
+
+def _predictions(
+    samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray
+) -> list[dict[str, Any]]:
     return [
         {
-            "file": relative(s.path),
+            "file": _relative(s.path),
             "patient_group": s.group,
+            "source": s.source,
             "true": int(y[i]),
             "predicted": int(probs[i].argmax()),
             "probabilities": [round(float(v), 6) for v in probs[i]],
@@ -623,10 +731,170 @@ def _predictions(
     ]
 
 
+def _probe_vectors(classifier: Classifier, paths: Sequence[Path]) -> np.ndarray:
+    """Pooled features of probe files (DICOM through the serving decode, or image files)."""
+    import pydicom
+
+    from ai.abstention import embed
+    from ai.preprocess import dicom_to_image
+    from pacs_node.errors import UnusableInputError
+
+    spec = classifier.spec
+    images = []
+    for path in paths:
+        try:
+            if path.suffix.lower() == ".dcm":
+                images.append(dicom_to_image(pydicom.dcmread(path), window=spec.window))
+            else:
+                images.append(read_image_file(path))
+        except (UnusableInputError, OSError, ValueError):
+            continue  # a probe the decoder refuses never reaches the model
+    vectors = []
+    for i in range(0, len(images), BATCH_SIZE):
+        x = np.stack(
+            [
+                to_model_input(im, spec.input_size, spec.channels, spec.preprocessing)
+                for im in images[i : i + BATCH_SIZE]
+            ]
+        )
+        vectors.append(embed(classifier.forward(x)[1]))
+    return np.concatenate(vectors) if vectors else np.zeros((0, 1))
+
+
+def plot_reliability(calibration: Mapping[str, Any], path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after scaling."""
+    fig = _figure(5.0, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for key, label, marker in (
+        ("reliability_before", f"before (ECE {calibration['ece_before']:.3f})", "o"),
+        (
+            "reliability_after",
+            f"after T={calibration['temperature']:.2f} (ECE {calibration['ece_after']:.3f})",
+            "s",
+        ),
+    ):
+        data = calibration[key]
+        pts = [
+            (c, a)
+            for c, a in zip(data["confidence"], data["accuracy"], strict=True)
+            if c is not None and a is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability, test images ({calibration['n']}) - {DISCLAIMER}", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+def _robustness(
+    classifier: Classifier,
+    splits: Mapping[str, Sequence[Sample]],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    out_dir: Path,
+    bootstrap: int,
+    seed: int,
+    data_dir: Path | Sequence[Path] | None,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Held-out source, per-source table, operating point, calibration, abstention and
+    per-source Grad-CAM sheets (ai.robustness)."""
+    from ai import robustness as rb
+    from ai.calibration import calibration_summary
+    from ai.train import CLASSES
+
+    spec = classifier.spec
+    names = [c.name for c in spec.classes]
+    y, raw, probs, vectors = test
+    held = list(splits.get("held_out", []))
+    out: dict[str, Any] = {}
+    y_h = np.array([names.index(s.label) for s in held], dtype=np.int64)
+    raw_h, vec_h = forward_samples(classifier, held) if held else (np.zeros((0, len(names))), None)
+    probs_h = apply_temperature(raw_h, spec.temperature)
+    if held:
+        out["held_out"] = {
+            "sources": sorted({s.source for s in held}),
+            **m.summarize(
+                y_h,
+                probs_h,
+                [s.group for s in held],
+                names,
+                spec.positive_class,
+                n_bootstrap=bootstrap,
+                seed=seed,
+            ),
+        }
+    both = list(splits["test"]) + held
+    split_of = ["test"] * len(splits["test"]) + ["held out"] * len(held)
+    out["per_source"] = rb.per_source(
+        both,
+        split_of,
+        np.concatenate([y, y_h]),
+        np.concatenate([probs, probs_h]),
+        names,
+        spec.positive_class,
+        spec.threshold,
+        n_bootstrap=bootstrap,
+        seed=seed,
+    )
+    out["operating_point"] = {
+        "test": rb.operating_point(
+            y,
+            probs,
+            [s.group for s in splits["test"]],
+            names,
+            spec.positive_class,
+            spec.threshold,
+            n_bootstrap=bootstrap,
+            seed=seed,
+        ),
+        "fitted": dict(spec.operating_point),
+    }
+    out["calibration"] = calibration_summary(y, raw, spec.temperature, names)
+    plot_reliability(out["calibration"], out_dir / "reliability.png")
+    if getattr(classifier, "density", None) is not None:
+        limit = float(spec.abstention["threshold"])
+        scores = {"test (in distribution)": classifier.density.score(vectors)}
+        if held and vec_h is not None:
+            scores["held-out source"] = classifier.density.score(vec_h)
+        dirs = [data_dir] if isinstance(data_dir, Path | str) else list(data_dir or [])
+        dirs = dirs or data_dirs_of(settings)
+        labels_of = {t: [c.name for c in CLASSES[t]] for t in CLASSES}
+        for name, files in rb.probe_sets(spec.task, [Path(d) for d in dirs], labels_of).items():
+            vec = _probe_vectors(classifier, files)
+            if len(vec):
+                scores[name] = classifier.density.score(vec)
+        out["abstention"] = {
+            "threshold": limit,
+            "fitted": dict(spec.abstention),
+            "rates": rb.abstention_rates(scores, limit),
+        }
+    sheets = {}
+    for source in sorted({s.source for s in both}):
+        idx = [i for i, s in enumerate(both) if s.source == source]
+        file = f"gradcam_{source}.png"
+        shown = plot_gradcam_sheet(
+            classifier,
+            [both[i].path for i in idx],
+            np.concatenate([y, y_h])[idx],
+            np.concatenate([probs, probs_h])[idx],
+            SOURCE_SHEET_IMAGES,
+            out_dir / file,
+            title=f"source {source} ({split_of[idx[0]]})",
+        )
+        sheets[source] = {"file": file, "images": shown}
+    out["gradcam_per_source"] = sheets
+    return out
+
+
 def evaluate(
     model_dir: Path,
-    data_dir: Path,
-    manifest: Path,
+    data_dir: Path | Sequence[Path] | None,
+    manifest: Path | None,
     out_dir: Path,
     *,
     bootstrap: int = 1000,
@@ -634,24 +902,26 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate the model in *model_dir* on its test patients; write the report into *out_dir*."""
     started = time.monotonic()
-    model_dir, data_dir, manifest = Path(model_dir), Path(data_dir), Path(manifest)
+    model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     classifier = Classifier(model_dir)
     spec = classifier.spec
     training = read_training(model_dir)
     if str(training["settings"].get("task", spec.task)) != spec.task:
         raise ValueError(f"{model_dir}: training.json task differs from model.json's")
-    samples = rebuild_test_split(training["settings"], data_dir, manifest)
+    names = [c.name for c in spec.classes]
+    splits = rebuild_splits(training["settings"], data_dir, manifest, names)
+    samples = splits["test"]
     if not samples:
         raise ValueError(f"{model_dir}: the rebuilt test split is empty")
-    names = [c.name for c in spec.classes]
     paths = [s.path for s in samples]
     y = np.array([names.index(s.label) for s in samples], dtype=np.int64)
-    probs = predict(classifier, paths)
+    raw, vectors = forward_samples(classifier, samples)
+    probs = apply_temperature(raw, spec.temperature)
     seed = int(training["settings"].get("seed", 0))
     result: dict[str, Any] = {
         "model": _model_info(classifier, model_dir),
-        "data": {"data_dir": str(data_dir), "manifest": str(manifest)},
+        "data": {"data_dir": _shown_dirs(data_dir), "manifest": str(manifest or "")},
         "training": _training_info(training),
         "test_split": _split_counts(samples, names),
         **m.summarize(
@@ -680,7 +950,19 @@ def evaluate(
         classifier, paths, y, probs, gradcam_images, out_dir / FIGURES["gradcam_sheet"]
     )
     result["occlusion"] = occlusion_check(classifier, paths, y, probs)
-    result["predictions"] = _predictions(samples, data_dir, y, probs)
+    result["predictions"] = _predictions(samples, y, probs)
+    result.update(
+        _robustness(
+            classifier,
+            splits,
+            (y, raw, probs, vectors),
+            out_dir,
+            bootstrap,
+            seed,
+            data_dir,
+            training["settings"],
+        )
+    )
     result["evaluation_time_s"] = round(time.monotonic() - started, 2)
     (out_dir / "report.md").write_text(render_report(result))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -690,8 +972,10 @@ def evaluate(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--data", type=Path, required=True, help="folder holding manifest.csv")
-    parser.add_argument("--manifest", type=Path, help="default: DATA/manifest.csv")
+    parser.add_argument(
+        "--data", type=Path, action="append", help="data folder (repeatable; default: recorded)"
+    )
+    parser.add_argument("--manifest", type=Path, help="default: the first DATA/manifest.csv")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--gradcam-images", type=int, default=12)
@@ -699,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(
         args.model_dir,
         args.data,
-        args.manifest or args.data / "manifest.csv",
+        args.manifest,
         args.out,
         bootstrap=args.bootstrap,
         gradcam_images=args.gradcam_images,

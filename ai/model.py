@@ -41,6 +41,12 @@ class ModelSpec:
     description: str = ""
     # shortcut-removing options (ai.preprocess.prepare) the model was trained with; {} = none
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    # fitted on validation by ai.serving.fit_serving (defaults: uncalibrated, arg-max, no
+    # abstention): softmax(log p / temperature); {"class", "threshold", "target_sensitivity",
+    # ...}; {"file", "threshold", "quantile", ...}
+    temperature: float = 1.0
+    operating_point: dict[str, Any] = field(default_factory=dict)
+    abstention: dict[str, Any] = field(default_factory=dict)
 
     def class_index(self, name: str) -> int:
         return [c.name for c in self.classes].index(name)
@@ -59,7 +65,16 @@ class ModelSpec:
             "window": list(self.window) if self.window else None,
             "description": self.description,
             "preprocessing": dict(self.preprocessing),
+            "temperature": self.temperature,
+            "operating_point": dict(self.operating_point),
+            "abstention": dict(self.abstention),
         }
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold on the positive class's calibrated probability, if any."""
+        value = self.operating_point.get("threshold")
+        return None if value is None else float(value)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "model.json") -> ModelSpec:
@@ -78,6 +93,9 @@ class ModelSpec:
                 window=(float(window[0]), float(window[1])) if window else None,
                 description=str(data.get("description", "")),
                 preprocessing=check_options(data.get("preprocessing") or {}),
+                temperature=float(data.get("temperature") or 1.0),
+                operating_point=dict(data.get("operating_point") or {}),
+                abstention=dict(data.get("abstention") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid model metadata: {exc!r}") from None
@@ -85,6 +103,18 @@ class ModelSpec:
             raise ModelError(f"{where}: task must be 'cxr' or 'ct', got {spec.task!r}")
         if len(spec.classes) < 2:
             raise ModelError(f"{where}: a classifier needs at least two classes")
+        if not (0.01 <= spec.temperature <= 100.0):
+            raise ModelError(f"{where}: temperature {spec.temperature} is out of range")
+        point = spec.operating_point
+        if point and (
+            point.get("class") not in [c.name for c in spec.classes]
+            or not 0.0 <= float(point.get("threshold", -1)) <= 1.0
+        ):
+            raise ModelError(f"{where}: operating_point needs a class and a threshold in [0, 1]")
+        if spec.abstention and not (
+            spec.abstention.get("file") and float(spec.abstention.get("threshold", -1)) > 0
+        ):
+            raise ModelError(f"{where}: abstention needs a file and a positive threshold")
         return spec
 
 
@@ -120,6 +150,20 @@ class Predictor(Protocol):
 
     def warm_up(self) -> None: ...
 
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(raw probabilities (N, classes), feature maps (N, h, w, m)) in one pass."""
+        ...
+
+    def explain(
+        self, features: np.ndarray, probs: np.ndarray, class_index: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Grad-CAM maps (N, h, w) in [0, 1] from the outputs of :meth:`forward`."""
+        ...
+
+    def novelty(self, features: np.ndarray) -> np.ndarray | None:
+        """Distance of each image from the training data (ai.abstention), or None."""
+        ...
+
 
 def warm_up(predictor: Predictor) -> None:
     """One prediction and one heatmap on a blank image: loads, traces and allocates up front."""
@@ -127,6 +171,22 @@ def warm_up(predictor: Predictor) -> None:
     blank = np.full((1, spec.input_size, spec.input_size, spec.channels), 0.5, dtype=np.float32)
     predictor.predict(blank)
     predictor.heatmaps(blank)
+
+
+def load_density(directory: Path, spec: ModelSpec) -> Any:
+    """The abstention statistics (:class:`ai.abstention.FeatureDensity`) named by *spec*, or
+    None when the model has none."""
+    from ai.abstention import AbstentionError, FeatureDensity
+
+    if not spec.abstention:
+        return None
+    path = directory / str(spec.abstention["file"])
+    if not path.is_file():
+        raise ModelError(f"{directory}: abstention file {path.name} is missing")
+    try:
+        return FeatureDensity.load(path)
+    except AbstentionError as exc:
+        raise ModelError(str(exc)) from None
 
 
 class Classifier:
@@ -142,6 +202,8 @@ class Classifier:
             raise ModelError(f"{directory}: weights file {self.spec.file} is missing")
         self.model = keras.saving.load_model(weights, compile=False)
         self._grad_model: Any = None
+        self._kernel: np.ndarray | None = None
+        self.density = load_density(directory, self.spec)
         self._lock = threading.Lock()  # one inference at a time per model
 
     def warm_up(self) -> None:
@@ -164,6 +226,36 @@ class Classifier:
             if self._grad_model is None:
                 self._grad_model = build_grad_model(self.model, self.spec.gradcam_layer)
             return gradcam(self._grad_model, x, class_index)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw probabilities and the ``gradcam_layer`` feature maps, from one pass."""
+        from ai.gradcam import build_grad_model
+
+        with self._lock:
+            if self._grad_model is None:
+                self._grad_model = build_grad_model(self.model, self.spec.gradcam_layer)
+            if not len(x):
+                shape = tuple(int(d or 0) for d in self._grad_model.outputs[0].shape[1:])
+                return np.zeros((0, len(self.spec.classes))), np.zeros((0, *shape), np.float32)
+            features, probs = self._grad_model(np.asarray(x, dtype=np.float32), training=False)
+        return np.asarray(probs, dtype=np.float64), np.asarray(features, dtype=np.float32)
+
+    def explain(
+        self, features: np.ndarray, probs: np.ndarray, class_index: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Grad-CAM in closed form from :meth:`forward`'s outputs (ai.runtime explains why it
+        equals the autodiff one for this head)."""
+        from ai.runtime import closed_form_gradcam, find_head
+
+        if self._kernel is None:
+            dense = find_head(self.model, self.spec.gradcam_layer).dense
+            self._kernel = np.asarray(dense.kernel.numpy(), dtype=np.float32)
+        return closed_form_gradcam(features, probs, self._kernel, class_index)
+
+    def novelty(self, features: np.ndarray) -> np.ndarray | None:
+        from ai.abstention import embed
+
+        return None if self.density is None else self.density.score(embed(features))
 
 
 _cache: dict[Path, Classifier] = {}

@@ -34,6 +34,7 @@ __all__ = [
     "CT_CHEST_PROCEDURE",
     "CXR_PROCEDURE",
     "DISCLAIMER",
+    "INDETERMINATE",
     "PROBABILITY_UNIT",
     "SC_SERIES_DESCRIPTION",
     "SR_SERIES_DESCRIPTION",
@@ -73,16 +74,30 @@ class ClassCode:
 
 _TASKS = ("cxr", "ct")
 
+# The finding when the model abstains (SNOMED CT qualifier value "Undetermined").
+INDETERMINATE = ClassCode("indeterminate", "SCT", "373068000", "Undetermined")
+
 
 @dataclass(frozen=True)
 class Prediction:
-    """The output of one model on one study: a probability per class."""
+    """The output of one model on one study: a probability per class, the decision rule that
+    turned them into a label, and, when the model abstained, why.
+
+    With an operating point (*positive_class* and *threshold*) the label is the positive class
+    when its probability reaches the threshold, else the most probable other class; without
+    one, the most probable class. When *indeterminate* gives a reason, the label is
+    :data:`INDETERMINATE` (the probabilities are still reported).
+    """
 
     model_name: str
     model_version: str
     task: str  # "cxr" or "ct"
     classes: tuple[ClassCode, ...]
-    probabilities: tuple[float, ...]  # same order as classes, sums to 1
+    probabilities: tuple[float, ...]  # same order as classes, sums to 1 (calibrated)
+    positive_class: str = ""
+    threshold: float | None = None
+    operating_point_note: str = ""  # how the threshold was chosen, for the SR
+    indeterminate: str = ""  # reason the model abstained; "" when it did not
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name.strip():
@@ -117,19 +132,48 @@ class Prediction:
         if abs(total - 1.0) > 1e-3:
             raise ValueError(f"probabilities must sum to 1 (got {total:.6f})")
 
+        if self.threshold is not None:
+            if self.positive_class not in [c.name for c in classes]:
+                raise ValueError("a threshold needs positive_class to name one of the classes")
+            if not 0.0 <= float(self.threshold) <= 1.0:
+                raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+
     @property
-    def _argmax(self) -> int:
-        return max(range(len(self.probabilities)), key=self.probabilities.__getitem__)
+    def _decided(self) -> int:
+        p = self.probabilities
+        if self.threshold is not None:
+            k = [c.name for c in self.classes].index(self.positive_class)
+            if p[k] >= self.threshold:
+                return k
+            others = [i for i in range(len(p)) if i != k]
+            return max(others, key=p.__getitem__)
+        return max(range(len(p)), key=p.__getitem__)
+
+    @property
+    def decided(self) -> ClassCode:
+        """The class the decision rule picks, whether or not the model abstained."""
+        return self.classes[self._decided]
 
     @property
     def label(self) -> ClassCode:
-        """The most probable class."""
-        return self.classes[self._argmax]
+        """The finding: the decided class, or :data:`INDETERMINATE` when the model abstained."""
+        return INDETERMINATE if self.indeterminate else self.decided
 
     @property
     def probability(self) -> float:
-        """The probability of the most probable class."""
-        return self.probabilities[self._argmax]
+        """The probability of the decided class."""
+        return self.probabilities[self._decided]
+
+    def rule_text(self) -> str:
+        """The operating point in words, for the SR and the command line."""
+        if self.threshold is None:
+            return "Label: the most probable class (no operating point set)."
+        meaning = next(c.meaning for c in self.classes if c.name == self.positive_class)
+        text = (
+            f"Operating point: {meaning} is called when its probability is at least "
+            f"{self.threshold:.3f}; otherwise the most probable other class."
+        )
+        return f"{text} {self.operating_point_note}".strip()
 
 
 # --------------------------------------------------------------------------- codes
@@ -429,13 +473,17 @@ def build_sr(
     # The disclaimer as content: a TEXT item (DCM 121106 "Comment") in the measurement
     # group, next to the CODE qualitative evaluation (TID 1501 has TEXT as well as CODE
     # qualitative evaluations; dciodvfy and highdicom's reader accept it).
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=_COMMENT,
-            value=DISCLAIMER,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    notes = [DISCLAIMER, prediction.rule_text()[:1024]]
+    if prediction.indeterminate:
+        notes.append(f"Not determined: {prediction.indeterminate}"[:1024])
+    for note in notes:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=note,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
         )
-    )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=_PROCEDURES[prediction.task],
@@ -477,11 +525,14 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 def overlay_lines(prediction: Prediction, extra: str = "") -> list[str]:
     """The text burned into the secondary capture."""
     label = prediction.label
-    lines = [
-        f"{label.meaning} {prediction.probability:.2f} "
-        f"({prediction.model_name} {prediction.model_version})",
-        DISCLAIMER,
-    ]
+    head = (
+        f"{label.meaning} ({prediction.decided.meaning} {prediction.probability:.2f})"
+        if prediction.indeterminate
+        else f"{label.meaning} {prediction.probability:.2f}"
+    )
+    lines = [f"{head} ({prediction.model_name} {prediction.model_version})", DISCLAIMER]
+    if prediction.indeterminate:
+        lines.append("Not determined: image unlike the training data")
     if extra:
         lines.append(extra)
     return lines

@@ -46,6 +46,7 @@ from ai.model import (
     ModelError,
     ModelSpec,
     load_classifier,
+    load_density,
     model_dir,
     read_spec,
     warm_up,
@@ -415,9 +416,15 @@ class OnnxClassifier:
 
     runtime = "onnx"
 
-    def __init__(self, directory: Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, threads: int | None = None, source: Path | None = None
+    ) -> None:
+        """*directory* holds the export; *source* (default: the same) the model folder whose
+        ``model.json`` and abstention statistics are served."""
         self.directory = Path(directory)
-        self.spec = read_spec(self.directory)
+        self.source = Path(source) if source is not None else self.directory
+        self.spec = read_spec(self.source)
+        self.density = load_density(self.source, self.spec)
         path = self.directory / ONNX_FILE
         head_path = self.directory / HEAD_FILE
         for needed in (path, head_path):
@@ -495,6 +502,25 @@ class OnnxClassifier:
         cams = closed_form_gradcam(features, probs, self.kernel, class_index)
         return np.asarray(probs, dtype=np.float64), cams
 
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw probabilities and feature maps from one pass (:class:`ai.model.Predictor`)."""
+        arr = self._input(x)
+        if not len(arr):
+            shape = tuple(d if isinstance(d, int) else 0 for d in self._feature_shape[1:])
+            return np.zeros((0, len(self.spec.classes))), np.zeros((0, *shape), np.float32)
+        features, probs = self._run(arr, [FEATURES, PROBABILITIES])
+        return np.asarray(probs, dtype=np.float64), np.asarray(features, dtype=np.float32)
+
+    def explain(
+        self, features: np.ndarray, probs: np.ndarray, class_index: np.ndarray | None = None
+    ) -> np.ndarray:
+        return closed_form_gradcam(features, probs, self.kernel, class_index)
+
+    def novelty(self, features: np.ndarray) -> np.ndarray | None:
+        from ai.abstention import embed
+
+        return None if self.density is None else self.density.score(embed(features))
+
 
 def needs_export(directory: Path) -> bool:
     """True when the folder has no ONNX export, or one made from other Keras weights.
@@ -549,7 +575,7 @@ def load_runtime_classifier(
                         f"{directory}: cannot write the ONNX export to {serve_from} ({exc}); "
                         "set PACS_NODE_CACHE to a writable folder"
                     ) from exc
-        classifier = OnnxClassifier(serve_from, threads=threads)
+        classifier = OnnxClassifier(serve_from, threads=threads, source=directory)
         _cache[directory] = classifier
         return classifier
 

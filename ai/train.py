@@ -28,13 +28,9 @@ balancing (``ai.dcgan``) are settings; every setting is written to ``training.js
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
-import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +40,18 @@ import numpy as np
 
 from ai import metrics as m
 from ai.augment import Augmentation, apply_augmentation
+from ai.dataset import (  # noqa: F401  (re-exported: older callers import them from here)
+    SPLITS,
+    STRATIFY,
+    DataError,
+    Sample,
+    cap_classes,
+    describe_sources,
+    limit,
+    make_splits,
+    read_manifest,
+    split_by_group,
+)
 from ai.model import ModelSpec
 from ai.outputs import ClassCode
 from ai.preprocess import LUNG_WINDOW, check_options, read_image_file, to_model_input
@@ -59,7 +67,6 @@ CLASSES = {
     ),
     "ct": (COVID, ClassCode("noncovid", "SCT", "260385009", "Negative")),
 }
-SPLITS = ("train", "validation", "test")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 
 
@@ -87,19 +94,16 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str
-    group: str  # patient group: never split across train/validation/test
-
-
 @dataclass
 class TrainSettings:
     task: str
-    data_dir: Path
-    manifest: Path
+    data_dir: Path  # the first data folder (see ai.dataset)
+    manifest: Path  # its manifest.csv
     out_dir: Path
+    extra_data: tuple[Path, ...] = ()  # more data folders, each with a manifest or class folders
+    hold_out_source: str = ""  # keep this source out of train/validation/test: the held_out split
+    exclude_sources: tuple[str, ...] = ()  # not used at all (e.g. a licence forbids shipping)
+    stratify: str = "source"  # split strata: "source" (label and source) or "label"
     name: str = ""
     version: str = "0.1.0"
     backbone: str = "small-cnn"  # a key of BACKBONES
@@ -117,6 +121,7 @@ class TrainSettings:
     patience: int = 4  # early stopping on validation loss, per phase
     dropout: float = 0.3  # before the classifier
     class_weights: bool = True  # weight the loss by inverse class frequency
+    balance: str = "class"  # "class" (class_weights) or "source": each (class, source) equal
     # augmentation (ai.augment.Augmentation), training only
     rotation_degrees: float = 10.0
     shift: float = 0.05
@@ -124,6 +129,8 @@ class TrainSettings:
     horizontal_flip: bool = False  # chest images are not mirror-symmetric
     brightness: float = 0.1
     contrast: float = 0.1
+    blur: float = 0.0  # max Gaussian blur sigma, in input pixels (varies apparent resolution)
+    erase: float = 0.0  # probability of blanking a random patch (markers, text, lines)
     # shortcut-removing options (ai.preprocess.prepare): stored in model.json, applied in serving
     preprocessing: dict[str, Any] = field(default_factory=dict)
     dcgan: bool = False  # balance the training split's classes with DCGAN samples (ai.dcgan)
@@ -142,6 +149,7 @@ class TrainSettings:
     description: str = ""
     jit_compile: bool = False  # XLA compilation of the train step (no gain seen on CPU here)
     run_eagerly: bool = False  # no graph tracing: slower steps, much faster start (tests)
+    fit_serving: bool = True  # calibration, operating point, abstention (ai.serving) at the end
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +157,18 @@ class TrainSettings:
             self.phase1_epochs = self.epochs
         self.epochs = self.phase1_epochs
         self.preprocessing = check_options(self.preprocessing)
+        self.extra_data = tuple(Path(p) for p in self.extra_data)
+        self.exclude_sources = tuple(self.exclude_sources)
+        if self.stratify not in STRATIFY:
+            raise ValueError(f"stratify must be one of {', '.join(STRATIFY)}")
+        if self.hold_out_source and self.hold_out_source in self.exclude_sources:
+            raise ValueError(f"source {self.hold_out_source!r} is both held out and excluded")
+        if self.balance not in ("class", "source"):
+            raise ValueError("balance must be 'class' or 'source'")
+        if self.balance == "source" and self.dcgan:
+            raise ValueError("balance='source' and dcgan cannot be combined")
+        if not 0.0 <= self.erase <= 1.0 or self.blur < 0:
+            raise ValueError("erase must be in [0, 1] and blur >= 0")
         if self.backbone not in BACKBONES:
             raise ValueError(
                 f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
@@ -182,89 +202,21 @@ class TrainSettings:
             horizontal_flip=self.horizontal_flip,
             brightness=self.brightness,
             contrast=self.contrast,
+            blur=self.blur,
+            erase=self.erase,
         )
 
     def record(self) -> dict[str, Any]:
         """The settings as JSON-ready values (paths as strings), for training.json."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            return value
 
-def read_manifest(manifest: Path, task: str, data_dir: Path) -> list[Sample]:
-    """The task's rows of ``manifest.csv`` whose files exist under *data_dir*."""
-    with manifest.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["task"] == task]
-    samples = [Sample(data_dir / r["file"], r["label"], r["patient_group"]) for r in rows]
-    return [s for s in samples if s.path.is_file()]
-
-
-def split_by_group(
-    samples: Sequence[Sample],
-    seed: int,
-    validation_fraction: float,
-    test_fraction: float,
-    cv_fold: tuple[int, int] | None = None,
-) -> dict[str, list[Sample]]:
-    """Assign whole patient groups to splits, stratified by label, reproducibly from *seed*.
-
-    Each group goes to one split only, so no patient is in two; groups are ordered by a hash of
-    (seed, group) within each label and cut by fraction. With *cv_fold* ``(i, k)`` the test
-    groups stay the same and the others are dealt round-robin into *k* folds (per label, in the
-    same hash order): fold *i* is the validation split, the rest the training split, and
-    *validation_fraction* is not used.
-    """
-    by_label: dict[str, dict[str, list[Sample]]] = {}
-    for s in samples:
-        by_label.setdefault(s.label, {}).setdefault(s.group, []).append(s)
-    out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
-    assigned: dict[str, str] = {}
-    for label in sorted(by_label):
-        groups = sorted(
-            by_label[label],
-            key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(),
-        )
-        n = len(groups)
-        n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
-        n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
-        for i, group in enumerate(groups):
-            if i < n_test:
-                split = "test"
-            elif cv_fold is not None:
-                split = "validation" if (i - n_test) % cv_fold[1] == cv_fold[0] else "train"
-            else:
-                split = "validation" if i < n_test + n_val else "train"
-            split = assigned.setdefault(group, split)  # a group seen under another label
-            out[split].extend(by_label[label][group])
-    return out
-
-
-def limit(samples: Sequence[Sample], per_class: int | None, seed: int) -> list[Sample]:
-    if per_class is None:
-        return list(samples)
-    rng = random.Random(seed)
-    shuffled = list(samples)
-    rng.shuffle(shuffled)
-    counts: Counter[str] = Counter()
-    kept = []
-    for s in shuffled:
-        if counts[s.label] < per_class:
-            counts[s.label] += 1
-            kept.append(s)
-    return kept
-
-
-def cap_classes(samples: Sequence[Sample], caps: Mapping[str, int], seed: int) -> list[Sample]:
-    """At most ``caps[label]`` samples of the capped labels (seeded choice), others unchanged."""
-    if not caps:
-        return list(samples)
-    shuffled = list(samples)
-    random.Random(seed + 1).shuffle(shuffled)
-    keep: set[Path] = set()
-    counts: Counter[str] = Counter()
-    for s in shuffled:
-        if s.label not in caps or counts[s.label] < caps[s.label]:
-            counts[s.label] += 1
-            keep.add(s.path)
-    return [s for s in samples if s.path in keep]
+        return {k: plain(v) for k, v in asdict(self).items()}
 
 
 def load_arrays(
@@ -369,6 +321,28 @@ def build_model(settings: TrainSettings, n_classes: int) -> tuple[Any, list[Any]
     return keras.Model(inputs, outputs, name=name), base_layers, gradcam_layer
 
 
+def source_balanced_weights(samples: Sequence[Sample], n_classes: int) -> np.ndarray:
+    """Per-image loss weights: every class weighs the same in total, and within a class every
+    source weighs the same, so a source that brings most of a class's images (Hannover's
+    COVID-19, NIH's normals) cannot make "looks like that hospital" the cheapest answer.
+    Mean weight 1."""
+    strata: dict[tuple[str, str], int] = {}
+    for s in samples:
+        strata[(s.label, s.source)] = strata.get((s.label, s.source), 0) + 1
+    sources_per_label: dict[str, int] = {}
+    for label, _ in strata:
+        sources_per_label[label] = sources_per_label.get(label, 0) + 1
+    labels = len(sources_per_label)
+    w = np.array(
+        [
+            1.0 / (labels * sources_per_label[s.label] * strata[(s.label, s.source)])
+            for s in samples
+        ],
+        dtype=np.float32,
+    )
+    return (w * len(samples) / w.sum()).astype(np.float32) if len(w) else w
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     counts = np.bincount(y, minlength=n_classes).astype(float)
     counts[counts == 0] = 1
@@ -406,6 +380,7 @@ def _fit_phase(
     first_epoch: int,
     epochs: int,
     weights: dict[int, float] | None,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     import keras
 
@@ -441,7 +416,8 @@ def _fit_phase(
         initial_epoch=first_epoch,
         epochs=first_epoch + epochs,
         batch_size=s.batch_size,
-        class_weight=weights,
+        class_weight=weights if sample_weight is None else None,
+        sample_weight=sample_weight,
         callbacks=callbacks,
         shuffle=True,
         verbose=1,  # a progress bar per epoch
@@ -530,17 +506,19 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
     started = time.monotonic()
     classes = CLASSES[settings.task]
     info = BACKBONES[settings.backbone]
-    samples = read_manifest(settings.manifest, settings.task, settings.data_dir)
-    if not samples:
-        raise ValueError(f"no {settings.task} images listed in {settings.manifest} were found")
-    splits = split_by_group(
-        samples,
-        settings.seed,
-        settings.validation_fraction,
-        settings.test_fraction,
-        settings.cv_fold,
+    splits = make_splits(settings.record(), [c.name for c in classes])
+    if not splits["train"] or not splits["validation"]:
+        raise DataError(
+            f"the split left {len(splits['train'])} training and {len(splits['validation'])} "
+            "validation images: too few patients"
+        )
+    log.info(
+        "split (patient-disjoint): %s; held out: %s",
+        ", ".join(f"{k} {len(v)}" for k, v in splits.items() if k != "held_out"),
+        f"{settings.hold_out_source} ({len(splits['held_out'])} images)"
+        if settings.hold_out_source
+        else "none",
     )
-    splits = {k: limit(v, settings.limit_per_class, settings.seed) for k, v in splits.items()}
     splits["train"] = cap_classes(splits["train"], settings.train_class_limit, settings.seed)
     keras.utils.set_random_seed(settings.seed)
     x_train, y_train, x_val, y_val, dcgan_info = _prepare_training_data(
@@ -548,6 +526,9 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
     )
     model, base_layers, gradcam_layer = build_model(settings, len(classes))
     weights = class_weights(y_train, len(classes)) if settings.class_weights else None
+    sample_weight = None
+    if settings.balance == "source":
+        sample_weight = source_balanced_weights(splits["train"], len(classes))
     data = (x_train, y_train, x_val, y_val)
     history: dict[str, list[float]] = {}
     phase_epochs: list[int] = []
@@ -578,6 +559,7 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
             first_epoch=done,
             epochs=epochs,
             weights=weights,
+            sample_weight=sample_weight,
         )
         phase_epochs.append(len(got.get("loss", [])))
         for key, values in got.items():
@@ -604,6 +586,7 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
         "best_epoch": best[2] + 1,  # 1-based, over both phases: the weights saved
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "split_groups": {k: len({s.group for s in v}) for k, v in splits.items()},
+        "split_sources": {k: describe_sources(v) for k, v in splits.items()},
         "train_images_per_class": {
             c.name: int(n)
             for c, n in zip(classes, np.bincount(y_train, minlength=len(classes)), strict=True)
@@ -647,6 +630,18 @@ def train(settings: TrainSettings, *, dcgan_fn: Callable[..., Any] | None = None
     (out / "training.json").write_text(
         json.dumps({"settings": settings.record(), "metrics": metrics}, indent=2) + "\n"
     )
+    if settings.fit_serving:
+        from ai.abstention import AbstentionError
+        from ai.serving import fit_serving
+
+        try:
+            metrics["serving"] = fit_serving(out)
+        except (AbstentionError, ValueError) as exc:
+            log.warning("%s: calibration/operating point/abstention not fitted: %s", out, exc)
+            metrics["serving"] = {"error": str(exc)}
+        (out / "training.json").write_text(
+            json.dumps({"settings": settings.record(), "metrics": metrics}, indent=2) + "\n"
+        )
     return metrics
 
 

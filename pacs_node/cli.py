@@ -72,107 +72,181 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classify_one(path: Path, classifier: Any) -> tuple[Any, Any]:
-    """(analysis, dataset or None) for a DICOM file or a PNG/JPEG image."""
+def _read_header(path: Path) -> Any:
+    """The DICOM header of *path* (no pixels read), or None for a file that is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from ai.analysis import analyse_datasets, analyse_images
-    from ai.preprocess import read_image_file
-
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, ValueError, TypeError):
-        ds = None
-    if ds is not None:
-        return analyse_datasets([ds], classifier), ds
-    image = read_image_file(path)
-    return analyse_images([path.name], [image], classifier), None
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _prediction_record(analysis: Any) -> dict[str, Any]:
+    p = analysis.prediction
+    record: dict[str, Any] = {
+        "label": p.label.name,
+        "finding": p.label.meaning,
+        "probabilities": {
+            c.name: round(v, 4) for c, v in zip(p.classes, p.probabilities, strict=True)
+        },
+        "decision_rule": p.rule_text(),
+    }
+    if p.indeterminate:
+        record["indeterminate"] = p.indeterminate
+        record["most_likely"] = p.decided.name
+    if analysis.excluded:
+        record["excluded"] = [{"image": n, "reason": r} for n, r in analysis.excluded]
+    return record
+
+
+def _group_files(paths: list[Path], config: Any) -> tuple[dict[Any, list[Path]], list[Any]]:
+    """DICOM files grouped by (model binding, SeriesInstanceUID), routed by Modality as the node
+    routes them; the rest: (path, None) for image files, (path, reason) for DICOM no model
+    serves."""
+    groups: dict[Any, list[Path]] = {}
+    others: list[Any] = []
+    for path in paths:
+        header = _read_header(path)
+        if header is None:
+            others.append((path, None))
+            continue
+        modality = str(header.get("Modality", "") or "").upper()
+        binding = config.model_for(modality)
+        if binding is None:
+            served = ", ".join(f"{'/'.join(b.modalities)}" for b in config.models if b.enabled)
+            others.append((path, f"no model serves modality {modality or '(none)'} ({served})"))
+            continue
+        series = str(header.get("SeriesInstanceUID", "") or f"file:{path}")
+        groups.setdefault((binding, series), []).append(path)
+    return groups, others
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    """DICOM files go to the model the node would use for their Modality, one result per
+    series; PNG/JPEG files to --model or the --task model, one result per file."""
     _setup_logging("WARNING")
+    import pydicom
+
+    from ai.analysis import analyse_datasets, analyse_images
+    from ai.preprocess import read_image_file
     from ai.runtime import load_runtime_classifier
+    from pacs_node.config import load
     from pacs_node.errors import UnusableInputError
 
-    classifier = load_runtime_classifier(
-        args.model or ("ct" if args.task == "ct" else "cxr"), args.runtime
-    )
-    spec = classifier.spec
+    config = load(args.config)
+    out_dir = Path(args.output) if args.output else None
+    groups, others = _group_files([Path(f) for f in args.files], config)
+    records: list[dict[str, Any]] = []
     failures = 0
-    records = []
-    for name in args.files:
-        path = Path(name)
-        record: dict[str, Any] = {"file": str(path), "model": spec.name, "version": spec.version}
+    for (binding, series), paths in groups.items():
+        record: dict[str, Any] = {
+            "series": series,
+            "files": [str(p) for p in paths],
+        }
         try:
-            analysis, ds = _classify_one(path, classifier)
+            classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
+            record.update(model=classifier.spec.name, version=classifier.spec.version)
+            datasets = [pydicom.dcmread(p) for p in paths]
+            record["modality"] = str(datasets[0].get("Modality", ""))
+            analysis = analyse_datasets(datasets, classifier)
+        except (UnusableInputError, OSError, ValueError) as exc:
+            record["error"] = str(exc)
+            failures += 1
+            records.append(record)
+            continue
+        record.update(_prediction_record(analysis))
+        if analysis.prediction.task == "ct":
+            record["slices"] = [
+                {
+                    "instance": item.dataset.get("InstanceNumber") if item.dataset else None,
+                    "sop_instance_uid": item.name,
+                    "probability": round(item.probability, 4),
+                }
+                for item in analysis.explained
+            ]
+        if out_dir is not None:
+            record["written"] = _write_dicom_outputs(out_dir, analysis)
+        records.append(record)
+    image_model = args.model or args.task
+    for path, reason in others:
+        record = {"file": str(path)}
+        if reason is not None:
+            record["error"] = reason
+            failures += 1
+            records.append(record)
+            continue
+        try:
+            classifier = load_runtime_classifier(image_model, args.runtime)
+            record.update(model=classifier.spec.name, version=classifier.spec.version)
+            analysis = analyse_images([path.name], [read_image_file(path)], classifier)
         except (UnusableInputError, OSError) as exc:
             record["error"] = str(exc)
             failures += 1
             records.append(record)
             continue
-        p = analysis.prediction
-        record["label"] = p.label.name
-        record["finding"] = p.label.meaning
-        record["probabilities"] = {
-            c.name: round(v, 4) for c, v in zip(p.classes, p.probabilities, strict=True)
-        }
-        if args.output:
-            record["written"] = _write_outputs(Path(args.output), path, analysis, ds)
+        record.update(_prediction_record(analysis))
+        if out_dir is not None:
+            record["written"] = _write_png_output(out_dir, path, analysis)
         records.append(record)
     if args.json:
         print(json.dumps({"disclaimer": DISCLAIMER, "results": records}, indent=2))
     else:
         for r in records:
-            if "error" in r:
-                print(f"{r['file']}: cannot classify: {r['error']}")
-                continue
-            probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-            print(f"{r['file']}: {r['label']} ({probs})  [{r['model']} {r['version']}]")
-            for w in r.get("written", []):
-                print(f"  wrote {w}")
+            print(_describe(r))
         print(f"-- {DISCLAIMER}")
     return 1 if failures else 0
 
 
-def _write_outputs(out_dir: Path, path: Path, analysis: Any, ds: Any) -> list[str]:
-    import cv2
+def _describe(r: dict[str, Any]) -> str:
+    what = (
+        f"series {r['series']} ({r.get('modality') or '?'}, {len(r['files'])} files)"
+        if "series" in r
+        else r["file"]
+    )
+    if "error" in r:
+        return f"{what}: cannot classify: {r['error']}"
+    probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+    lines = [f"{what}: {r['label']} ({probs})  [{r['model']} {r['version']}]"]
+    if "indeterminate" in r:
+        lines.append(f"  not determined: {r['indeterminate']}")
+    if r.get("slices"):
+        top = ", ".join(
+            f"{s['instance'] if s['instance'] is not None else '?'} (p={s['probability']:.2f})"
+            for s in r["slices"]
+        )
+        lines.append(f"  slices that drove it: {top}")
+    lines += [f"  wrote {w}" for w in r.get("written", [])]
+    return "\n".join(lines)
 
-    from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
-    from pacs_node.worker import SC_SERIES_NUMBER, SR_SERIES_NUMBER, derived_uid
+
+def _write_dicom_outputs(out_dir: Path, analysis: Any) -> list[str]:
+    """The SR and secondary captures the node would send back (ai.results.build_results)."""
+    from ai.results import build_results
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = analysis.prediction
     written = []
-    item = analysis.explained[0]
-    overlay = render_overlay(item.image, item.heatmap, overlay_lines(p))
-    if ds is None:  # an ordinary image: the heatmap as PNG
-        target = out_dir / f"{path.stem}_gradcam.png"
-        cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-        return [str(target)]
-    key = [p.model_name, p.model_version, str(ds.SOPInstanceUID)]
-    sr = build_sr(
-        [ds],
-        p,
-        series_instance_uid=derived_uid("sr-series", *key),
-        sop_instance_uid=derived_uid("sr", *key),
-        series_number=SR_SERIES_NUMBER,
-        software_version=__version__,
-    )
-    sc = build_sc(
-        ds,
-        overlay,
-        p,
-        series_instance_uid=derived_uid("sc-series", *key),
-        sop_instance_uid=derived_uid("sc", str(ds.SOPInstanceUID), *key),
-        series_number=SC_SERIES_NUMBER,
-        software_version=__version__,
-    )
-    for suffix, obj in (("sr", sr), ("sc", sc)):
-        target = out_dir / f"{path.stem}_{suffix}.dcm"
-        obj.save_as(target, enforce_file_format=True)
+    stem = Path(str(getattr(analysis.used[0], "filename", "") or "series")).stem
+    for ds in build_results(analysis, software_version=__version__):
+        kind = "sr" if ds.Modality == "SR" else f"sc{int(ds.InstanceNumber)}"
+        target = out_dir / f"{stem}_{kind}.dcm"
+        ds.save_as(target, enforce_file_format=True)
         written.append(str(target))
     return written
+
+
+def _write_png_output(out_dir: Path, path: Path, analysis: Any) -> list[str]:
+    import cv2
+
+    from ai.outputs import overlay_lines, render_overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    item = analysis.explained[0]
+    overlay = render_overlay(item.image, item.heatmap, overlay_lines(analysis.prediction))
+    target = out_dir / f"{path.stem}_gradcam.png"
+    cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    return [str(target)]
 
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, int]:
@@ -191,7 +265,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ai.preprocess import parse_options
     from ai.train import TrainSettings, train
 
-    data_dir = Path(args.data)
+    data_dirs = [Path(d) for d in args.data]
+    data_dir = data_dirs[0]
     try:
         preprocessing: dict[str, Any] = {}
         for text in args.preprocess or []:
@@ -201,6 +276,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             data_dir=data_dir,
             manifest=Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
             out_dir=Path(args.out),
+            extra_data=tuple(data_dirs[1:]),
+            hold_out_source=args.hold_out_source or "",
+            exclude_sources=tuple(args.exclude_source or ()),
+            stratify=args.stratify,
             name=args.name or "",
             version=args.version,
             description=args.description or "",
@@ -218,12 +297,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             patience=args.patience,
             dropout=args.dropout,
             class_weights=not args.no_class_weights,
+            balance=args.balance,
             rotation_degrees=args.rotation,
             shift=args.shift,
             zoom=args.zoom,
             horizontal_flip=args.horizontal_flip,
             brightness=args.brightness,
             contrast=args.contrast,
+            blur=args.blur,
+            erase=args.erase,
             preprocessing=preprocessing,
             dcgan=args.dcgan,
             dcgan_steps=args.dcgan_steps,
@@ -237,7 +319,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise NodeError(str(exc)) from None
-    metrics = train(settings)
+    from ai.dataset import DataError
+
+    try:
+        metrics = train(settings)
+    except DataError as exc:
+        raise NodeError(str(exc)) from None
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return 0
 
@@ -260,12 +347,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ai.evaluate import evaluate, fmt_ci
     from ai.model import model_dir
 
-    data_dir = Path(args.data)
     out = Path(args.out)
     result = evaluate(
         model_dir(args.model),
-        data_dir,
-        Path(args.manifest) if args.manifest else data_dir / "manifest.csv",
+        [Path(d) for d in args.data or []],
+        Path(args.manifest) if args.manifest else None,
         out,
         bootstrap=args.bootstrap,
         gradcam_images=args.gradcam_images,
@@ -273,6 +359,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{out / 'report.md'}: accuracy {fmt_ci(result['overall']['accuracy'])}, "
         f"macro-F1 {fmt_ci(result['overall']['macro_f1'])}  ({DISCLAIMER})"
+    )
+    return 0
+
+
+def cmd_fit_serving(args: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    from ai.dataset import DataError
+    from ai.model import ModelError, model_dir
+    from ai.serving import fit_serving
+
+    try:
+        summary = fit_serving(
+            model_dir(args.model),
+            data_dirs=[Path(d) for d in args.data or []],
+            manifest=Path(args.manifest) if args.manifest else None,
+            target_sensitivity=args.target_sensitivity,
+            quantile=args.abstention_quantile,
+        )
+    except (DataError, ModelError) as exc:
+        raise NodeError(str(exc)) from None
+    cal = summary["calibration"]
+    print(
+        f"temperature {cal['temperature']}: validation ECE {cal['ece_before']:.3f} -> "
+        f"{cal['ece_after']:.3f}"
+    )
+    point = summary.get("operating_point")
+    if point:
+        print(
+            f"operating point: {point['class']} at >= {point['threshold']:.4f} (validation "
+            f"sensitivity {point['validation_sensitivity']}, specificity "
+            f"{point['validation_specificity']})"
+        )
+    ab = summary["abstention"]
+    print(
+        f"abstention: distance > {ab['threshold']} ({ab['quantile']} quantile of validation; "
+        f"{ab['validation_abstention_rate']:.1%} of validation images)"
     )
     return 0
 
@@ -340,19 +462,30 @@ def build_parser() -> argparse.ArgumentParser:
     classify = sub.add_parser(
         "classify",
         help="classify DICOM, PNG or JPEG files offline",
-        description="Run the node's inference on files and print, per file, the label, every "
-        "class's probability and the model's name and version.",
+        description="Run the node's inference on files. DICOM files are routed by Modality to "
+        "the model the node would use and grouped by series: one result per series (a CT "
+        "series with the slices that drove it). PNG/JPEG files get one result each from "
+        "--model or --task. Prints the label, every class's calibrated probability, the "
+        "decision rule and the model's name and version.",
         epilog=EPILOG,
     )
     classify.add_argument("files", nargs="+", metavar="FILE")
     classify.add_argument("--json", action="store_true", help="print JSON")
     classify.add_argument(
+        "--config",
+        metavar="PATH",
+        help="take the [[models]] routing from this node config (default: built-in, CR/DX to "
+        "the chest X-ray model, CT to the CT model)",
+    )
+    classify.add_argument(
         "--task",
         choices=["cxr", "ct"],
         default="cxr",
-        help="which shipped model to use (default cxr)",
+        help="the shipped model for PNG/JPEG files (default cxr); DICOM files go by Modality",
     )
-    classify.add_argument("--model", metavar="NAME_OR_DIR", help="a model folder or shipped name")
+    classify.add_argument(
+        "--model", metavar="NAME_OR_DIR", help="a model folder or shipped name for PNG/JPEG files"
+    )
     classify.add_argument(
         "--runtime",
         choices=["onnx", "keras"],
@@ -377,8 +510,33 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     train.add_argument("--task", choices=["cxr", "ct"], required=True)
-    train.add_argument("--data", required=True, metavar="DIR", help="folder holding the images")
-    train.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
+    train.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="a data folder: with a manifest.csv (task, label, file, patient_group, source or "
+        "source_repo), or class subfolders (covid/, pneumonia/, normal/); repeat for more",
+    )
+    train.add_argument("--manifest", metavar="CSV", help="default: the first DIR/manifest.csv")
+    train.add_argument(
+        "--hold-out-source",
+        metavar="NAME",
+        help="keep every image of this source (and of its patients) out of training, validation "
+        "and test; evaluate reports it as the held-out source (e.g. hannover, nih, cohen)",
+    )
+    train.add_argument(
+        "--exclude-source",
+        action="append",
+        metavar="NAME",
+        help="do not use this source at all (e.g. teaching: licence unknown); repeatable",
+    )
+    train.add_argument(
+        "--stratify",
+        choices=["source", "label"],
+        default="source",
+        help="split strata: label and source (default: every source in every split) or label",
+    )
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     train.add_argument("--name", help="model name in model.json (default TASK-BACKBONE)")
     train.add_argument("--version", default="0.1.0")
@@ -441,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-class-weights", action="store_true", help="do not weight the loss by class"
     )
+    g.add_argument(
+        "--balance",
+        choices=["class", "source"],
+        default="class",
+        help="loss weights: by class (default), or by class and source so that no hospital's "
+        "look stands in for a class",
+    )
     g = train.add_argument_group("augmentation (training only)")
     g.add_argument("--rotation", type=float, default=10.0, help="max rotation, degrees (10)")
     g.add_argument("--shift", type=float, default=0.05, help="max shift, fraction (0.05)")
@@ -452,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--brightness", type=float, default=0.1, help="max brightness change (0.1)")
     g.add_argument("--contrast", type=float, default=0.1, help="max contrast change (0.1)")
+    g.add_argument("--blur", type=float, default=0.0, help="max Gaussian blur sigma, px (0: off)")
+    g.add_argument(
+        "--erase",
+        type=float,
+        default=0.0,
+        help="probability of blanking a random patch, like a marker or text (0: off)",
+    )
     g = train.add_argument_group("preprocessing and data")
     g.add_argument(
         "--preprocess",
@@ -505,12 +677,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     evaluate.add_argument("model", metavar="MODEL", help="a model folder or a shipped name")
-    evaluate.add_argument("--data", required=True, metavar="DIR")
-    evaluate.add_argument("--manifest", metavar="CSV", help="default: DIR/manifest.csv")
+    evaluate.add_argument(
+        "--data",
+        action="append",
+        metavar="DIR",
+        help="data folder(s) (repeatable; default: the folders recorded in training.json)",
+    )
+    evaluate.add_argument("--manifest", metavar="CSV", help="default: the first DIR/manifest.csv")
     evaluate.add_argument("--out", required=True, metavar="DIR")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
     evaluate.add_argument("--gradcam-images", type=int, default=12)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    fit = sub.add_parser(
+        "fit-serving",
+        help="fit calibration, the operating point and abstention on a model's validation split",
+        description="Fit, on the validation patients of the model's own split (never the test "
+        "split): the temperature that calibrates its probabilities, the COVID-19 threshold "
+        "that reaches the target sensitivity, and the feature-distance threshold above which "
+        "it answers 'indeterminate'. Writes them into model.json (statistics in "
+        "abstention.npz) and a summary into serving.json. pacs-node train runs it at the end.",
+        epilog=EPILOG,
+    )
+    fit.add_argument("model", metavar="MODEL", help="a model folder")
+    fit.add_argument("--data", action="append", metavar="DIR", help="default: recorded folders")
+    fit.add_argument("--manifest", metavar="CSV")
+    fit.add_argument(
+        "--target-sensitivity", type=float, default=0.95, help="for COVID-19 (default 0.95)"
+    )
+    fit.add_argument(
+        "--abstention-quantile",
+        type=float,
+        default=0.98,
+        help="of validation distances: the abstention threshold (default 0.98)",
+    )
+    fit.set_defaults(func=cmd_fit_serving)
 
     status = sub.add_parser(
         "status", help="show the queue, results and failed deliveries", epilog=EPILOG

@@ -8,7 +8,6 @@ calls :meth:`Worker.tick` in production.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections import defaultdict
@@ -22,7 +21,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from ai.model import ModelError
-from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
+from ai.results import (  # noqa: F401  (re-exported for older callers)
+    SC_SERIES_NUMBER,
+    SR_SERIES_NUMBER,
+    build_results,
+    derived_uid,
+)
 from ai.runtime import load_runtime_classifier
 from pacs_node import __version__, sender
 from pacs_node.errors import UnusableInputError
@@ -38,9 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SR_SERIES_NUMBER = 9901
-SC_SERIES_NUMBER = 9902
-
 
 @dataclass(frozen=True)
 class SeriesWork:
@@ -53,15 +54,6 @@ class SeriesWork:
 
 def _write_bytes(data: bytes, fh: BinaryIO) -> None:
     fh.write(data)
-
-
-def derived_uid(*parts: str) -> str:
-    """A UID fixed by its inputs: a retry makes the same instances, not duplicates.
-
-    A ``2.25`` UID (PS3.5 B.2) from 128 bits of a SHA-256 over the parts.
-    """
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 class Worker:
@@ -154,36 +146,8 @@ class Worker:
 
     def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
         prediction = analysis.prediction
-        sources = sorted(str(ds.SOPInstanceUID) for ds in analysis.used)
-        key = [prediction.model_name, prediction.model_version, *sources]
-        sr = build_sr(
-            analysis.used,
-            prediction,
-            series_instance_uid=derived_uid("sr-series", *key),
-            sop_instance_uid=derived_uid("sr", *key),
-            series_number=SR_SERIES_NUMBER,
-            software_version=__version__,
-        )
-        outputs = [sr]
-        sc_series_uid = derived_uid("sc-series", *key)
-        for number, item in enumerate(analysis.explained, start=1):
-            assert item.dataset is not None
-            extra = ""
-            if prediction.task == "ct":
-                extra = f"slice {item.dataset.get('InstanceNumber', '?')}: p={item.probability:.2f}"
-            overlay = render_overlay(item.image, item.heatmap, overlay_lines(prediction, extra))
-            outputs.append(
-                build_sc(
-                    item.dataset,
-                    overlay,
-                    prediction,
-                    series_instance_uid=sc_series_uid,
-                    sop_instance_uid=derived_uid("sc", item.name, *key),
-                    series_number=SC_SERIES_NUMBER,
-                    instance_number=number,
-                    software_version=__version__,
-                )
-            )
+        outputs = build_results(analysis, software_version=__version__)
+        sr = outputs[0]
         written = []
         for ds in outputs:
             relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)

@@ -87,15 +87,27 @@ def test_classify_dicom_and_jpeg_as_json():
         assert record["model"] and record["version"]
 
 
-def test_classify_ct_writes_sr_and_sc(tmp_path):
-    run = run_cli("classify", "--task", "ct", "--output", str(tmp_path), str(CT_SERIES[10]))
+def test_classify_routes_a_ct_series_to_the_ct_model_with_one_result(tmp_path):
+    """DICOM goes by Modality as in the node (--task says cxr here and is ignored for DICOM),
+    grouped by series: one result for the 30 slices, with the slices that drove it, and the
+    same SR and secondary captures the worker builds."""
+    files = [str(p) for p in CT_SERIES]
+    run = run_cli("classify", "--json", "--task", "cxr", "--output", str(tmp_path), *files)
     assert run.returncode == 0, run.stderr
-    assert "not for diagnostic use" in run.stdout
-    sr = pydicom.dcmread(tmp_path / f"{CT_SERIES[10].stem}_sr.dcm")
-    sc = pydicom.dcmread(tmp_path / f"{CT_SERIES[10].stem}_sc.dcm")
+    (record,) = json.loads(run.stdout)["results"]
+    assert record["model"].startswith("ct-") and record["modality"] == "CT"
+    assert len(record["files"]) == len(CT_SERIES) and record["label"] in {"covid", "noncovid"}
+    assert 1 <= len(record["slices"]) <= 3 and all("probability" in s for s in record["slices"])
+    sr = pydicom.dcmread(tmp_path / f"{CT_SERIES[0].stem}_sr.dcm")
+    sc = pydicom.dcmread(tmp_path / f"{CT_SERIES[0].stem}_sc1.dcm")
     source = pydicom.dcmread(CT_SERIES[10], stop_before_pixels=True)
     assert sr.StudyInstanceUID == sc.StudyInstanceUID == source.StudyInstanceUID
+    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence) == len(CT_SERIES)  # fmt: skip
     assert sc.BurnedInAnnotation == "YES"
+    text = run_cli("classify", *files)
+    assert text.returncode == 0 and text.stdout.count("series ") == 1
+    assert "(CT, 30 files)" in text.stdout and "slices that drove it" in text.stdout
 
 
 def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
@@ -104,9 +116,7 @@ def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
     run = run_cli("classify", str(text), str(DICOM / "sr" / "dcmqi__sr.dcm"))
     assert run.returncode == 1
     assert "note.txt: cannot classify: note.txt: not a readable PNG or JPEG" in run.stdout
-    assert "dcmqi__sr.dcm: cannot classify: no usable image in the series: not an image" in (
-        run.stdout
-    )
+    assert "cannot classify: no model serves modality SR" in run.stdout
 
 
 @pytest.mark.parametrize("command", ["serve", "classify", "train", "evaluate", "status", "retry"])

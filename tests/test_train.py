@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ai.analysis import analyse_images
+from ai.calibration import apply_temperature
 from ai.dcgan import GAN_SIZE, balance_with_dcgan, train_dcgan
 from ai.gradcam import build_grad_model, gradcam
 from ai.model import Classifier, ModelError, ModelSpec
@@ -236,7 +237,9 @@ def test_pretrained_lite0_two_phases_with_shortcut_preprocessing_serves_the_same
     analysis = analyse_images(["x"], [image], classifier)
     with_options = classifier.predict(batch([image], 64, 3, SHORTCUT_OPTIONS))[0]
     without = batch([image], 64, 3)
-    assert np.allclose(analysis.prediction.probabilities, with_options, atol=1e-6)
+    calibrated = apply_temperature(with_options[None], spec.temperature)[0]
+    assert spec.temperature != 1.0  # fitted on validation at the end of training
+    assert np.allclose(analysis.prediction.probabilities, calibrated, atol=1e-6)
     assert not np.allclose(without, batch([image], 64, 3, SHORTCUT_OPTIONS))
     maps = classifier.heatmaps(batch([image], 64, 3, SHORTCUT_OPTIONS))
     assert maps.shape == (1, 2, 2) and maps.min() >= 0.0 and maps.max() <= 1.0

@@ -1,0 +1,67 @@
+"""One path from an :class:`~ai.analysis.Analysis` to the DICOM objects that report it.
+
+The node's worker and ``pacs-node classify --output`` both call :func:`build_results`, so the
+same input gives the same SR and secondary captures, with the same UIDs, wherever it is analysed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydicom.dataset import Dataset
+
+from ai.analysis import Analysis
+from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
+
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID fixed by its inputs: a retry makes the same instances, not duplicates.
+
+    A ``2.25`` UID (PS3.5 B.2) from 128 bits of a SHA-256 over the parts.
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]:
+    """The SR (first) and one secondary capture per explained image, for a DICOM analysis.
+
+    UIDs derive from the model name and version and the SOP Instance UIDs of the images used.
+    """
+    prediction = analysis.prediction
+    if not analysis.used:
+        raise ValueError("build_results needs an analysis of DICOM datasets")
+    sources = sorted(str(ds.SOPInstanceUID) for ds in analysis.used)
+    key = [prediction.model_name, prediction.model_version, *sources]
+    sr = build_sr(
+        analysis.used,
+        prediction,
+        series_instance_uid=derived_uid("sr-series", *key),
+        sop_instance_uid=derived_uid("sr", *key),
+        series_number=SR_SERIES_NUMBER,
+        software_version=software_version,
+    )
+    outputs = [sr]
+    sc_series_uid = derived_uid("sc-series", *key)
+    for number, item in enumerate(analysis.explained, start=1):
+        if item.dataset is None:
+            raise ValueError(f"explained image {item.name} has no dataset")
+        overlay = render_overlay(
+            item.image, item.heatmap, overlay_lines(prediction, analysis.caption(item))
+        )
+        outputs.append(
+            build_sc(
+                item.dataset,
+                overlay,
+                prediction,
+                series_instance_uid=sc_series_uid,
+                sop_instance_uid=derived_uid("sc", item.name, *key),
+                series_number=SC_SERIES_NUMBER,
+                instance_number=number,
+                software_version=software_version,
+            )
+        )
+    return outputs

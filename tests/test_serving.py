@@ -1,0 +1,198 @@
+"""Issue 8: training on several folders with a source held out, calibration, the operating
+point, abstention, and the same result objects from the worker and from ``classify``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from ai import abstention as ab
+from ai import calibration as cal
+from ai import metrics as m
+from ai.dataset import make_splits, read_samples, source_name
+from ai.outputs import INDETERMINATE, ClassCode, Prediction, build_sr
+from ai.train import CLASSES
+from tests.conftest import CR_CHEST, SHARED_DATA
+
+CXR = [c.name for c in CLASSES["cxr"]]
+BASE = {
+    "task": "cxr",
+    "data_dir": str(SHARED_DATA),
+    "seed": 0,
+    "validation_fraction": 0.15,
+    "test_fraction": 0.15,
+    "stratify": "source",
+}
+
+
+def _overconfident(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from known probabilities, reported sharpened (as if T = 1/3): a model that
+    is right as often as ``p`` says but claims more confidence."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, size=(n, 3))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    sharp = p**3 / (p**3).sum(axis=1, keepdims=True)
+    return sharp, y
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
+    probs, y = _overconfident()
+    t = cal.fit_temperature(probs, y)
+    assert 2.6 < t < 3.4  # the sharpening undone
+    after = cal.apply_temperature(probs, t)
+    before_ece, after_ece = (m.expected_calibration_error(y, p) for p in (probs, after))
+    assert after_ece < 0.03 < before_ece and after_ece < before_ece / 3
+    assert cal.nll(after, y) < cal.nll(probs, y)
+    assert (after.argmax(axis=1) == probs.argmax(axis=1)).all()  # ranking unchanged
+    summary = cal.calibration_summary(y, probs, t, CXR)
+    assert summary["ece_after"] < summary["ece_before"]
+    assert sum(summary["reliability_after"]["count"]) == len(y)
+
+
+def test_threshold_is_the_highest_reaching_the_target_sensitivity():
+    rng = np.random.default_rng(1)
+    scores = rng.random(400)
+    positive = rng.random(400) < scores  # higher score, more often positive
+    t = cal.choose_threshold(scores, positive, 0.95)
+    assert np.mean(scores[positive] >= t) >= 0.95
+    assert np.mean(scores[positive] > t) < 0.95  # any higher threshold misses the target
+    probs = np.array([[0.2, 0.7, 0.1], [0.05, 0.15, 0.8]])
+    assert cal.decide(probs, 0, 0.15).tolist() == [0, 2]  # 0.2 >= 0.15: COVID-19
+    assert cal.decide(probs, 0, None).tolist() == [1, 2]
+
+
+def test_prediction_follows_its_operating_point_and_the_sr_says_so(strict_pydicom):
+    classes = CLASSES["cxr"]
+    p = Prediction("m", "1", "cxr", classes, (0.2, 0.5, 0.3), positive_class="covid",
+                   threshold=0.15, operating_point_note="Chosen on validation.")  # fmt: skip
+    assert p.label.name == "covid" and p.probability == pytest.approx(0.2)
+    plain = Prediction("m", "1", "cxr", classes, (0.2, 0.5, 0.3))
+    assert plain.label.name == "pneumonia"
+    unsure = Prediction("m", "1", "cxr", classes, (0.2, 0.5, 0.3), positive_class="covid",
+                        threshold=0.15, indeterminate="unlike the training data")  # fmt: skip
+    assert unsure.label == INDETERMINATE and unsure.decided.name == "covid"
+    source = pydicom.dcmread(CR_CHEST, stop_before_pixels=True)
+    for prediction, finding in ((p, "COVID-19"), (unsure, "Undetermined")):
+        sr = build_sr([source], prediction, series_instance_uid="1.2.3.4",
+                      sop_instance_uid="1.2.3.4.5", software_version="t")  # fmt: skip
+        text = _content_text(sr)
+        assert finding in text and "at least 0.150" in text
+        assert ("Chosen on validation" in text) == bool(prediction.operating_point_note)
+        assert ("Not determined: unlike the training data" in text) == bool(
+            prediction.indeterminate
+        )
+    with pytest.raises(ValueError, match="positive_class"):
+        Prediction("m", "1", "cxr", classes, (0.2, 0.5, 0.3), threshold=0.5)
+
+
+def _content_text(ds: pydicom.Dataset) -> str:
+    out = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if "TextValue" in item:
+                out.append(str(item.TextValue))
+            if "ConceptCodeSequence" in item:
+                out.append(str(item.ConceptCodeSequence[0].CodeMeaning))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return "\n".join(out)
+
+
+def test_feature_density_scores_far_vectors_above_the_validation_quantile():
+    rng = np.random.default_rng(2)
+    train = np.concatenate([rng.normal(0, 1, (200, 40)), rng.normal(3, 1, (200, 40))])
+    y = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    density = ab.fit_density(train, y, 2, components=8)
+    val = np.concatenate([rng.normal(0, 1, (100, 40)), rng.normal(3, 1, (100, 40))])
+    limit = ab.threshold_at(density.score(val), 0.98)
+    far = rng.normal(0, 1, (50, 40)) + 12 * rng.choice([-1, 1], (50, 40))
+    assert np.mean(density.score(val) > limit) <= 0.03
+    assert np.mean(density.score(far) > limit) == 1.0
+    with pytest.raises(ab.AbstentionError, match="do not fit"):
+        density.score(np.zeros((1, 3)))
+
+
+def test_sources_are_named_and_a_held_out_source_leaves_every_split(tmp_path):
+    assert source_name({"source_repo": "ml-workgroup/covid-19-image-repository"}, "x") == "hannover"
+    assert source_name({"source": "Site A", "source_repo": "a/b"}, "x") == "Site A"
+    # a second folder without a manifest: class subfolders, each image its own group
+    extra = tmp_path / "site_b"
+    for label in ("normal", "covid"):
+        (extra / label).mkdir(parents=True)
+        for f in sorted((SHARED_DATA / "cxr_adult" / label).glob("*.jpg"))[:4]:
+            (extra / label / f.name).write_bytes(f.read_bytes())
+    samples = read_samples([SHARED_DATA, extra], "cxr", CXR)
+    sources = {s.source for s in samples}
+    assert {"nih", "hannover", "cohen", "kermany", "figure1", "teaching", "site_b"} <= sources
+    settings = {**BASE, "extra_data": [str(extra)], "hold_out_source": "hannover",
+                "exclude_sources": ["teaching"]}  # fmt: skip
+    splits = make_splits(settings, CXR)
+    held = splits["held_out"]
+    assert held and {s.source for s in held} == {"hannover"}
+    held_groups = {s.group for s in held}
+    for name in ("train", "validation", "test"):
+        split = splits[name]
+        assert not {s.source for s in split} & {"hannover", "teaching"}
+        assert not {s.group for s in split} & held_groups  # its patients' other images too
+    groups = [{s.group for s in splits[k]} for k in ("train", "validation", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    for name in ("train", "validation", "test"):  # stratified by source: every source in each
+        assert {"nih", "cohen", "kermany"} <= {s.source for s in splits[name]}
+    assert any(s.source == "site_b" for s in splits["train"])
+    assert make_splits(settings, CXR) == splits  # reproducible
+    with pytest.raises(ValueError, match="no source 'nowhere'"):
+        make_splits({**BASE, "hold_out_source": "nowhere"}, CXR)
+
+
+@pytest.mark.slow
+def test_train_command_takes_two_folders_and_holds_a_source_out(tmp_path):
+    extra = tmp_path / "clinic"
+    for label in ("normal", "pneumonia", "covid"):
+        (extra / label).mkdir(parents=True)
+        for f in sorted((SHARED_DATA / "cxr" / label).glob("*.jpg"))[:3]:
+            (extra / label / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "model"
+    run = subprocess.run(
+        [sys.executable, "-m", "pacs_node.cli", "train", "--task", "cxr",
+         "--data", str(SHARED_DATA), "--data", str(extra), "--out", str(out),
+         "--hold-out-source", "figure1", "--exclude-source", "teaching",
+         "--limit-per-class", "12", "--image-size", "32", "--epochs", "1",
+         "--balance", "source", "--blur", "1", "--erase", "0.3"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    training = json.loads((out / "training.json").read_text())
+    sources = training["metrics"]["split_sources"]
+    assert set(sources["held_out"]) == {"figure1"}
+    for split in ("train", "validation", "test"):
+        assert "figure1" not in sources[split] and "teaching" not in sources[split]
+    assert training["settings"]["extra_data"] == [str(extra)]
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["operating_point"]["class"] == "covid"
+    assert spec["operating_point"]["validation_sensitivity"] >= 0.95
+    assert spec["temperature"] > 0 and spec["abstention"]["threshold"] > 0
+    assert (out / "abstention.npz").is_file() and (out / "serving.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "pacs_node.cli", "train", "--task", "cxr", "--data",
+         str(SHARED_DATA), "--out", str(tmp_path / "m2"), "--hold-out-source", "nowhere"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no source 'nowhere'" in bad.stderr
+
+
+def test_every_class_code_is_distinct_from_indeterminate():
+    for classes in CLASSES.values():
+        assert all((c.scheme, c.value) != (INDETERMINATE.scheme, INDETERMINATE.value)
+                   for c in classes)  # fmt: skip
+    assert isinstance(INDETERMINATE, ClassCode)
