@@ -209,7 +209,7 @@ def analyse_images(
         Explained(
             name=names[i],
             image=images[i],
-            heatmap=heatmap_in_image_frame(maps[j], images[i].shape, spec.preprocessing),
+            heatmap=heatmap_in_image_frame(maps[j], images[i].shape, spec.preprocessing, images[i]),
             probability=float(probs[i, label]),
             dataset=datasets[i] if datasets is not None else None,
         )

@@ -294,7 +294,9 @@ def plot_gradcam_sheet(
     maps = heatmaps(classifier, [paths[i] for i in picked], predicted)
     for n, i in enumerate(picked):
         original = read_image_file(paths[i])
-        heat = heatmap_in_image_frame(maps[n], original.shape, classifier.spec.preprocessing)
+        heat = heatmap_in_image_frame(
+            maps[n], original.shape, classifier.spec.preprocessing, original
+        )
         image = _display(original)
         overlay = render_overlay(image, heat, [])
         pred = int(predicted[n])

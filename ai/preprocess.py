@@ -140,6 +140,9 @@ def read_image_file(path: str | Path) -> np.ndarray:
 # equalize. A model stores the options it was trained with in ``model.json["preprocessing"]`` so
 # that serving applies exactly the same ones.
 PREPROCESS_OPTIONS = {
+    "body_crop": "CT: keep the patient's body (largest bright component, holes filled) cut to "
+    "its bounding box and padded to a square, air, table and field of view blanked, so a DICOM "
+    "slice looks like the body-cropped figures the model learned from (true/false)",
     "square": "first cut the central square (the shorter side), so the aspect ratio of the "
     "source image is not squeezed into the model input as a shape the model can learn",
     "crop": "keep the central fraction (0-1] of each side, approximating a lung-centred crop",
@@ -158,7 +161,7 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         if key not in PREPROCESS_OPTIONS:
             known = ", ".join(PREPROCESS_OPTIONS)
             raise ValueError(f"unknown preprocessing option {key!r} (known: {known})")
-        if key in ("equalize", "square"):
+        if key in ("equalize", "square", "body_crop"):
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be true or false, not {value!r}")
             if value:
@@ -210,12 +213,61 @@ def crop_box(shape: tuple[int, ...], fraction: float) -> tuple[int, int, int, in
     return top, top + ch, left, left + cw
 
 
-def prepared_box(shape: tuple[int, ...], options: Mapping[str, Any]) -> tuple[int, int, int, int]:
+BODY_LEVEL = 0.55  # [0, 1] level above which a pixel is tissue (about -530 HU in the lung window)
+BODY_MIN_FRACTION = 0.15  # a body smaller than this share of the image: none found, keep all
+
+
+def body_mask(image: np.ndarray) -> np.ndarray | None:
+    """The patient's body in a 2-D [0, 1] CT image: the largest component above
+    :data:`BODY_LEVEL` with its holes (the lungs) filled; None when nothing body-sized is found."""
+    tissue = (np.asarray(image) > BODY_LEVEL).astype(np.uint8)
+    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, connectivity=8)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, bw, bh = (int(v) for v in stats[largest, :4])
+    h, w = tissue.shape
+    touching = (x <= 2) + (y <= 2) + (x + bw >= w - 2) + (y + bh >= h - 2)
+    if touching >= 2:  # a tight crop (a figure): the body fills the image, nothing to cut
+        return None
+    body = (labels == largest).astype(np.uint8)
+    contours, _ = cv2.findContours(body, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(body)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    if filled.sum() < BODY_MIN_FRACTION * filled.size:
+        return None
+    return filled.astype(bool)
+
+
+def _body_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the body padded to a square (may reach past the image)."""
+    h, w = image.shape[:2]
+    mask = body_mask(image)
+    if mask is None:
+        top, bottom, left, right = 0, h, 0, w
+    else:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(bottom - top, right - left)
+    top -= (side - (bottom - top)) // 2
+    left -= (side - (right - left)) // 2
+    return top, top + side, left, left + side
+
+
+def prepared_box(
+    shape: tuple[int, ...], options: Mapping[str, Any], image: np.ndarray | None = None
+) -> tuple[int, int, int, int]:
     """(top, bottom, left, right): the part of an image of *shape* that :func:`prepare` keeps
-    (the central square, then the central crop of it)."""
+    (the body's square with ``body_crop``, which needs *image*; else the central square; then
+    the central crop of it). The box may reach past the image where the body was padded."""
     h, w = shape[:2]
     top, bottom, left, right = 0, h, 0, w
-    if options.get("square"):
+    if options.get("body_crop"):
+        if image is None:
+            raise ValueError("body_crop: the box depends on the image; pass it")
+        top, bottom, left, right = _body_box(image)
+    elif options.get("square"):
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         bottom, right = top + side, left + side
@@ -231,8 +283,14 @@ def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.n
     if not opts:
         return image
     out = np.asarray(image, dtype=np.float32)
-    top, bottom, left, right = prepared_box(out.shape, opts)
-    out = out[top:bottom, left:right]
+    top, bottom, left, right = prepared_box(out.shape, opts, out)
+    if opts.get("body_crop"):
+        mask = body_mask(out)
+        if mask is not None:
+            out = np.where(mask, out, 0.0).astype(np.float32)
+        out = _cut(out, top, bottom, left, right)
+    else:
+        out = out[top:bottom, left:right]
     if opts.get("mask_border", 0.0) > 0.0:
         h, w = out.shape
         dy, dx = round(h * opts["mask_border"]), round(w * opts["mask_border"])
@@ -256,8 +314,21 @@ def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.n
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def _cut(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """``image[top:bottom, left:right]`` where the box may reach past the image (zeros there)."""
+    h, w = image.shape[:2]
+    out = np.zeros((bottom - top, right - left), dtype=np.float32)
+    t, b, lft, r = max(0, top), min(h, bottom), max(0, left), min(w, right)
+    if b > t and r > lft:
+        out[t - top : b - top, lft - left : r - left] = image[t:b, lft:r]
+    return out
+
+
 def heatmap_in_image_frame(
-    heatmap: np.ndarray, shape: tuple[int, ...], options: Mapping[str, Any] | None = None
+    heatmap: np.ndarray,
+    shape: tuple[int, ...],
+    options: Mapping[str, Any] | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
     """A Grad-CAM map computed on the prepared image, placed over the original image of *shape*.
 
@@ -266,13 +337,17 @@ def heatmap_in_image_frame(
     original.
     """
     opts = check_options(options)
-    top, bottom, left, right = prepared_box(shape, opts)
+    top, bottom, left, right = prepared_box(shape, opts, image)
     if (top, left, bottom, right) == (0, 0, shape[0], shape[1]):
         return heatmap
-    full = np.zeros(shape[:2], dtype=np.float32)
-    full[top:bottom, left:right] = cv2.resize(
+    placed = cv2.resize(
         heatmap.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR
     )
+    h, w = shape[:2]
+    full = np.zeros((h, w), dtype=np.float32)
+    t, b, lft, r = max(0, top), min(h, bottom), max(0, left), min(w, right)
+    if b > t and r > lft:
+        full[t:b, lft:r] = placed[t - top : b - top, lft - left : r - left]
     return np.clip(full, 0.0, 1.0)
 
 

@@ -196,3 +196,50 @@ def test_every_class_code_is_distinct_from_indeterminate():
         assert all((c.scheme, c.value) != (INDETERMINATE.scheme, INDETERMINATE.value)
                    for c in classes)  # fmt: skip
     assert isinstance(INDETERMINATE, ClassCode)
+
+
+def _sr_content(ds: pydicom.Dataset) -> list:
+    """The SR's content tree without its creation times: what a reader of the report sees."""
+    skip = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+            "SeriesDate", "SeriesTime", "ContributionDateTime"}  # fmt: skip
+    return [
+        (elem.keyword, str(elem.value) if elem.VR != "SQ" else None)
+        for elem in ds.iterall()
+        if elem.keyword not in skip
+    ]
+
+
+def _node_results(node) -> list[pydicom.Dataset]:
+    from sqlalchemy import select
+
+    from storage.models import Instance, Series
+
+    with node.db.read() as session:
+        paths = session.scalars(
+            select(Instance.path).join(Series).where(Series.generated.is_(True))
+        ).all()
+    return [pydicom.dcmread(node.files.abspath(p)) for p in paths]
+
+
+@pytest.mark.slow
+def test_worker_and_classify_make_the_same_sr_for_the_same_input(start_node, tmp_path):
+    from tests import scu
+    from tests.conftest import make_config
+
+    node = start_node(make_config(tmp_path))
+    assert scu.store(node.port, [CR_CHEST])[0].Status == 0
+    assert node.run_pending() == 1
+    by_node = {str(ds.SOPInstanceUID): ds for ds in _node_results(node)}
+    out = tmp_path / "classify"
+    run = subprocess.run(
+        [sys.executable, "-m", "pacs_node.cli", "classify", "--output", str(out), str(CR_CHEST)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    by_classify = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, out.glob("*.dcm"))}
+    assert set(by_classify) == set(by_node)  # same UIDs: the same objects
+    for uid, ds in by_classify.items():
+        if ds.Modality == "SR":
+            assert _sr_content(ds) == _sr_content(by_node[uid])
+        else:
+            assert ds.pixel_array.tobytes() == by_node[uid].pixel_array.tobytes()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 8: CT models for real DICOM. The only CT training data here are figure crops from
+# papers (ct/); real DICOM slices have air, a table and a round field of view around the body,
+# so the body is cut out (--preprocess body_crop) in training and serving alike. Each model is
+# then judged on the real DICOM CT in dicom/ (scripts/ct_dicom_check.py), which it never saw.
+#
+#   scripts/ct_real.sh train   # the candidates
+#   scripts/ct_real.sh check   # slice- and series-level numbers on real DICOM, per candidate
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-/work/shared/data}
+RUNS=${RUNS:-build/ct}
+mkdir -p "$RUNS"
+
+train() {  # train NAME [options...]
+    local name=$1
+    shift
+    [[ -f "$RUNS/$name/model.json" ]] && { echo "== $name: trained already"; return; }
+    echo "== $name: pacs-node train --task ct --data $DATA --out $RUNS/$name $*"
+    nice pacs-node train --task ct --data "$DATA" --out "$RUNS/$name" --name "$name" "$@" \
+        >"$RUNS/$name.log" 2>&1
+    grep -o '"test_accuracy": [0-9.]*' "$RUNS/$name/training.json" || true
+}
+
+case "${1:-}" in
+train)
+    # the shipped recipe (small CNN), then with the body cut out, then with window/exposure
+    # augmentation; a pretrained Lite0 with the body cut out
+    train ct-small --backbone small-cnn --image-size 128 --batch-size 16 --seed 0 \
+        --epochs 30 --phase2-epochs 10 --patience 6
+    train ct-small-body --backbone small-cnn --image-size 128 --batch-size 16 --seed 0 \
+        --epochs 30 --phase2-epochs 10 --patience 6 --preprocess body_crop --horizontal-flip
+    train ct-small-body-aug --backbone small-cnn --image-size 128 --batch-size 16 --seed 0 \
+        --epochs 30 --phase2-epochs 10 --patience 6 --preprocess body_crop --horizontal-flip \
+        --brightness 0.2 --contrast 0.3 --blur 1.0 --zoom 0.1
+    train ct-lite0-body --backbone efficientnet_lite0 --pretrained --image-size 224 \
+        --batch-size 16 --seed 0 --epochs 5 --phase2-epochs 25 --patience 8 \
+        --preprocess body_crop --horizontal-flip --brightness 0.2 --contrast 0.3
+    ;;
+check)
+    python scripts/ct_dicom_check.py --data "$DATA" "$RUNS"/*/ ai/models/ct
+    ;;
+*)
+    sed -n '2,9p' "$0"
+    exit 2
+    ;;
+esac
