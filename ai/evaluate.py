@@ -527,7 +527,7 @@ def _robustness_sections(result: Mapping[str, Any]) -> list[str | list[str]]:
         for name, r in ab["rates"].items():
             lines.append(
                 f"| {name} | {r['n']} | {r['abstained']} | {_num(r['rate'], 2)} | "
-                f"{_num(r['median_distance'], 1)} |"
+                f"{_num(r['median_distance'], 3)} |"
             )
         parts += [
             "## Abstention (indeterminate: unlike the training data)",

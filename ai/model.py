@@ -192,7 +192,8 @@ def load_density(directory: Path, spec: ModelSpec) -> Any:
 class Classifier:
     """A loaded model: predicts class probabilities and Grad-CAM heatmaps for batches."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, abstention: bool = True) -> None:
+        """*abstention* False skips the abstention statistics (to fit them anew)."""
         import keras
 
         self.directory = directory
@@ -203,7 +204,7 @@ class Classifier:
         self.model = keras.saving.load_model(weights, compile=False)
         self._grad_model: Any = None
         self._kernel: np.ndarray | None = None
-        self.density = load_density(directory, self.spec)
+        self.density = load_density(directory, self.spec) if abstention else None
         self._lock = threading.Lock()  # one inference at a time per model
 
     def warm_up(self) -> None:

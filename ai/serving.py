@@ -79,7 +79,7 @@ def fit_serving(
     if not splits["validation"] or not splits["train"]:
         raise ModelError(f"{model_dir}: the rebuilt split has no training or validation images")
     # forward() gives the network's raw probabilities whatever model.json says.
-    classifier = Classifier(model_dir)
+    classifier = Classifier(model_dir, abstention=False)
     raw_val, vec_val = forward_samples(classifier, splits["validation"])
     _, vec_train = forward_samples(classifier, splits["train"])
     y_val = np.array([names.index(s.label) for s in splits["validation"]])
@@ -108,7 +108,7 @@ def fit_serving(
         }
         summary["operating_point"] = operating_point
 
-    density = ab.fit_density(vec_train, y_train, len(names))
+    density = ab.fit_density(vec_train)
     scores_val = density.score(vec_val)
     limit = ab.threshold_at(scores_val, quantile)
     density.save(model_dir / ab.FILE)
@@ -116,8 +116,8 @@ def fit_serving(
         "file": ab.FILE,
         "threshold": round(limit, 4),
         "quantile": quantile,
-        "score": "class-conditional Mahalanobis distance, pooled features, whitened PCA "
-        f"({density.components.shape[1]} components)",
+        "score": f"cosine distance to the {density.k}th nearest training image, pooled "
+        "features (deep nearest neighbours)",
         "validation_abstention_rate": round(float(np.mean(scores_val > limit)), 4),
     }
     summary["abstention"] = abstention

@@ -1,0 +1,54 @@
+"""The leave-one-source-out table (issue 8) from the evaluation reports of the LOSO runs.
+
+Each ``RUNS/loso-<source>/eval/metrics.json`` is one model trained without that source (and
+without the teaching set); its held-out rows give the sensitivity (COVID-19 sources) or
+specificity (others) at the model's own operating point, chosen on its validation split.
+
+    python scripts/loso_table.py build/adult [--prefix loso-]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _rate(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    text = f"{entry['value']:.2f}"
+    if entry.get("ci_low") is not None:
+        text += f" ({entry['ci_low']:.2f}–{entry['ci_high']:.2f})"
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--prefix", default="loso-")
+    args = parser.parse_args()
+    print(
+        "| Held-out source | Images (patients) | Labels | COVID-19 sensitivity | Specificity | "
+        "Abstained | In-distribution test macro-F1 | Threshold |"
+    )
+    print("|---|---:|---|---|---|---:|---:|---:|")
+    for path in sorted(args.runs.glob(f"{args.prefix}*/eval/metrics.json")):
+        r = json.loads(path.read_text())
+        rows = [x for x in r.get("per_source", []) if x["split"] == "held out"]
+        rates = (r.get("abstention") or {}).get("rates", {}).get("held-out source", {})
+        threshold = (r.get("operating_point", {}).get("fitted") or {}).get("threshold")
+        for row in rows:
+            labels = ", ".join(f"{k} {v}" for k, v in row["labels"].items())
+            abstained = f"{rates['rate']:.2f}" if rates else "–"
+            print(
+                f"| {row['source']} | {row['images']} ({row['patients']}) | {labels} | "
+                f"{_rate(row.get('sensitivity'))} | {_rate(row.get('specificity'))} | "
+                f"{abstained} | {r['overall']['macro_f1']['value']:.2f} | "
+                f"{threshold if threshold is None else f'{threshold:.3f}'} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
