@@ -16,6 +16,9 @@ and the feature vector for abstention. Then, in order:
    (k = 10 % of the usable slices, at least 1), since a focal finding on a few slices should not
    be averaged away; that suits triage, at the price of more false positives than a plain mean;
 4. **operating point**: the positive class when its probability reaches the model's threshold.
+
+A model whose ``model.json`` sets ``indeterminate_reason`` (one not shown to work on the images
+the node receives) reports every result as indeterminate with that reason.
 """
 
 from __future__ import annotations
@@ -180,6 +183,8 @@ def analyse_images(
             f"{limit:.1f}, fitted on validation)"
         )
         keep = np.ones(len(images), dtype=bool)  # still report what the images say
+    if spec.indeterminate_reason:
+        indeterminate = spec.indeterminate_reason
     series_probs = rules.aggregate(probs[keep], positive)
     series_probs = series_probs / series_probs.sum()
     point = spec.operating_point

@@ -47,6 +47,9 @@ class ModelSpec:
     temperature: float = 1.0
     operating_point: dict[str, Any] = field(default_factory=dict)
     abstention: dict[str, Any] = field(default_factory=dict)
+    # when set, every result is "indeterminate" with this reason (probabilities still given):
+    # for a model not shown to work on the images the node receives (see its model card)
+    indeterminate_reason: str = ""
 
     def class_index(self, name: str) -> int:
         return [c.name for c in self.classes].index(name)
@@ -68,6 +71,7 @@ class ModelSpec:
             "temperature": self.temperature,
             "operating_point": dict(self.operating_point),
             "abstention": dict(self.abstention),
+            "indeterminate_reason": self.indeterminate_reason,
         }
 
     @property
@@ -96,6 +100,7 @@ class ModelSpec:
                 temperature=float(data.get("temperature") or 1.0),
                 operating_point=dict(data.get("operating_point") or {}),
                 abstention=dict(data.get("abstention") or {}),
+                indeterminate_reason=str(data.get("indeterminate_reason") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: invalid model metadata: {exc!r}") from None

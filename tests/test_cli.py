@@ -96,7 +96,8 @@ def test_classify_routes_a_ct_series_to_the_ct_model_with_one_result(tmp_path):
     assert run.returncode == 0, run.stderr
     (record,) = json.loads(run.stdout)["results"]
     assert record["model"].startswith("ct-") and record["modality"] == "CT"
-    assert len(record["files"]) == len(CT_SERIES) and record["label"] in {"covid", "noncovid"}
+    assert len(record["files"]) == len(CT_SERIES) and record["most_likely"] in {"covid", "noncovid"}
+    assert record["label"] == "indeterminate" and "real DICOM CT" in record["indeterminate"]
     assert 1 <= len(record["slices"]) <= 3 and all("probability" in s for s in record["slices"])
     sr = pydicom.dcmread(tmp_path / f"{CT_SERIES[0].stem}_sr.dcm")
     sc = pydicom.dcmread(tmp_path / f"{CT_SERIES[0].stem}_sc1.dcm")

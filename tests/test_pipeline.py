@@ -105,7 +105,9 @@ def test_ct_series_gives_one_sr_over_all_slices_and_few_heatmaps(start_node):
     scu.store(node.port, CT_SERIES)
     assert node.run_pending() == 1
     ((result, _),) = _results(node)
-    assert result.label in {"covid", "noncovid"}
+    # the shipped CT model is no better than chance on real DICOM, so it says so on every scan
+    assert result.label == "indeterminate"
+    assert set(result.probabilities) == {"covid", "noncovid"}
     assert 1 <= len(result.sc_sop_instance_uids) <= 3
     with node.db.read() as session:
         from storage.models import Instance

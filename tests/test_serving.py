@@ -248,3 +248,41 @@ def test_worker_and_classify_make_the_same_sr_for_the_same_input(start_node, tmp
             assert _sr_content(ds) == _sr_content(by_node[uid])
         else:
             assert ds.pixel_array.tobytes() == by_node[uid].pixel_array.tobytes()
+
+
+@pytest.mark.slow
+def test_node_answers_indeterminate_for_a_leg_film_and_a_ct_slice_sent_as_xrays(
+    start_node, tmp_path
+):
+    """Through the real node path (C-STORE, queue, worker, SR): images that pass the header
+    rules but are not chest radiographs (a leg CR whose header names no body part, a CT slice
+    relabelled DX) reach the chest X-ray model, which declines: finding "Undetermined", the
+    reason in the SR, the probabilities still reported."""
+    from sqlalchemy import select
+
+    from storage.models import Result, Series
+    from tests import scu
+    from tests.conftest import CT_SERIES, DICOM, make_config
+
+    leg = pydicom.dcmread(DICOM / "compressed" / "pydicom_data__RG3_J2KR.dcm")
+    del leg.BodyPartExamined
+    ct = pydicom.dcmread(CT_SERIES[15])
+    ct.Modality = "DX"
+    node = start_node(make_config(tmp_path))
+    assert [s.Status for s in scu.store(node.port, [leg, ct])] == [0, 0]
+    assert node.run_pending() == 2
+    with node.db.read() as session:
+        rows = session.execute(select(Result, Series).join(Series)).all()
+    assert {series.series_instance_uid for _, series in rows} == {
+        str(leg.SeriesInstanceUID),
+        str(ct.SeriesInstanceUID),
+    }
+    for result, _ in rows:
+        assert result.label == "indeterminate"
+        assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    srs = [ds for ds in _node_results(node) if ds.Modality == "SR"]
+    assert len(srs) == 2
+    for sr in srs:
+        text = _content_text(sr)
+        assert "Undetermined" in text and "Not determined: the image is unlike" in text
+        assert "not for diagnostic use" in text
