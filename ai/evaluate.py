@@ -475,14 +475,14 @@ def _robustness_sections(result: Mapping[str, Any]) -> list[str | list[str]]:
                 f"- Rule: {rule}; otherwise the most probable other class.",
                 f"- Sensitivity {_rate(t['sensitivity'])}, specificity "
                 f"{_rate(t['specificity'])} (tp {t['tp']}, fn {t['fn']}, tn {t['tn']}, "
-                f"fp {t['fp']}); 3-class macro-F1 with this rule {_num(t['macro_f1'])}.",
+                f"fp {t['fp']}); macro-F1 with this rule {_num(t['macro_f1'])}.",
             ],
         ]
     rows = result.get("per_source") or []
     if rows:
         lines = [
             "| Split | Source | Images | Patients | Labels | COVID-19 sensitivity | "
-            "Specificity | Accuracy (3-class) |",
+            "Specificity | Accuracy (all classes) |",
             "|---|---|---:|---:|---|---|---|---|",
         ]
         for r in rows:

@@ -39,6 +39,7 @@ DICOM_PROBES = {
         ),
     },
     "ct": {
+        "real DICOM CT slices (what the node receives)": ("ct_series/", "ct_covid_slices/"),
         "chest radiographs (DICOM)": ("cxr/",),
         "leg radiograph (CR)": ("compressed/pydicom_data__RG3_J2KR.dcm",),
         "MR, photograph, other images": (

@@ -5,10 +5,12 @@
 #
 #   scripts/adult_sources.sh train     # recipe A: candidate (teaching held out) and LOSO folds
 #   scripts/adult_sources.sh variants  # recipe B (class- and source-balanced loss, more zoom)
-#   scripts/adult_sources.sh loso-bal  # recipe B's LOSO folds
+#   scripts/adult_sources.sh loso-bal  # recipe B's LOSO folds (not run: B lost on validation)
+#   scripts/adult_sources.sh size224   # recipe A at 224 px, one more candidate
 #   scripts/adult_sources.sh serving   # calibration, operating point, abstention: each folder
 #   scripts/adult_sources.sh evaluate  # an evaluation report per folder
 #   scripts/adult_sources.sh table     # the LOSO table (docs/model_comparison.md)
+#   scripts/adult_sources.sh ship      # the chosen candidate into ai/models/cxr, its report
 #
 # One recipe everywhere (RECIPE): only the source held out changes. The teaching set (licence
 # unknown) is kept out of the shipped candidate, which holds it out as its unseen source (that is
@@ -59,6 +61,25 @@ loso-bal)
             --zoom 0.2
     done
     ;;
+ship)
+    # The candidate chosen on validation macro-F1 (recipe A, 128 px: see docs/model_comparison.md
+    # section F) into ai/models/cxr under its release name; its report into docs/model_reports.
+    CHOSEN=${CHOSEN:-cxr-all}
+    rm -rf ai/models/cxr.new && mkdir ai/models/cxr.new
+    cp "$RUNS/$CHOSEN"/{model.keras,training.json,serving.json,abstention.npz} ai/models/cxr.new/
+    python - "$RUNS/$CHOSEN/model.json" <<'PY'
+import json, sys
+from pathlib import Path
+spec = json.loads(Path(sys.argv[1]).read_text())
+spec.update(name="cxr-efficientnet-lite0", version="0.3.0")
+Path("ai/models/cxr.new/model.json").write_text(json.dumps(spec, indent=2) + "\n")
+PY
+    cp ai/models/cxr/MODEL_CARD.md ai/models/cxr.new/ && rm -rf ai/models/cxr
+    mv ai/models/cxr.new ai/models/cxr
+    rm -rf docs/model_reports/cxr
+    pacs-node evaluate ai/models/cxr --data "$DATA" --out docs/model_reports/cxr \
+        --bootstrap 1000 --gradcam-images 12
+    ;;
 serving)
     for dir in "$RUNS"/*/; do
         pacs-node fit-serving "$dir" --data "$DATA" >>"$RUNS/$(basename "$dir").log" 2>&1
@@ -72,10 +93,11 @@ evaluate)
     done
     ;;
 table)
-    python scripts/loso_table.py "$RUNS"
+    python scripts/loso_table.py "$RUNS/cxr-all" "$RUNS"/loso-hannover "$RUNS"/loso-nih \
+        "$RUNS"/loso-cohen "$RUNS"/loso-figure1 "$RUNS"/loso-kermany
     ;;
 *)
-    sed -n "2,15p" "$0"
+    sed -n "2,17p" "$0"
     exit 2
     ;;
 esac

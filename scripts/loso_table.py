@@ -4,7 +4,7 @@ Each ``RUNS/loso-<source>/eval/metrics.json`` is one model trained without that 
 without the teaching set); its held-out rows give the sensitivity (COVID-19 sources) or
 specificity (others) at the model's own operating point, chosen on its validation split.
 
-    python scripts/loso_table.py build/adult [--prefix loso-]
+    python scripts/loso_table.py build/adult/cxr-all build/adult/loso-*
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ def _rate(entry: dict | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path)
-    parser.add_argument("--prefix", default="loso-")
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders with eval/metrics.json")
     args = parser.parse_args()
     print(
         "| Held-out source | Images (patients) | Labels | COVID-19 sensitivity | Specificity | "
         "Abstained | In-distribution test macro-F1 | Threshold |"
     )
     print("|---|---:|---|---|---|---:|---:|---:|")
-    for path in sorted(args.runs.glob(f"{args.prefix}*/eval/metrics.json")):
-        r = json.loads(path.read_text())
+    for run in args.runs:
+        r = json.loads((run / "eval" / "metrics.json").read_text())
         rows = [x for x in r.get("per_source", []) if x["split"] == "held out"]
         rates = (r.get("abstention") or {}).get("rates", {}).get("held-out source", {})
         threshold = (r.get("operating_point", {}).get("fitted") or {}).get("threshold")
