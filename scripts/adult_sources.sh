@@ -62,8 +62,10 @@ loso-bal)
     done
     ;;
 ship)
-    # The candidate chosen on validation macro-F1 (recipe A, 128 px: see docs/model_comparison.md
-    # section F) into ai/models/cxr under its release name; its report into docs/model_reports.
+    # The candidate chosen on validation macro-F1 into ai/models/cxr under its release name, its
+    # report into docs/model_reports. Rule, written before cxr-all-224 finished: recipe A at
+    # 128 px (cxr-all, whose LOSO folds are run) unless 224 px beats its validation macro-F1 by
+    # 0.02 or more. Recipe B (source-balanced loss) lost on validation (0.751 vs 0.759).
     CHOSEN=${CHOSEN:-cxr-all}
     rm -rf ai/models/cxr.new && mkdir ai/models/cxr.new
     cp "$RUNS/$CHOSEN"/{model.keras,training.json,serving.json,abstention.npz} ai/models/cxr.new/
