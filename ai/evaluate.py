@@ -412,9 +412,9 @@ def _pair_section(result: Mapping[str, Any]) -> list[str | list[str]]:
     return [
         f"## {pos.capitalize()} vs {neg}",
         f"The research's separate binary task, read from the same output: {pair['rule']}. "
-        f"Where both classes come from one population (in `shared/data` every {pos} and "
-        f"{neg} image is a young child), this pair is not confounded by age the way "
-        "COVID-19 vs not is.",
+        f"In `shared/data` both classes come from the same sources (the Kermany children and "
+        "NIH adults, plus Cohen's adult pneumonias), so this pair is less confounded by "
+        "source and age than COVID-19 vs not.",
         table,
         f"TP {pair['tp']}, FP {pair['fp']}, TN {pair['tn']}, FN {pair['fn']}.",
     ]

@@ -209,6 +209,7 @@ def _describe(r: dict[str, Any]) -> str:
         return f"{what}: cannot classify: {r['error']}"
     probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
     lines = [f"{what}: {r['label']} ({probs})  [{r['model']} {r['version']}]"]
+    lines.append(f"  {r['decision_rule']}")
     if "indeterminate" in r:
         lines.append(f"  not determined: {r['indeterminate']}")
     if r.get("slices"):
