@@ -446,7 +446,8 @@ def _occlusion_section(result: Mapping[str, Any]) -> list[str | list[str]]:
     ]
 
 
-def _rate(entry: Mapping[str, Any] | None) -> str:
+def fmt_rate(entry: Mapping[str, Any] | None) -> str:
+    """``0.85 (0.70–0.95)`` for a rate with its interval, ``–`` when undefined."""
     if not entry or entry.get("value") is None:
         return "–"
     text = f"{entry['value']:.2f}"
@@ -473,8 +474,8 @@ def _robustness_sections(result: Mapping[str, Any]) -> list[str | list[str]]:
             "## Operating point (test split)",
             [
                 f"- Rule: {rule}; otherwise the most probable other class.",
-                f"- Sensitivity {_rate(t['sensitivity'])}, specificity "
-                f"{_rate(t['specificity'])} (tp {t['tp']}, fn {t['fn']}, tn {t['tn']}, "
+                f"- Sensitivity {fmt_rate(t['sensitivity'])}, specificity "
+                f"{fmt_rate(t['specificity'])} (tp {t['tp']}, fn {t['fn']}, tn {t['tn']}, "
                 f"fp {t['fp']}); macro-F1 with this rule {_num(t['macro_f1'])}.",
             ],
         ]
@@ -489,8 +490,8 @@ def _robustness_sections(result: Mapping[str, Any]) -> list[str | list[str]]:
             labels = ", ".join(f"{k} {v}" for k, v in r["labels"].items())
             lines.append(
                 f"| {r['split']} | {r['source']} | {r['images']} | {r['patients']} | {labels} | "
-                f"{_rate(r.get('sensitivity'))} | {_rate(r.get('specificity'))} | "
-                f"{_rate(r.get('accuracy'))} |"
+                f"{fmt_rate(r.get('sensitivity'))} | {fmt_rate(r.get('specificity'))} | "
+                f"{fmt_rate(r.get('accuracy'))} |"
             )
         parts += [
             "## Per source (operating point; 95% patient-level bootstrap intervals)",

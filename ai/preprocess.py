@@ -221,15 +221,17 @@ def body_mask(image: np.ndarray) -> np.ndarray | None:
     """The patient's body in a 2-D [0, 1] CT image: the largest component above
     :data:`BODY_LEVEL` with its holes (the lungs) filled; None when nothing body-sized is found."""
     tissue = (np.asarray(image) > BODY_LEVEL).astype(np.uint8)
-    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    # opening cuts thin bridges (mattress, table edge) between the body and the table
+    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, connectivity=8)
     if count < 2:
         return None
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, bw, bh = (int(v) for v in stats[largest, :4])
     h, w = tissue.shape
+    top_and_bottom = y <= 2 and y + bh >= h - 2
     touching = (x <= 2) + (y <= 2) + (x + bw >= w - 2) + (y + bh >= h - 2)
-    if touching >= 2:  # a tight crop (a figure): the body fills the image, nothing to cut
+    if top_and_bottom or touching >= 3:  # a tight crop (a figure): nothing around the body
         return None
     body = (labels == largest).astype(np.uint8)
     contours, _ = cv2.findContours(body, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -4,7 +4,8 @@
 # so the body is cut out (--preprocess body_crop) in training and serving alike. Each model is
 # then judged on the real DICOM CT in dicom/ (scripts/ct_dicom_check.py), which it never saw.
 #
-#   scripts/ct_real.sh train   # the candidates
+#   scripts/ct_real.sh train   # the small-CNN candidates
+#   scripts/ct_real.sh train-lite0  # the pretrained Lite0 candidate
 #   scripts/ct_real.sh check   # slice- and series-level numbers on real DICOM, per candidate
 #   scripts/ct_real.sh ship    # retrain the chosen one into ai/models/ct
 set -euo pipefail
@@ -34,6 +35,9 @@ train)
     train ct-small-body-aug --backbone small-cnn --image-size 128 --batch-size 16 --seed 0 \
         --epochs 30 --phase2-epochs 10 --patience 6 --preprocess body_crop --horizontal-flip \
         --brightness 0.2 --contrast 0.3 --blur 1.0 --zoom 0.1
+    ;;
+train-lite0)
+    # the pretrained Lite0 at 224 px with the body cut out (slow on 2 cores: run it last)
     train ct-lite0-body --backbone efficientnet_lite0 --pretrained --image-size 224 \
         --batch-size 16 --seed 0 --epochs 5 --phase2-epochs 25 --patience 8 \
         --preprocess body_crop --horizontal-flip --brightness 0.2 --contrast 0.3
@@ -71,7 +75,7 @@ check)
     python scripts/ct_dicom_check.py --data "$DATA" "$RUNS"/*/ ai/models/ct
     ;;
 *)
-    sed -n '2,10p' "$0"
+    sed -n '2,11p' "$0"
     exit 2
     ;;
 esac

@@ -13,14 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _rate(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "–"
-    text = f"{entry['value']:.2f}"
-    if entry.get("ci_low") is not None:
-        text += f" ({entry['ci_low']:.2f}–{entry['ci_high']:.2f})"
-    return text
+from ai.evaluate import fmt_rate
 
 
 def main() -> int:
@@ -42,7 +35,7 @@ def main() -> int:
             abstained = f"{rates['rate']:.2f}" if rates else "–"
             print(
                 f"| {row['source']} | {row['images']} ({row['patients']}) | {labels} | "
-                f"{_rate(row.get('sensitivity'))} | {_rate(row.get('specificity'))} | "
+                f"{fmt_rate(row.get('sensitivity'))} | {fmt_rate(row.get('specificity'))} | "
                 f"{abstained} | {r['overall']['macro_f1']['value']:.2f} | "
                 f"{threshold if threshold is None else f'{threshold:.3f}'} |"
             )

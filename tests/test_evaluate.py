@@ -281,6 +281,7 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
         limit_per_class=8,
         name="tiny",
         version="0.0.1",
+        hold_out_source="figure1",
     )
     trained = train(settings)
     out = tmp_path / "eval"
@@ -325,5 +326,23 @@ def test_tiny_model_full_evaluation_report(tmp_path: Path) -> None:
         "centre hidden",
         "only the centre",
     }
+    # issue 8: the held-out source, per-source rows, calibration, abstention, sheets per source
+    assert "## Per source" in report and "## Held-out source: figure1" in report
+    assert "## Calibration (test split)" in report and "## Abstention" in report
+    held = [r for r in saved["per_source"] if r["split"] == "held out"]
+    assert [r["source"] for r in held] == ["figure1"] and "sensitivity" in held[0]
+    assert {r["source"] for r in saved["per_source"] if r["split"] == "test"} >= {"nih", "cohen"}
+    assert (
+        saved["calibration"]["temperature"]
+        == json.loads((tmp_path / "m" / "model.json").read_text())["temperature"]
+    )
+    rates = saved["abstention"]["rates"]
+    assert {"test (in distribution)", "held-out source", "CT slices (DICOM, lung window)"} <= set(
+        rates
+    )
+    assert rates["CT slices (DICOM, lung window)"]["n"] == 35
+    for source, sheet in saved["gradcam_per_source"].items():
+        assert (out / sheet["file"]).is_file(), source
+    assert cv2.imread(str(out / "reliability.png")) is not None
     whole = saved["occlusion"]["conditions"]["whole image"]
     assert whole["accuracy"] == pytest.approx(result["overall"]["accuracy"]["value"], abs=1e-6)

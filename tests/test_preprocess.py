@@ -114,3 +114,32 @@ def test_eligibility(path, task, expected):
         assert reason is None
     else:
         assert expected in reason
+
+
+def test_body_crop_cuts_the_body_out_of_a_dicom_slice_and_leaves_a_figure_whole():
+    import cv2
+
+    from ai.preprocess import LUNG_WINDOW, body_mask, dicom_to_image, heatmap_in_image_frame
+    from ai.preprocess import prepare as prepare_image
+    from tests.conftest import CT_SERIES, SHARED_DATA
+
+    image = dicom_to_image(pydicom.dcmread(CT_SERIES[15]), window=LUNG_WINDOW)
+    mask = body_mask(image)
+    assert mask is not None and 0.2 < mask.mean() < 0.8  # the body, not the field of view
+    assert not mask[0, 0] and mask[image.shape[0] // 2, image.shape[1] // 2]
+    out = prepare_image(image, {"body_crop": True})
+    assert out.shape[0] == out.shape[1]  # padded to a square
+    assert out[0, 0] == 0.0 and out[-1, -1] == 0.0  # air, table and corners blanked
+    heat = heatmap_in_image_frame(np.ones((4, 4), np.float32), image.shape, {"body_crop": True},
+                                  image)  # fmt: skip
+    assert heat.shape == image.shape and heat[0, 0] == 0.0 and heat[256, 256] == 1.0
+    # a figure crop whose body fills the frame (most of them) is only padded, never masked
+    figures = sorted((SHARED_DATA / "ct" / "covid").glob("*"))[:20]
+    pictures = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255 for f in figures]
+    tight = next(p for p in pictures if body_mask(p) is None)
+    padded = prepare_image(tight, {"body_crop": True})
+    h, w = tight.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    assert padded.shape == (side, side)
+    assert np.array_equal(padded[top : top + h, left : left + w], tight)

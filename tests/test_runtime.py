@@ -61,7 +61,9 @@ def models(tmp_path_factory) -> dict[str, Served]:
     for task in ("cxr", "ct"):
         directory = root / task
         shutil.copytree(
-            BUILTIN_DIR / task, directory, ignore=shutil.ignore_patterns("*.onnx", "*.npz")
+            BUILTIN_DIR / task,
+            directory,
+            ignore=shutil.ignore_patterns("*.onnx", "gradcam_head.npz"),
         )
         model_json = (directory / "model.json").read_bytes()
         if task == "cxr":
@@ -224,7 +226,9 @@ def test_shipped_models_without_an_export_are_exported_into_the_cache(tmp_path, 
 
     shipped = tmp_path / "shipped"
     shutil.copytree(
-        BUILTIN_DIR / "ct", shipped / "ct", ignore=shutil.ignore_patterns("*.onnx", "*.npz")
+        BUILTIN_DIR / "ct",
+        shipped / "ct",
+        ignore=shutil.ignore_patterns("*.onnx", "gradcam_head.npz"),
     )
     monkeypatch.setattr(model_module, "BUILTIN_DIR", shipped)
     monkeypatch.setattr(runtime, "BUILTIN_DIR", shipped)
