@@ -169,8 +169,8 @@ def analyse_images(
         keep = distances <= limit
         excluded = [
             (
-                names[i],
-                f"unlike the model's training data (distance {distances[i]:.1f} > {limit:.1f})",
+                names[int(i)],
+                f"unlike the model's training data (distance {distances[i]:.2f} > {limit:.2f})",
             )
             for i in np.flatnonzero(~keep)
         ]
@@ -179,8 +179,8 @@ def analyse_images(
         assert distances is not None and limit is not None
         indeterminate = (
             f"{'the image is' if len(images) == 1 else 'every image is'} unlike the model's "
-            f"training data (distance {float(np.min(distances)):.1f}, abstention threshold "
-            f"{limit:.1f}, fitted on validation)"
+            f"training data (distance {float(np.min(distances)):.2f}, abstention threshold "
+            f"{limit:.2f}, fitted on validation)"
         )
         keep = np.ones(len(images), dtype=bool)  # still report what the images say
     if spec.indeterminate_reason:

@@ -859,18 +859,19 @@ def _robustness(
     }
     out["calibration"] = calibration_summary(y, raw, spec.temperature, names)
     plot_reliability(out["calibration"], out_dir / "reliability.png")
-    if getattr(classifier, "density", None) is not None:
+    density = classifier.density
+    if density is not None:
         limit = float(spec.abstention["threshold"])
-        scores = {"test (in distribution)": classifier.density.score(vectors)}
+        scores = {"test (in distribution)": density.score(vectors)}
         if held and vec_h is not None:
-            scores["held-out source"] = classifier.density.score(vec_h)
+            scores["held-out source"] = density.score(vec_h)
         dirs = [data_dir] if isinstance(data_dir, Path | str) else list(data_dir or [])
         dirs = dirs or data_dirs_of(settings)
         labels_of = {t: [c.name for c in CLASSES[t]] for t in CLASSES}
         for name, files in rb.probe_sets(spec.task, [Path(d) for d in dirs], labels_of).items():
             vec = _probe_vectors(classifier, files)
             if len(vec):
-                scores[name] = classifier.density.score(vec)
+                scores[name] = density.score(vec)
         out["abstention"] = {
             "threshold": limit,
             "fitted": dict(spec.abstention),

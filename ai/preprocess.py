@@ -220,9 +220,9 @@ BODY_MIN_FRACTION = 0.15  # a body smaller than this share of the image: none fo
 def body_mask(image: np.ndarray) -> np.ndarray | None:
     """The patient's body in a 2-D [0, 1] CT image: the largest component above
     :data:`BODY_LEVEL` with its holes (the lungs) filled; None when nothing body-sized is found."""
-    tissue = (np.asarray(image) > BODY_LEVEL).astype(np.uint8)
+    bright = (np.asarray(image) > BODY_LEVEL).astype(np.uint8)
     # opening cuts thin bridges (mattress, table edge) between the body and the table
-    tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    tissue = cv2.morphologyEx(bright, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, connectivity=8)
     if count < 2:
         return None

@@ -67,7 +67,7 @@ def check(directory: Path, cases: list, n_bootstrap: int = 2000) -> dict:
                 "covid": covid,
                 "slices": len(datasets),
                 "p_covid": round(p.probabilities[pos], 4),
-                "label": p.label.name,
+                "label": p.decided.name,  # the decision rule's class, even when indeterminate
                 "indeterminate": p.indeterminate,
             }
         )

@@ -44,14 +44,14 @@ train-lite0)
     ;;
 ship)
     # Chosen on validation (figure crops), among the candidates that cut the body out:
-    # ct-small-body-aug (validation COVID-19 AUC 0.856; ct-small-body 0.781, ct-lite0-body
-    # 0.776). On the real DICOM none is better than chance (ct_dicom_check.py), so the shipped
-    # model reports every result as indeterminate (model.json indeterminate_reason).
+    # ct-small-body (validation COVID-19 AUC 0.846; ct-small-body-aug 0.814). On the real DICOM
+    # none is better than chance (ct_dicom_check.py), so the shipped model reports every result
+    # as indeterminate (model.json indeterminate_reason).
     rm -rf ai/models/ct.new
     pacs-node train --task ct --data "$DATA" --out ai/models/ct.new --name ct-small-cnn \
         --version 0.3.0 --backbone small-cnn --image-size 128 --batch-size 16 --seed 0 \
         --epochs 30 --phase2-epochs 10 --patience 6 --preprocess body_crop --horizontal-flip \
-        --brightness 0.2 --contrast 0.3 --blur 1.0 --zoom 0.1 >"$RUNS/ship.log" 2>&1
+        >"$RUNS/ship.log" 2>&1
     python scripts/ct_dicom_check.py --data "$DATA" ai/models/ct.new \
         --json "$RUNS/ship_dicom_check.json"
     python - <<'PY'

@@ -120,7 +120,9 @@ def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
     assert "cannot classify: no model serves modality SR" in run.stdout
 
 
-@pytest.mark.parametrize("command", ["serve", "classify", "train", "evaluate", "status", "retry"])
+@pytest.mark.parametrize(
+    "command", ["serve", "classify", "train", "fit-serving", "evaluate", "status", "retry"]
+)
 def test_each_subcommand_has_help(command):
     run = run_cli(command, "--help")
     assert run.returncode == 0 and "usage: pacs-node" in run.stdout
