@@ -532,7 +532,8 @@ def overlay_lines(prediction: Prediction, extra: str = "") -> list[str]:
     )
     lines = [f"{head} ({prediction.model_name} {prediction.model_version})", DISCLAIMER]
     if prediction.indeterminate:
-        lines.append("Not determined: image unlike the training data")
+        reason = f"Not determined: {prediction.indeterminate}"
+        lines.append(reason if len(reason) <= 64 else reason[:61].rstrip() + "...")
     if extra:
         lines.append(extra)
     return lines
