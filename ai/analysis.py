@@ -26,8 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from ai.calibration import apply_temperature
@@ -39,6 +41,14 @@ from pacs_node.errors import UnusableInputError
 
 BATCH_SIZE = 16
 MAX_EXPLAINED = 3
+# read DICOM with values over this deferred: the header rules run before any pixel byte is
+# read, and only eligible images' Pixel Data is read (and decoded)
+DEFER_SIZE = "64 KB"
+
+
+def read_dicom(path: str | Path) -> Dataset:
+    """A DICOM file with its large values (Pixel Data) left on disk until used."""
+    return pydicom.dcmread(path, defer_size=DEFER_SIZE)
 
 
 def _mean(probs: np.ndarray, positive: int) -> np.ndarray:

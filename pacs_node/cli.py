@@ -127,9 +127,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     """DICOM files go to the model the node would use for their Modality, one result per
     series; PNG/JPEG files to --model or the --task model, one result per file."""
     _setup_logging("WARNING")
-    import pydicom
 
-    from ai.analysis import analyse_datasets, analyse_images
+    from ai.analysis import analyse_datasets, analyse_images, read_dicom
     from ai.preprocess import read_image_file
     from ai.runtime import load_runtime_classifier
     from pacs_node.config import load
@@ -148,7 +147,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         try:
             classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
             record.update(model=classifier.spec.name, version=classifier.spec.version)
-            datasets = [pydicom.dcmread(p) for p in paths]
+            datasets = [read_dicom(p) for p in paths]
             record["modality"] = str(datasets[0].get("Modality", ""))
             analysis = analyse_datasets(datasets, classifier)
         except (UnusableInputError, OSError, ValueError) as exc:

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -124,7 +123,7 @@ class Worker:
         )
 
     def _analyse(self, work: SeriesWork) -> Analysis:
-        from ai.analysis import analyse_datasets
+        from ai.analysis import analyse_datasets, read_dicom
 
         binding = next((m for m in self.config.models if m.name == work.model_name), None)
         if binding is None:
@@ -134,7 +133,7 @@ class Worker:
         unreadable: list[str] = []
         for path in work.paths:
             try:
-                datasets.append(pydicom.dcmread(path))
+                datasets.append(read_dicom(path))
             except Exception as exc:
                 unreadable.append(f"{path.name}: {type(exc).__name__}")
         if not datasets:
