@@ -108,7 +108,7 @@ table)
     python scripts/loso_table.py "$RUNS/cxr-all" "$RUNS"/loso-hannover "$RUNS"/loso-nih \
         "$RUNS"/loso-cohen
     echo "224 px (shipped):"
-    python scripts/loso_table.py "$RUNS/cxr-all-224" "$RUNS"/loso224-*
+    python scripts/loso_table.py docs/model_reports/cxr "$RUNS"/loso224-*
     ;;
 *)
     sed -n "2,18p" "$0"

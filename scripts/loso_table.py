@@ -18,7 +18,9 @@ from ai.evaluate import fmt_rate
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders with eval/metrics.json")
+    parser.add_argument(
+        "runs", type=Path, nargs="+", help="run folders with eval/metrics.json, or report folders"
+    )
     args = parser.parse_args()
     print(
         "| Held-out source | Images (patients) | Labels | COVID-19 sensitivity | Specificity | "
@@ -26,7 +28,8 @@ def main() -> int:
     )
     print("|---|---:|---|---|---|---:|---:|---:|")
     for run in args.runs:
-        r = json.loads((run / "eval" / "metrics.json").read_text())
+        report = run / "metrics.json" if (run / "metrics.json").is_file() else run / "eval"
+        r = json.loads((report / "metrics.json" if report.is_dir() else report).read_text())
         rows = [x for x in r.get("per_source", []) if x["split"] == "held out"]
         rates = (r.get("abstention") or {}).get("rates", {}).get("held-out source", {})
         threshold = (r.get("operating_point", {}).get("fitted") or {}).get("threshold")
