@@ -129,7 +129,12 @@ def read_image_file(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if img is None:
         raise UnusableInputError(f"{Path(path).name}: not a readable PNG or JPEG image")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    scale = 255.0
+    if img.dtype == np.uint16:
+        # a 12-bit (or 10-bit) export in a 16-bit PNG: scale by the bits it uses, not by 65535,
+        # or the image comes out nearly black
+        bits = max(8, int(np.ceil(np.log2(float(img.max()) + 1.0))))
+        scale = float(2**bits - 1)
     return (img.astype(np.float32) / scale).clip(0, 1)
 
 

@@ -143,3 +143,17 @@ def test_body_crop_cuts_the_body_out_of_a_dicom_slice_and_leaves_a_figure_whole(
     top, left = (side - h) // 2, (side - w) // 2
     assert padded.shape == (side, side)
     assert np.array_equal(padded[top : top + h, left : left + w], tight)
+
+
+def test_a_12_bit_png_reads_like_its_8_bit_original(tmp_path):
+    """Issue 10: a 16-bit PNG holding 12-bit values is scaled by 4095, not 65535."""
+    import cv2
+
+    from ai.preprocess import read_image_file
+
+    jpeg = sorted((SHARED_DATA / "cxr_adult" / "normal").glob("*.jpg"))[0]
+    eight = read_image_file(jpeg)
+    twelve = np.round(eight * 4095).astype(np.uint16)
+    path = tmp_path / "twelve.png"
+    assert cv2.imwrite(str(path), twelve)
+    assert np.abs(read_image_file(path) - eight).max() < 1e-3
