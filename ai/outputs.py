@@ -302,12 +302,21 @@ def _header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
             setattr(out, kw, None)
     if out.PatientSex not in ("M", "F", "O", "", None):
         out.PatientSex = None
+    charset = out.get("SpecificCharacterSet")
+    if "SpecificCharacterSet" in out and not any(str(v).strip() for v in _as_list(charset)):
+        del out.SpecificCharacterSet  # empty means the default repertoire: say nothing
     held_back = []
     for kw in _PERSON_NAMES:
         held_back.append(out[kw])
         del out[kw]
         setattr(out, kw, None)
     return out, held_back
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
 
 def _uid_header(ds: Dataset) -> Dataset:

@@ -286,3 +286,23 @@ def test_node_answers_indeterminate_for_a_leg_film_and_a_ct_slice_sent_as_xrays(
         text = _content_text(sr)
         assert "Undetermined" in text and "Not determined: the image is unlike" in text
         assert "not for diagnostic use" in text
+
+
+def test_a_source_with_an_empty_character_set_still_gets_results(strict_pydicom, tmp_path):
+    """Issue 10: SpecificCharacterSet present but empty failed every job ("'' is not a valid
+    SpecificCharacterSetValues"); empty means the default repertoire."""
+    from ai.analysis import analyse_datasets
+    from ai.results import build_results
+    from ai.runtime import load_runtime_classifier
+
+    source = pydicom.dcmread(CR_CHEST)
+    source.SpecificCharacterSet = ""
+    analysis = analyse_datasets([source], load_runtime_classifier("cxr"))
+    outputs = build_results(analysis, software_version="test")
+    assert len(outputs) == 2
+    for i, ds in enumerate(outputs):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / f"{i}.dcm")
+        assert (
+            "SpecificCharacterSet" not in back and back.StudyInstanceUID == source.StudyInstanceUID
+        )
