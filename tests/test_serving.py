@@ -306,3 +306,16 @@ def test_a_source_with_an_empty_character_set_still_gets_results(strict_pydicom,
         assert (
             "SpecificCharacterSet" not in back and back.StudyInstanceUID == source.StudyInstanceUID
         )
+
+
+def test_log_records_stay_one_line_whatever_a_peer_sends():
+    """Issue 10: a calling AE title with a newline forged a log line; a NUL made the log binary."""
+    import logging
+
+    from pacs_node.logs import OneLineFormatter
+
+    record = logging.LogRecord(
+        "pacs_node", logging.WARNING, __file__, 1, "refused %s", ("EVIL\nFORGED\x00",), None
+    )
+    line = OneLineFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "WARNING refused EVIL\\nFORGED\\x00" and "\n" not in line
