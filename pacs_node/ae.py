@@ -44,7 +44,10 @@ def build_scp(config: Config) -> AE:
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.maximum_associations = 32
-    # calling AE titles and their addresses are checked in Handlers.handle_requested
+    # an association addressed to another AE title is rejected (A-ASSOCIATE-RJ, "called AE
+    # title not recognised"); calling AE titles and their addresses are checked in
+    # Handlers.handle_requested
+    ae.require_called_aet = True
     return ae
 
 

@@ -319,3 +319,13 @@ def test_log_records_stay_one_line_whatever_a_peer_sends():
     )
     line = OneLineFormatter("%(levelname)s %(message)s").format(record)
     assert line == "WARNING refused EVIL\\nFORGED\\x00" and "\n" not in line
+
+
+def test_an_association_for_another_called_ae_title_is_refused(start_node, tmp_path):
+    """Issue 10: any called AE title was accepted."""
+    from tests import scu
+    from tests.conftest import make_config
+
+    node = start_node(make_config(tmp_path))
+    assert scu.association_accepted(node.port, calling="ANYONE")
+    assert not scu.association_accepted(node.port, calling="ANYONE", called="SOMEONEELSE")
