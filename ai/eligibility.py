@@ -103,13 +103,3 @@ def ct_reason(ds: Dataset) -> str | None:
     if body_part not in CHEST_BODY_PARTS:
         return f"body part {body_part} is not the chest"
     return _species_reason(ds)
-
-
-REASONS = {"cxr": cxr_reason, "ct": ct_reason}
-
-
-def reason_not_eligible(ds: Dataset, task: str) -> str | None:
-    check = REASONS.get(task)
-    if check is None:
-        return f"no eligibility rule for task {task!r}"
-    return check(ds)

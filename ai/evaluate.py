@@ -31,8 +31,8 @@ from ai.calibration import apply_temperature
 from ai.dataset import Sample, data_dirs_of, make_splits
 from ai.model import Classifier, ModelSpec
 from ai.outputs import render_overlay
-from ai.preprocess import heatmap_in_image_frame, read_image_file, to_model_input
-from ai.serving import forward_samples
+from ai.preprocess import heatmap_in_image_frame, read_image_file, read_inputs
+from ai.serving import forward_images, forward_samples
 from pacs_node import DISCLAIMER
 
 BATCH_SIZE = 32
@@ -90,12 +90,7 @@ def read_training(model_dir: Path) -> dict[str, Any]:
 
 
 def _model_input(paths: Sequence[Path], spec: ModelSpec) -> np.ndarray:
-    return np.stack(
-        [
-            to_model_input(read_image_file(p), spec.input_size, spec.channels, spec.preprocessing)
-            for p in paths
-        ]
-    )
+    return read_inputs(paths, spec.input_size, spec.channels, spec.preprocessing)
 
 
 def predict(classifier: Classifier, paths: Sequence[Path]) -> np.ndarray:
@@ -738,7 +733,6 @@ def _probe_vectors(classifier: Classifier, paths: Sequence[Path]) -> np.ndarray:
     """Pooled features of probe files (DICOM through the serving decode, or image files)."""
     import pydicom
 
-    from ai.abstention import embed
     from ai.preprocess import dicom_to_image
     from pacs_node.errors import UnusableInputError
 
@@ -752,16 +746,7 @@ def _probe_vectors(classifier: Classifier, paths: Sequence[Path]) -> np.ndarray:
                 images.append(read_image_file(path))
         except (UnusableInputError, OSError, ValueError):
             continue  # a probe the decoder refuses never reaches the model
-    vectors = []
-    for i in range(0, len(images), BATCH_SIZE):
-        x = np.stack(
-            [
-                to_model_input(im, spec.input_size, spec.channels, spec.preprocessing)
-                for im in images[i : i + BATCH_SIZE]
-            ]
-        )
-        vectors.append(embed(classifier.forward(x)[1]))
-    return np.concatenate(vectors) if vectors else np.zeros((0, 1))
+    return forward_images(classifier, images)[1]
 
 
 def plot_reliability(calibration: Mapping[str, Any], path: Path) -> None:

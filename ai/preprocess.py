@@ -386,3 +386,13 @@ def batch(
         if images
         else np.zeros((0, size, size, channels), np.float32)
     )
+
+
+def read_inputs(
+    paths: Sequence[str | Path],
+    size: int,
+    channels: int = 1,
+    options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Image files read (:func:`read_image_file`) and prepared as one model input batch."""
+    return batch([read_image_file(p) for p in paths], size, channels, options)

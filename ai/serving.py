@@ -16,7 +16,7 @@ are never looked at.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,34 +28,47 @@ from ai import calibration as cal
 from ai import metrics as m
 from ai.dataset import Sample, make_splits
 from ai.model import Classifier, ModelError, read_spec
+from ai.preprocess import batch, read_inputs
 
 BATCH_SIZE = 32
 SUMMARY_FILE = "serving.json"
 
 
-def _inputs(samples: Sequence[Sample], spec: Any) -> np.ndarray:
-    from ai.preprocess import read_image_file, to_model_input
-
-    return np.stack(
-        [
-            to_model_input(
-                read_image_file(s.path), spec.input_size, spec.channels, spec.preprocessing
-            )
-            for s in samples
-        ]
-    )
-
-
-def forward_samples(classifier: Any, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw probabilities (N, classes) and pooled feature vectors (N, m) of image samples."""
+def _forward(
+    classifier: Any, count: int, inputs: Callable[[int, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw probabilities and pooled feature vectors of *count* images, *inputs(start, stop)*
+    giving each batch of model inputs."""
     probs, vectors = [], []
-    for i in range(0, len(samples), BATCH_SIZE):
-        p, f = classifier.forward(_inputs(samples[i : i + BATCH_SIZE], classifier.spec))
+    for i in range(0, count, BATCH_SIZE):
+        p, f = classifier.forward(inputs(i, i + BATCH_SIZE))
         probs.append(p)
         vectors.append(ab.embed(f))
     if not probs:
         return np.zeros((0, len(classifier.spec.classes))), np.zeros((0, 0))
     return np.concatenate(probs), np.concatenate(vectors)
+
+
+def forward_samples(classifier: Any, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw probabilities (N, classes) and pooled feature vectors (N, m) of image samples."""
+    spec = classifier.spec
+    return _forward(
+        classifier,
+        len(samples),
+        lambda a, b: read_inputs(
+            [s.path for s in samples[a:b]], spec.input_size, spec.channels, spec.preprocessing
+        ),
+    )
+
+
+def forward_images(classifier: Any, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The same for 2-D [0, 1] images already decoded."""
+    spec = classifier.spec
+    return _forward(
+        classifier,
+        len(images),
+        lambda a, b: batch(images[a:b], spec.input_size, spec.channels, spec.preprocessing),
+    )
 
 
 def fit_serving(

@@ -54,7 +54,7 @@ from ai.dataset import (  # noqa: F401  (re-exported: older callers import them 
 )
 from ai.model import ModelSpec
 from ai.outputs import ClassCode
-from ai.preprocess import LUNG_WINDOW, check_options, read_image_file, to_model_input
+from ai.preprocess import LUNG_WINDOW, check_options, read_inputs
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,7 @@ def load_arrays(
     names = [c.name for c in classes]
     if not samples:
         return np.zeros((0, size, size, channels), np.float32), np.zeros(0, np.int64)
-    x = np.stack(
-        [to_model_input(read_image_file(s.path), size, channels, options) for s in samples]
-    )
+    x = read_inputs([s.path for s in samples], size, channels, options)
     y = np.array([names.index(s.label) for s in samples], dtype=np.int64)
     return x, y
 

@@ -73,13 +73,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_header(path: Path) -> Any:
-    """The DICOM header of *path* (no pixels read), or None for a file that is not DICOM."""
-    import pydicom
+def _read_dicom(path: Path) -> Any:
+    """*path* as DICOM with its Pixel Data left on disk until used (ai.analysis.read_dicom), or
+    None for a file that is not DICOM."""
     from pydicom.errors import InvalidDicomError
 
+    from ai.analysis import read_dicom
+
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return read_dicom(path)
     except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError):
         return None
 
@@ -102,14 +104,18 @@ def _prediction_record(analysis: Any) -> dict[str, Any]:
     return record
 
 
-def _group_files(paths: list[Path], config: Any) -> tuple[dict[Any, list[Path]], list[Any]]:
-    """DICOM files grouped by (model binding, SeriesInstanceUID), routed by Modality as the node
-    routes them; the rest: (path, None) for image files, (path, reason) for DICOM no model
-    serves."""
-    groups: dict[Any, list[Path]] = {}
+def _group_files(paths: list[Path], config: Any) -> tuple[dict[Any, list[Any]], list[Any]]:
+    """DICOM files, as (path, dataset), grouped by (model binding, SeriesInstanceUID) and
+    routed by Modality as the node routes them; the rest: (path, None) for image files,
+    (path, reason) for DICOM no model serves."""
+    groups: dict[Any, list[Any]] = {}
     others: list[Any] = []
     for path in paths:
-        header = _read_header(path)
+        try:
+            header = _read_dicom(path)
+        except OSError as exc:
+            others.append((path, f"cannot read the file: {exc.strerror or exc}"))
+            continue
         if header is None:
             others.append((path, None))
             continue
@@ -120,7 +126,7 @@ def _group_files(paths: list[Path], config: Any) -> tuple[dict[Any, list[Path]],
             others.append((path, f"no model serves modality {modality or '(none)'} ({served})"))
             continue
         series = str(header.get("SeriesInstanceUID", "") or f"file:{path}")
-        groups.setdefault((binding, series), []).append(path)
+        groups.setdefault((binding, series), []).append((path, header))
     return groups, others
 
 
@@ -129,7 +135,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     series; PNG/JPEG files to --model or the --task model, one result per file."""
     _setup_logging("WARNING")
 
-    from ai.analysis import analyse_datasets, analyse_images, read_dicom
+    from ai.analysis import analyse_datasets, analyse_images
     from ai.preprocess import read_image_file
     from ai.runtime import load_runtime_classifier
     from pacs_node.config import load
@@ -140,15 +146,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     groups, others = _group_files([Path(f) for f in args.files], config)
     records: list[dict[str, Any]] = []
     failures = 0
-    for (binding, series), paths in groups.items():
+    for (binding, series), members in groups.items():
+        datasets = [ds for _, ds in members]
         record: dict[str, Any] = {
             "series": series,
-            "files": [str(p) for p in paths],
+            "files": [str(path) for path, _ in members],
         }
         try:
             classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
             record.update(model=classifier.spec.name, version=classifier.spec.version)
-            datasets = [read_dicom(p) for p in paths]
             record["modality"] = str(datasets[0].get("Modality", ""))
             analysis = analyse_datasets(datasets, classifier)
         except (UnusableInputError, OSError, ValueError) as exc:

@@ -20,12 +20,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from ai.model import ModelError
-from ai.results import (  # noqa: F401  (re-exported for older callers)
-    SC_SERIES_NUMBER,
-    SR_SERIES_NUMBER,
-    build_results,
-    derived_uid,
-)
+from ai.results import build_results
 from ai.runtime import load_runtime_classifier
 from pacs_node import __version__, sender
 from pacs_node.errors import UnusableInputError

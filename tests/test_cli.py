@@ -114,8 +114,10 @@ def test_classify_routes_a_ct_series_to_the_ct_model_with_one_result(tmp_path):
 def test_classify_reports_unusable_files_and_exits_nonzero(tmp_path):
     text = tmp_path / "note.txt"
     text.write_text("hello")
-    run = run_cli("classify", str(text), str(DICOM / "sr" / "dcmqi__sr.dcm"))
+    missing = tmp_path / "gone.dcm"
+    run = run_cli("classify", str(text), str(DICOM / "sr" / "dcmqi__sr.dcm"), str(missing))
     assert run.returncode == 1
+    assert "gone.dcm: cannot classify: cannot read the file: No such file" in run.stdout
     assert "note.txt: cannot classify: note.txt: not a readable PNG or JPEG" in run.stdout
     assert "cannot classify: no model serves modality SR" in run.stdout
 

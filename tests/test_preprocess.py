@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ai.eligibility import reason_not_eligible
+from ai.analysis import profile
 from ai.preprocess import (
     LUNG_WINDOW,
     dicom_to_image,
@@ -109,7 +109,7 @@ def test_not_an_image_file(tmp_path):
     ],
 )
 def test_eligibility(path, task, expected):
-    reason = reason_not_eligible(pydicom.dcmread(path, stop_before_pixels=False), task)
+    reason = profile(task).eligibility(pydicom.dcmread(path, stop_before_pixels=False))
     if expected is None:
         assert reason is None
     else:
