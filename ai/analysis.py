@@ -34,10 +34,10 @@ from pydicom.dataset import Dataset
 
 from ai.calibration import apply_temperature
 from ai.eligibility import ct_reason, cxr_reason
+from ai.errors import UnusableInputError
 from ai.model import Predictor
 from ai.outputs import Prediction
 from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame
-from pacs_node.errors import UnusableInputError
 
 BATCH_SIZE = 16
 MAX_EXPLAINED = 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from ai.preprocess import has_pixels
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 CHEST_BODY_PARTS = {
     "",
@@ -28,6 +28,11 @@ FRONTAL_VIEWS = {"", "PA", "AP"}
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"}
 ANIMAL_WORDS = ("CANINE", "FELINE", "EQUINE", "BOVINE", "VETERINAR", "PORCINE", "MURINE")
 MIN_CXR_SIDE_PX = 256
+
+
+def has_pixels(ds: Dataset) -> bool:
+    """Whether the data set carries an image (any of the pixel data elements)."""
+    return any(k in ds for k in PIXEL_KEYWORDS)
 
 
 def _words(ds: Dataset, *keywords: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ai import DISCLAIMER
 from ai import metrics as m
 from ai.calibration import apply_temperature
 from ai.dataset import Sample, data_dirs_of, make_splits
@@ -33,7 +34,6 @@ from ai.model import Classifier, ModelSpec
 from ai.outputs import render_overlay
 from ai.preprocess import heatmap_in_image_frame, read_image_file, read_inputs
 from ai.serving import forward_images, forward_samples
-from pacs_node import DISCLAIMER
 
 BATCH_SIZE = 32
 SHEET_COLUMNS = 4  # image/overlay pairs per row of the Grad-CAM sheet
@@ -733,8 +733,8 @@ def _probe_vectors(classifier: Classifier, paths: Sequence[Path]) -> np.ndarray:
     """Pooled features of probe files (DICOM through the serving decode, or image files)."""
     import pydicom
 
+    from ai.errors import UnusableInputError
     from ai.preprocess import dicom_to_image
-    from pacs_node.errors import UnusableInputError
 
     spec = classifier.spec
     images = []

@@ -15,15 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ai.errors import ModelError
 from ai.outputs import ClassCode
 from ai.preprocess import check_options
-from pacs_node.errors import NodeError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "models"
-
-
-class ModelError(NodeError):
-    """A model folder is missing, incomplete or invalid."""
 
 
 @dataclass(frozen=True)

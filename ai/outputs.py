@@ -28,7 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import validate_value
 
-from pacs_node import DISCLAIMER
+from ai import DISCLAIMER
 
 __all__ = [
     "CT_CHEST_PROCEDURE",

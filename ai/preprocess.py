@@ -16,17 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
-from pacs_node.errors import UnusableInputError
+from ai.eligibility import has_pixels
+from ai.errors import UnusableInputError
 
 # Lung window (centre, width) in Hounsfield units, applied to every CT slice.
 LUNG_WINDOW = (-600.0, 1500.0)
 # Refuse to decode anything whose raw pixels would exceed this (absurd or hostile dimensions).
 MAX_PIXEL_BYTES = 512 * 2**20
-PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-def has_pixels(ds: Dataset) -> bool:
-    return any(k in ds for k in PIXEL_KEYWORDS)
 
 
 def _declared_bytes(ds: Dataset) -> int:

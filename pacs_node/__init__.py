@@ -3,5 +3,4 @@
 Every result it produces is AI-generated, for research use, and not for diagnostic use.
 """
 
-__version__ = "0.2.0"
-DISCLAIMER = "AI-generated, not for diagnostic use"
+__version__ = "0.3.0"

@@ -14,11 +14,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from sqlalchemy.orm import Session
 
-from ai.preprocess import has_pixels
+from ai.eligibility import has_pixels
 from pacs_node.config import Config
 from storage import queue
 from storage.ingest import Indexed
-from storage.models import JobState
+from storage.models import TaskState
+from storage.queue import Schedule
 
 SINGLE_IMAGE_MODALITIES = {"CR", "DX", "MG", "XA", "RF", "OT"}
 
@@ -45,7 +46,7 @@ def schedule(
         return
     if not indexed.is_new:
         latest = queue.latest_job(session, series.id)
-        if latest is not None and latest.state != JobState.FAILED:
+        if latest is not None and latest.state != TaskState.FAILED:
             return  # the same instance again: its series is queued or already analysed
     delay = 0.0 if series.modality in SINGLE_IMAGE_MODALITIES else config.worker.ct_quiet_period_s
     queue.enqueue(
@@ -53,5 +54,19 @@ def schedule(
         series,
         model_name=binding.name,
         not_before=now + timedelta(seconds=delay),
-        max_attempts=config.worker.max_attempts,
+        schedule=job_schedule(config, series.modality, series.source_ae),
+    )
+
+
+def job_schedule(config: Config, modality: str, source_ae: str) -> Schedule:
+    """Attempts, backoff, deadline and priority lane of a job: the modality's priority plus
+    its sender's."""
+    worker = config.worker
+    peer = config.peer(source_ae) if source_ae else None
+    return Schedule(
+        max_attempts=worker.max_attempts,
+        backoff_initial_s=worker.retry_backoff_s,
+        backoff_max_s=max(worker.retry_backoff_s, 3600.0),
+        deadline_s=worker.deadline_s,
+        priority=worker.priority(modality) + (peer.priority if peer else 0),
     )

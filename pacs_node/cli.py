@@ -6,14 +6,15 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-from pacs_node import DISCLAIMER, __version__
+from ai import DISCLAIMER
+from ai.errors import AiError
+from pacs_node import __version__
 from pacs_node.errors import NodeError
+from storage.errors import StorageError
 
 # TensorFlow reads this once, at import: keep its C++ start-up chatter out of the node's log
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,27 +50,51 @@ def _setup_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pacs_node.config import load
-    from pacs_node.node import Node
+    from pacs_node.process import Stop
+    from pacs_node.supervisor import Supervisor
+
+    config = load(args.config)
+    level = args.log_level or config.log_level
+    _setup_logging(level)
+    stop = Stop().install()
+    status = Supervisor(config, args.config, level).run(stop)
+    print("pacs-node: stopped", flush=True)
+    return status
+
+
+def cmd_role(args: argparse.Namespace) -> int:
+    """``receive``, ``work`` or ``send``: one role in this process, until SIGTERM or SIGINT."""
+    from pacs_node.config import load
+    from pacs_node.process import Stop
 
     config = load(args.config)
     _setup_logging(args.log_level or config.log_level)
-    node = Node(config)
-    node.start()
-    n = config.node
-    peers = ", ".join(f"{p.ae_title}@{p.host}:{p.port}" for p in config.peers) or "none"
-    print(
-        f"pacs-node {__version__}: AE title {n.ae_title} listening on {n.host}:{node.port}; "
-        f"data in {n.storage_dir.resolve()}; database {config.node.resolved_database_url}; "
-        f"peers: {peers}; "
-        f"{'any calling AE accepted' if n.accept_unknown_peers else 'only known peers accepted'}",
-        flush=True,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print("pacs-node: stopping", flush=True)
-    node.stop()
+    stop = Stop().install()
+    if args.command == "receive":
+        from pacs_node import receive
+
+        receive.run(config, stop)
+    elif args.command == "work":
+        from pacs_node import work
+
+        work.run(config, stop)
+    else:
+        from pacs_node import send
+
+        send.run(config, stop)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pacs_node.config import load
+    from storage.db import make_engine, migrate
+
+    config = load(args.config)
+    engine = make_engine(config.node.resolved_database_url)
+    try:
+        print(f"database schema: {migrate(engine)}")
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -136,10 +161,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
 
     from ai.analysis import analyse_datasets, analyse_images
+    from ai.errors import UnusableInputError
     from ai.preprocess import read_image_file
     from ai.runtime import load_runtime_classifier
     from pacs_node.config import load
-    from pacs_node.errors import UnusableInputError
 
     config = load(args.config)
     out_dir = Path(args.output) if args.output else None
@@ -456,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the DICOM node (C-ECHO, C-STORE, C-FIND) and its worker",
-        description="Run the node until interrupted. Without --config it uses the built-in "
+        help="run the node: receive, work and send, each in a process of its own",
+        description="Run the node until interrupted: the receive, work and send roles, each "
+        "in a process of its own, restarted if it dies. Without --config it uses the built-in "
         "defaults: AE title AINODE on 127.0.0.1:11112, data and SQLite database under ./var, "
         "any calling AE title accepted, shipped models for CR/DX and CT.",
         epilog=EPILOG,
@@ -465,6 +491,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
+
+    roles = {
+        "receive": "the DICOM services only (C-ECHO, C-STORE, C-FIND); loads no model",
+        "work": "analysis only: claim queued jobs and run the models (run as many as you like)",
+        "send": "delivery only: send the results to the peers they are owed to",
+    }
+    for role, text in roles.items():
+        cmd = sub.add_parser(
+            role,
+            help=f"run one role: {text}",
+            description=f"Run one role of the node in this process: {text}. `serve` runs "
+            "all of them on one machine; run roles separately to spread them over machines that "
+            "share the database (PostgreSQL) and the storage folder.",
+            epilog=EPILOG,
+        )
+        cmd.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
+        cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        cmd.set_defaults(func=cmd_role)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the database schema up to date (every role also does this at start)",
+        epilog=EPILOG,
+    )
+    migrate.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
+    migrate.set_defaults(func=cmd_migrate)
 
     classify = sub.add_parser(
         "classify",
@@ -745,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except NodeError as exc:
+    except (NodeError, StorageError, AiError) as exc:
         print(f"pacs-node: error: {exc}", file=sys.stderr)
         return 2
 

@@ -47,6 +47,7 @@ class Peer:
     port: int
     send_results: bool = True
     check_host: bool = True  # refuse this AE title when it calls from another address
+    priority: int = 0  # added to the modality's priority for this peer's studies
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,23 @@ class TlsSettings:
     require_client_cert: bool = True
 
 
+DEFAULT_MODALITY_PRIORITY = (("CR", 10), ("DX", 10))  # radiographs ahead of CT
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
-    poll_interval_s: float = 1.0
-    lease_s: float = 600.0
+    processes: int = 1  # work processes `serve` runs on this machine
+    poll_interval_s: float = 0.2  # how often an idle role looks for due tasks
+    lease_s: float = 60.0  # renewed every lease_s / 4 while a task runs
+    deadline_s: float = 300.0  # one analysis attempt, at most; then it is stopped
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
     ct_quiet_period_s: float = 5.0
+    batch_size: int = 8  # radiograph jobs analysed in one model call
+    modality_priority: tuple[tuple[str, int], ...] = DEFAULT_MODALITY_PRIORITY
+
+    def priority(self, modality: str) -> int:
+        return dict(self.modality_priority).get(modality, 0)
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
         str: "a string",
         bool: "true or false",
         list: "a list",
+        dict: "a table",
     }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
@@ -247,7 +259,9 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
         path = f"peers[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{path}: expected a table")
-        _reject_unknown(item, {"ae_title", "host", "port", "send_results", "check_host"}, path)
+        _reject_unknown(
+            item, {"ae_title", "host", "port", "send_results", "check_host", "priority"}, path
+        )
         for key in ("ae_title", "host", "port"):
             if key not in item:
                 raise ConfigError(f"{path}.{key}: required")
@@ -257,6 +271,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
             port=_port(item["port"], f"{path}.port"),
             send_results=_take(item, "send_results", bool, path, True),
             check_host=_take(item, "check_host", bool, path, True),
+            priority=_take(item, "priority", int, path, 0),
         )
         if any(p.ae_title == peer.ae_title for p in peers):
             raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")
@@ -270,11 +285,27 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
     max_attempts = _take(table, "max_attempts", int, "worker", d.max_attempts)
     if max_attempts < 1:
         raise ConfigError(f"worker.max_attempts: must be at least 1, got {max_attempts}")
+    processes = _take(table, "processes", int, "worker", d.processes)
+    if not 1 <= processes <= 64:
+        raise ConfigError(f"worker.processes: must be 1 to 64, got {processes}")
+    batch_size = _take(table, "batch_size", int, "worker", d.batch_size)
+    if not 1 <= batch_size <= 256:
+        raise ConfigError(f"worker.batch_size: must be 1 to 256, got {batch_size}")
+    priorities = _take(table, "modality_priority", dict, "worker", dict(d.modality_priority))
+    for modality, value in priorities.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"worker.modality_priority.{modality}: expected an integer, got {value!r}"
+            )
     return WorkerSettings(
+        processes=processes,
         poll_interval_s=_number(
-            table, "poll_interval_s", "worker", d.poll_interval_s, minimum=0.05
+            table, "poll_interval_s", "worker", d.poll_interval_s, minimum=0.01
         ),
         lease_s=_number(table, "lease_s", "worker", d.lease_s, minimum=1),
+        deadline_s=_number(table, "deadline_s", "worker", d.deadline_s, minimum=1),
+        batch_size=batch_size,
+        modality_priority=tuple(sorted((m.upper(), v) for m, v in priorities.items())),
         max_attempts=max_attempts,
         retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),
         ct_quiet_period_s=_number(table, "ct_quiet_period_s", "worker", d.ct_quiet_period_s),

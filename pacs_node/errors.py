@@ -1,28 +1,16 @@
-"""The project's exceptions: one base class, a few kinds an operator can act on."""
+"""Errors raised by ``pacs_node`` (the network, the roles, the command line).
+
+``storage`` and ``ai`` have their own (``storage.errors``, ``ai.errors``); the command line
+answers all three bases with a message and exit status 2.
+"""
 
 
 class NodeError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error ``pacs_node`` raises on purpose."""
 
 
 class ConfigError(NodeError):
     """The configuration is invalid; the message names the key's path."""
-
-
-class StorageError(NodeError):
-    """An instance could not be stored durably."""
-
-
-class OutOfSpaceError(StorageError):
-    """The storage volume is full or below its configured floor."""
-
-
-class InvalidInstanceError(StorageError):
-    """A received dataset cannot be stored as it is (bad or unsafe UIDs, mismatch)."""
-
-
-class UnusableInputError(NodeError):
-    """An input the models cannot use: the job is skipped with this message as the reason."""
 
 
 class DeliveryError(NodeError):

@@ -13,22 +13,21 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from ai.preprocess import has_pixels
+from ai.eligibility import has_pixels
 from pacs_node import assembly, statuses
-from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
+from pacs_node.config import Config
 from pacs_node.logs import log_failure
 from storage import query
-from storage.files import check_uid, instance_relpath
+from storage.db import Database
+from storage.errors import InvalidInstanceError, OutOfSpaceError, QueryError
+from storage.files import FileStore, check_uid, instance_relpath
 from storage.ingest import record_instance
 from storage.models import utcnow
-
-if TYPE_CHECKING:
-    from pacs_node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -47,116 +46,114 @@ def _calling_ae(event: Any) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-class Handlers:
-    """The node's DIMSE service handlers, bound to one :class:`Node`."""
+def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
+    """The node's DIMSE handlers, each bound with what it needs (pynetdicom passes the
+    listed arguments after the event)."""
+    from pynetdicom import evt
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    return [
+        (evt.EVT_REQUESTED, handle_requested, [config]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [config, files, db]),
+        (evt.EVT_C_FIND, handle_find, [db]),
+    ]
 
-    def bindings(self) -> list[Any]:
-        from pynetdicom import evt
 
-        return [
-            (evt.EVT_REQUESTED, self.handle_requested),
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_FIND, self.handle_find),
-        ]
+def refusal(config: Config, calling: str, address: str) -> str | None:
+    """Why an association from *calling* at *address* is refused, or None to accept."""
+    peer = config.peer(calling)
+    if peer is None:
+        if config.node.accept_unknown_peers:
+            return None
+        return f"calling AE title {calling!r} is not a configured peer"
+    if peer.check_host and address not in resolve(peer.host):
+        return f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
+    return None
 
-    def refusal(self, calling: str, address: str) -> str | None:
-        """Why an association from *calling* at *address* is refused, or None to accept."""
-        config = self.node.config
-        peer = config.peer(calling)
-        if peer is None:
-            if config.node.accept_unknown_peers:
-                return None
-            return f"calling AE title {calling!r} is not a configured peer"
-        if peer.check_host and address not in resolve(peer.host):
-            return f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
-        return None
 
-    def handle_requested(self, event: Any) -> None:
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        address = str(event.assoc.requestor.address)
-        reason = self.refusal(calling, address)
-        if reason is not None:
-            log.warning("association from %s refused: %s", address, reason)
-            # rejected-permanent, DUL service-user, calling AE title not recognised
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+def handle_requested(event: Any, config: Config) -> None:
+    calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    address = str(event.assoc.requestor.address)
+    reason = refusal(config, calling, address)
+    if reason is not None:
+        log.warning("association from %s refused: %s", address, reason)
+        # rejected-permanent, DUL service-user, calling AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
-    def handle_echo(self, event: Any) -> int:
-        return statuses.SUCCESS
 
-    def handle_store(self, event: Any) -> Dataset:
-        calling = _calling_ae(event)
-        request = event.request
-        try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        except InvalidInstanceError as exc:
-            log.warning("C-STORE from %s refused: %s", calling, exc)
-            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-        except Exception as exc:  # the data set cannot even be parsed
-            log.warning("C-STORE from %s refused: unreadable data set (%s)", calling, exc)
-            return status(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
-        if sop_uid != str(request.AffectedSOPInstanceUID).strip():
-            log.warning(
-                "C-STORE from %s refused: SOP Instance UID %s differs from request %s",
-                calling,
-                sop_uid,
-                request.AffectedSOPInstanceUID,
-            )
-            return status(
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "SOPInstanceUID differs from the request's",
-            )
-        sop_class = str(ds.get("SOPClassUID", "")).strip()
-        if sop_class != str(request.AffectedSOPClassUID).strip():
-            return status(
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
-            )
-        if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
-            # Type 1 in every image IOD; missing here usually means the data set was cut off
-            log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
-            return status(
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated"
-            )
-        try:
-            receive_instance(self.node, ds, event.encoded_dataset(), calling)
-        except OutOfSpaceError as exc:
-            log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
-            return status(statuses.OUT_OF_RESOURCES, str(exc))
-        except InvalidInstanceError as exc:
-            log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
-            return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-        except Exception as exc:  # never let a storage fault kill the association
-            log_failure(log, "C-STORE %s from %s failed", sop_uid, calling)
-            return status(statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}")
-        return status(statuses.SUCCESS)
+def handle_echo(event: Any) -> int:
+    return statuses.SUCCESS
 
-    def handle_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-        calling = _calling_ae(event)
-        try:
-            identifier = event.identifier
-            with self.node.db.read() as session:
-                matches = list(query.find(session, identifier))
-        except query.QueryError as exc:
-            log.warning("C-FIND from %s refused: %s", calling, exc)
-            yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+
+def handle_store(event: Any, config: Config, files: FileStore, db: Database) -> Dataset:
+    calling = _calling_ae(event)
+    request = event.request
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    except InvalidInstanceError as exc:
+        log.warning("C-STORE from %s refused: %s", calling, exc)
+        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    except Exception as exc:  # the data set cannot even be parsed
+        log.warning("C-STORE from %s refused: unreadable data set (%s)", calling, exc)
+        return status(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+    if sop_uid != str(request.AffectedSOPInstanceUID).strip():
+        log.warning(
+            "C-STORE from %s refused: SOP Instance UID %s differs from request %s",
+            calling,
+            sop_uid,
+            request.AffectedSOPInstanceUID,
+        )
+        return status(
+            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOPInstanceUID differs from the request's",
+        )
+    sop_class = str(ds.get("SOPClassUID", "")).strip()
+    if sop_class != str(request.AffectedSOPClassUID).strip():
+        return status(
+            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
+        )
+    if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
+        # Type 1 in every image IOD; missing here usually means the data set was cut off
+        log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
+        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated")
+    try:
+        receive_instance(config, files, db, ds, event.encoded_dataset(), calling)
+    except OutOfSpaceError as exc:
+        log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
+        return status(statuses.OUT_OF_RESOURCES, str(exc))
+    except InvalidInstanceError as exc:
+        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
+        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    except Exception as exc:  # never let a storage fault kill the association
+        log_failure(log, "C-STORE %s from %s failed", sop_uid, calling)
+        return status(statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}")
+    return status(statuses.SUCCESS)
+
+
+def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    calling = _calling_ae(event)
+    try:
+        identifier = event.identifier
+        with db.read() as session:
+            matches = list(query.find(session, identifier))
+    except QueryError as exc:
+        log.warning("C-FIND from %s refused: %s", calling, exc)
+        yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+        return
+    except Exception as exc:
+        log_failure(log, "C-FIND from %s failed", calling)
+        yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
+        return
+    log.info("C-FIND from %s: %d matches", calling, len(matches))
+    for match in matches:
+        if "SpecificCharacterSet" not in match and not _is_ascii(match):
+            match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
+        if event.is_cancelled:
+            yield statuses.CANCEL, None
             return
-        except Exception as exc:
-            log_failure(log, "C-FIND from %s failed", calling)
-            yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
-            return
-        log.info("C-FIND from %s: %d matches", calling, len(matches))
-        for match in matches:
-            if "SpecificCharacterSet" not in match and not _is_ascii(match):
-                match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
-            if event.is_cancelled:
-                yield statuses.CANCEL, None
-                return
-            yield statuses.PENDING, match
+        yield statuses.PENDING, match
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,16 +176,18 @@ def _is_ascii(ds: Dataset) -> bool:
     return all(str(elem.value).isascii() for elem in ds if elem.VR in ("PN", "LO", "SH", "LT"))
 
 
-def receive_instance(node: Node, ds: Dataset, encoded: bytes, calling_ae: str) -> None:
+def receive_instance(
+    config: Config, files: FileStore, db: Database, ds: Dataset, encoded: bytes, calling_ae: str
+) -> None:
     """Write the file durably, then index and schedule it in one transaction."""
     relpath = instance_relpath(
         ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
     )
-    node.files.check_space(len(encoded))
-    existed = node.files.abspath(relpath).exists()
-    size = node.files.write_atomic(relpath, lambda fh: fh.write(encoded))
+    files.check_space(len(encoded))
+    existed = files.abspath(relpath).exists()
+    size = files.write_atomic(relpath, lambda fh: fh.write(encoded))
     try:
-        with node.db.session() as session:
+        with db.session() as session:
             indexed = record_instance(
                 session,
                 ds,
@@ -197,10 +196,10 @@ def receive_instance(node: Node, ds: Dataset, encoded: bytes, calling_ae: str) -
                 transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
                 source_ae=calling_ae,
             )
-            assembly.schedule(session, indexed, ds, node.config, utcnow())
+            assembly.schedule(session, indexed, ds, config, utcnow())
     except Exception:
         if not existed:  # nothing half-recorded: the file goes with its failed row
-            node.files.remove(relpath)
+            files.remove(relpath)
         raise
     log.info(
         "stored %s (series %s, %s) from %s",

@@ -1,43 +1,44 @@
-"""APScheduler wiring: the worker's round every ``poll_interval_s``, one round at a time."""
+"""APScheduler wiring for the in-process node (:class:`pacs_node.node.Node` with
+``scheduler=True``): each round every ``poll_interval_s``, one instance of it at a time."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_node.logs import log_failure
 
-if TYPE_CHECKING:
-    from pacs_node.worker import Worker
-
 log = logging.getLogger(__name__)
 
 
-def start_scheduler(worker: Worker, poll_interval_s: float) -> BackgroundScheduler:
+def start_scheduler(
+    rounds: Sequence[tuple[str, Callable[[], object]]], poll_interval_s: float
+) -> BackgroundScheduler:
     # "skipped: maximum number of running instances reached" is the intended back-pressure
-    # while a long job runs, not a fault worth a warning every poll
+    # while a long round runs, not a fault worth a warning every poll
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     scheduler = BackgroundScheduler(daemon=True)
-    scheduler.add_job(
-        _guarded(worker.tick),
-        "interval",
-        seconds=poll_interval_s,
-        id="worker",
-        max_instances=1,  # a long inference delays the next round rather than overlapping it
-        coalesce=True,
-        misfire_grace_time=None,
-    )
+    for name, fn in rounds:
+        scheduler.add_job(
+            _guarded(name, fn),
+            "interval",
+            seconds=poll_interval_s,
+            id=name,
+            max_instances=1,  # a long round delays the next one rather than overlapping it
+            coalesce=True,
+            misfire_grace_time=None,
+        )
     scheduler.start()
     return scheduler
 
 
-def _guarded(fn):  # type: ignore[no-untyped-def]
+def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
             fn()
         except Exception:  # the scheduler must keep running whatever one round did
-            log_failure(log, "worker round failed")
+            log_failure(log, "%s round failed", name)
 
     return run

@@ -1,19 +1,35 @@
-"""C-STORE SCU: send stored instances to a peer over one association, recording each answer."""
+"""C-STORE SCU: send stored instances to a peer, recording each answer.
+
+:func:`stream` keeps one association open for as long as the caller has more to send to the
+same peer; :func:`send` sends one list. Neither raises for a fault of the peer or the network:
+every item gets an :class:`Outcome`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from pacs_node import statuses
 from pacs_node.ae import build_scu
 from pacs_node.config import Config, Peer
 
 log = logging.getLogger(__name__)
+
+# what the node makes (ai.results): proposed on every association, so a stream of results
+# never needs a second association for a class it has not seen yet
+GENERATED_SOP_CLASSES = (
+    UID("1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR
+    UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image
+    UID("1.2.840.10008.5.1.4.1.1.30"),  # Parametric Map
+)
+MAX_CONTEXTS = 64  # of the 128 an association may carry; leaves room for both syntaxes
 
 
 @dataclass(frozen=True)
@@ -29,49 +45,78 @@ class Outcome:
 
 
 def send(config: Config, peer: Peer, items: Sequence[tuple[int, Path]]) -> list[Outcome]:
-    """C-STORE each (key, file) to *peer*; one outcome per item, never raises for a peer fault."""
-    if not items:
-        return []
-    datasets = []
-    outcomes: list[Outcome] = []
+    """C-STORE each (key, file) to *peer* over one association; one outcome per item."""
+    return [o for batch in stream(config, peer, items, lambda: []) for o in batch]
+
+
+def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, Dataset]], list[Outcome]]:
+    datasets, outcomes = [], []
     for key, path in items:
         try:
             datasets.append((key, pydicom.dcmread(path)))
         except Exception as exc:
             outcomes.append(Outcome(key, None, f"cannot read {path.name}: {exc}", permanent=True))
-    if not datasets:
-        return outcomes
-    ae = build_scu(config, [str(ds.SOPClassUID) for _, ds in datasets])
-    try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    except Exception as exc:  # e.g. a bad host name
-        reason = f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}: {exc}"
-        return outcomes + [Outcome(k, None, reason) for k, _ in datasets]
-    if not assoc.is_established:
-        reason = (
-            f"association with {peer.ae_title}@{peer.host}:{peer.port} "
-            f"{'rejected' if assoc.is_rejected else 'aborted' if assoc.is_aborted else 'failed'}"
-        )
-        return outcomes + [Outcome(k, None, reason) for k, _ in datasets]
-    try:
-        for key, ds in datasets:
-            if not assoc.is_established:
-                outcomes.append(Outcome(key, None, "association ended before sending"))
-                continue
-            try:
-                answer = assoc.send_c_store(ds)
-            except Exception as exc:  # e.g. no accepted presentation context for the class
-                outcomes.append(Outcome(key, None, f"{type(exc).__name__}: {exc}", permanent=True))
-                continue
-            code = int(answer.Status) if "Status" in answer else None
-            if code is None:
-                outcomes.append(Outcome(key, None, "no answer (timeout or abort)"))
-            elif statuses.is_failure(code):
-                comment = str(answer.get("ErrorComment", "")).strip()
-                outcomes.append(Outcome(key, code, f"status 0x{code:04X} {comment}".strip()))
+    return datasets, outcomes
+
+
+def stream(
+    config: Config,
+    peer: Peer,
+    items: Sequence[tuple[int, Path]],
+    more: Callable[[], Sequence[tuple[int, Path]]],
+) -> Iterator[list[Outcome]]:
+    """Send *items*, then whatever *more* returns, until it returns nothing; the outcomes of
+    each batch are yielded as soon as the batch is answered. One association carries it all
+    unless a batch needs a SOP class the open one was not negotiated for."""
+    batch = list(items)
+    while batch:
+        datasets, failed = _read(batch)
+        if failed:
+            yield failed
+        if not datasets:
+            batch = list(more())
+            continue
+        classes = sorted(set(GENERATED_SOP_CLASSES) | {UID(ds.SOPClassUID) for _, ds in datasets})
+        ae = build_scu(config, [str(c) for c in classes[:MAX_CONTEXTS]])
+        where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+        try:
+            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        except Exception as exc:  # e.g. a bad host name
+            yield [Outcome(k, None, f"cannot connect to {where}: {exc}") for k, _ in datasets]
+            return
+        if not assoc.is_established:
+            how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+            yield [Outcome(k, None, f"association with {where} {how}") for k, _ in datasets]
+            return
+        try:
+            while datasets:
+                yield [_store(assoc, key, ds) for key, ds in datasets]
+                if not assoc.is_established:
+                    return
+                batch = list(more())
+                datasets, failed = _read(batch)
+                if failed:
+                    yield failed
+                if any(UID(ds.SOPClassUID) not in classes for _, ds in datasets):
+                    break  # a class this association was not negotiated for: a new one
             else:
-                outcomes.append(Outcome(key, code))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return outcomes
+                batch = []
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def _store(assoc: object, key: int, ds: Dataset) -> Outcome:
+    if not assoc.is_established:  # type: ignore[attr-defined]
+        return Outcome(key, None, "association ended before sending")
+    try:
+        answer = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+    except Exception as exc:  # e.g. no accepted presentation context for the class
+        return Outcome(key, None, f"{type(exc).__name__}: {exc}", permanent=True)
+    code = int(answer.Status) if "Status" in answer else None
+    if code is None:
+        return Outcome(key, None, "no answer (timeout or abort)")
+    if statuses.is_failure(code):
+        comment = str(answer.get("ErrorComment", "")).strip()
+        return Outcome(key, code, f"status 0x{code:04X} {comment}".strip())
+    return Outcome(key, code)

@@ -5,24 +5,27 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Series
+from storage.models import Delivery, Instance, Job, Result, Series, TaskState
 
 
 def render_status(db: Database, limit: int = 20) -> str:
     lines: list[str] = []
     with db.read() as session:
         jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        lines.append("jobs: " + ", ".join(f"{s.value} {jobs.get(s, 0)}" for s in JobState))
+        lines.append("jobs: " + ", ".join(f"{s.value} {jobs.get(s, 0)}" for s in TaskState))
         deliveries = dict(
             session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
         )
         lines.append(
-            "deliveries: " + ", ".join(f"{s.value} {deliveries.get(s, 0)}" for s in DeliveryState)
+            "deliveries: "
+            + ", ".join(
+                f"{s.value} {deliveries.get(s, 0)}" for s in TaskState if s != TaskState.SKIPPED
+            )
         )
         problem_jobs = session.execute(
             select(Job, Series.series_instance_uid, Series.modality)
             .join(Series, Job.series_pk == Series.id)
-            .where(Job.state.in_([JobState.FAILED, JobState.SKIPPED]) | (Job.last_error != ""))
+            .where(Job.state.in_([TaskState.FAILED, TaskState.SKIPPED]) | (Job.last_error != ""))
             .order_by(Job.id.desc())
             .limit(limit)
         ).all()
@@ -37,7 +40,7 @@ def render_status(db: Database, limit: int = 20) -> str:
         failed = session.execute(
             select(Delivery, Instance.sop_instance_uid)
             .join(Instance, Delivery.instance_pk == Instance.id)
-            .where(Delivery.state == DeliveryState.FAILED)
+            .where(Delivery.state == TaskState.FAILED)
             .order_by(Delivery.id.desc())
             .limit(limit)
         ).all()

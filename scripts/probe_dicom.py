@@ -21,8 +21,8 @@ import pydicom  # noqa: E402
 
 from ai.analysis import analyse_datasets  # noqa: E402
 from ai.model import Classifier  # noqa: E402
-from pacs_node import DISCLAIMER  # noqa: E402
-from pacs_node.errors import UnusableInputError  # noqa: E402
+from ai import DISCLAIMER  # noqa: E402
+from ai.errors import UnusableInputError  # noqa: E402
 
 
 def main() -> int:

@@ -2,7 +2,9 @@
 
 SQLite gets WAL mode, ``synchronous=FULL`` (a committed row survives power loss, which is what a
 C-STORE Success promises) and a busy timeout so the network threads and the worker can share it.
-Any other SQLAlchemy URL works unchanged.
+PostgreSQL (``postgresql://...``, through psycopg2) is the one to use when several machines
+share the queue. The schema is brought up to date at start-up by :func:`migrate` (Alembic,
+``storage/migrations``).
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.errors import SchemaError
 from storage.models import Base
 
 BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+HEAD_REVISION = "0002"  # the newest file in storage/migrations/versions (a test checks)
+BASELINE_REVISION = "0001"  # the schema of 0.2.0, made before migrations existed
+MIGRATION_LOCK_ID = 7_340_211  # a PostgreSQL advisory lock: one process migrates at a time
 
 
 def make_engine(url: str, *, immediate: bool = False) -> Engine:
@@ -50,15 +57,73 @@ def make_engine(url: str, *, immediate: bool = False) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def revision(conn: Connection) -> str | None:
+    """The schema revision of the database (None: no ``alembic_version`` table)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the schema to :data:`HEAD_REVISION`; returns what was done.
+
+    An empty database gets the tables at once (and is stamped); a 0.2.0 database (tables, no
+    revision) is stamped with the baseline and upgraded; an older revision is upgraded. A
+    revision this code does not know (a newer version made it) raises :class:`SchemaError`.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        current = revision(conn)
+        if current == HEAD_REVISION:
+            return "up to date"
+        if current is None and not inspect(conn).has_table("jobs"):
+            Base.metadata.create_all(conn)
+            conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            conn.execute(text("INSERT INTO alembic_version VALUES (:r)"), {"r": HEAD_REVISION})
+            return "created"
+        _upgrade(conn, current)
+        return f"upgraded from {current or '0.2.0'} to {HEAD_REVISION}"
+
+
+def _upgrade(conn: Connection, current: str | None) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaError(
+            f"the database is at schema revision {current!r}, which this version of pacs-node "
+            f"does not know (it knows up to {HEAD_REVISION}): a newer version made it"
+        )
+    if current is None:
+        command.stamp(config, BASELINE_REVISION)
+    command.upgrade(config, "head")
+
+
 class Database:
     """Engines, tables and sessions: :meth:`session` for writing, :meth:`read` for queries."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
         self.url = url
         self.engine = make_engine(url, immediate=True)
         is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.read_engine = make_engine(url) if is_sqlite else self.engine
-        Base.metadata.create_all(self.engine)
+        self.dialect = self.engine.dialect.name
+        if upgrade:
+            migrate(self.engine)
+        else:
+            with self.engine.connect() as conn:
+                current = revision(conn)
+            if current != HEAD_REVISION:
+                raise SchemaError(
+                    f"the database schema is at {current or 'none (0.2.0 or empty)'}, not "
+                    f"{HEAD_REVISION}: run `pacs-node migrate`"
+                )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 

@@ -6,12 +6,13 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from pacs_node.errors import InvalidInstanceError, OutOfSpaceError
+from storage.errors import InvalidInstanceError, OutOfSpaceError
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_MAX = 64
@@ -73,7 +74,7 @@ class FileStore:
         """
         target = self.abspath(relpath)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="in-", suffix=".part")
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix=_tmp_prefix(), suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
@@ -96,12 +97,43 @@ class FileStore:
         _unlink_quietly(self.abspath(relpath))
 
     def clean_tmp(self) -> int:
-        """Delete partial files left by a crash; returns how many were removed."""
+        """Delete partial files left by crashed processes of this machine (other machines
+        sharing the folder, and live processes here, keep theirs); returns how many."""
         removed = 0
         for part in (self.root / "tmp").glob("*.part"):
+            host, pid = _tmp_owner(part.name)
+            if host == _HOST and pid is not None and _pid_alive(pid):
+                continue
+            if host not in (_HOST, None):
+                continue
             _unlink_quietly(part)
             removed += 1
         return removed
+
+
+_HOST = socket.gethostname()[:40].replace("~", "-")
+
+
+def _tmp_prefix() -> str:
+    return f"{_HOST}~{os.getpid()}~"
+
+
+def _tmp_owner(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) of a partial file's writer; (None, None) for names of 0.2.0 ("in-...")."""
+    parts = name.split("~")
+    if len(parts) >= 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None, None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

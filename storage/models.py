@@ -1,4 +1,9 @@
-"""Tables: studies, series, instances (received and generated), jobs, results, deliveries."""
+"""Tables: studies, series, instances (received and generated), jobs, results, deliveries.
+
+Jobs (a series to analyse) and deliveries (a generated instance owed to a peer) are both
+*tasks*: the same columns and the same state machine (``storage.tasks``). Schema changes go
+through the Alembic migrations in ``storage/migrations``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -28,7 +34,10 @@ class Base(DeclarativeBase):
     pass
 
 
-class JobState(enum.StrEnum):
+class TaskState(enum.StrEnum):
+    """``queued -> running -> done | failed | skipped``; a failed attempt with attempts left
+    goes back to ``queued`` after its backoff."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -36,11 +45,30 @@ class JobState(enum.StrEnum):
     SKIPPED = "skipped"
 
 
-class DeliveryState(enum.StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"
+FINISHED_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.SKIPPED)
+
+
+class TaskColumns:
+    """What every task row carries: its state, its attempts and their schedule, its lease."""
+
+    state: Mapped[TaskState] = mapped_column(
+        Enum(TaskState, native_enum=False, length=16), default=TaskState.QUEUED, index=True
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher runs first
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    backoff_initial_s: Mapped[float] = mapped_column(Float, default=10.0)  # doubles per attempt
+    backoff_max_s: Mapped[float] = mapped_column(Float, default=600.0)
+    deadline_s: Mapped[float] = mapped_column(Float, default=600.0)  # one attempt, at most
+    not_before: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")  # "host:pid" of the holder
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Study(Base):
@@ -98,26 +126,15 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-class Job(Base):
+class Job(TaskColumns, Base):
     """One unit of analysis: a series to classify."""
 
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_due", "state", "priority", "not_before"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    state: Mapped[JobState] = mapped_column(
-        Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED, index=True
-    )
     model_name: Mapped[str] = mapped_column(String(64), default="")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    not_before: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     series: Mapped[Series] = relationship()
 
@@ -140,24 +157,18 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class Delivery(Base):
+class Delivery(TaskColumns, Base):
     """One generated instance owed to one destination."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("instance_pk", "destination_ae"),)
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "destination_ae"),
+        Index("ix_deliveries_due", "state", "priority", "not_before"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination_ae: Mapped[str] = mapped_column(String(16))
-    state: Mapped[DeliveryState] = mapped_column(
-        Enum(DeliveryState, native_enum=False, length=16), default=DeliveryState.PENDING, index=True
-    )
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # DIMSE status
 
     instance: Mapped[Instance] = relationship()

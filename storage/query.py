@@ -49,16 +49,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
-from pacs_node.errors import NodeError
+from storage.errors import QueryError
 from storage.models import Instance, Series, Study
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the database holds Unicode text
 PARTITION_SIZE = 500
 _SEPARATOR = "\\"
-
-
-class QueryError(NodeError):
-    """A C-FIND identifier this node cannot answer (bad level, unusable matching value)."""
 
 
 class Level(enum.IntEnum):

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from storage.db import Database
-from storage.models import Instance, Job, JobState, Result
+from storage.models import Instance, Job, Result, TaskState
 from tests import scu
 from tests.conftest import CT_SERIES
 from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
@@ -162,7 +162,7 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
     )
     db = node.db()
 
-    def job_states() -> list[JobState]:
+    def job_states() -> list[TaskState]:
         with db.read() as session:
             return list(session.scalars(select(Job.state)).all())
 
@@ -175,13 +175,13 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
             studies.append(series)
         scu.store(port, studies[0], calling="STORESCP")
         wait_for(
-            lambda: JobState.RUNNING in job_states() or JobState.DONE in job_states(),
+            lambda: TaskState.RUNNING in job_states() or TaskState.DONE in job_states(),
             timeout_s=120,
             interval_s=0.01,
             what="the first job to start",
         )
         node.kill()
-        phases.append("inference" if JobState.DONE not in job_states() else "after inference")
+        phases.append("inference" if TaskState.DONE not in job_states() else "after inference")
         node.start()
         scu.store(port, studies[1], calling="STORESCP")
 
@@ -218,7 +218,7 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
         with db.read() as session:
             jobs = session.scalars(select(Job)).all()
             results = session.scalars(select(Result)).all()
-        assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]
+        assert [j.state for j in jobs] == [TaskState.DONE, TaskState.DONE]
         assert len(results) == 2, "a job finished more than once"
         receptions = Counter(
             str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)

@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from pacs_node import statuses
 from pacs_node.config import Peer
-from storage.models import Instance, Job, JobState, Series
+from storage.models import Instance, Job, Series, TaskState
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
 from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, findscu
@@ -123,7 +123,7 @@ def test_store_with_storescu_and_skip_reasons(start_node):
     }
     for path, reason in expectations.items():
         jobs = _jobs(node, str(pydicom.dcmread(path).SeriesInstanceUID))
-        assert [j.state for j in jobs] == [JobState.SKIPPED]
+        assert [j.state for j in jobs] == [TaskState.SKIPPED]
         assert reason in jobs[0].last_error
 
 
@@ -136,7 +136,7 @@ def test_cr_is_queued_at_once_and_ct_after_quiet_period(start_node, tmp_path):
     scu.store(node.port, [CR_CHEST, *CT_SERIES[:3]])
     cr_job = _jobs(node, str(pydicom.dcmread(CR_CHEST).SeriesInstanceUID))
     ct_jobs = _jobs(node, str(pydicom.dcmread(CT_SERIES[0]).SeriesInstanceUID))
-    assert [j.state for j in cr_job] == [JobState.QUEUED]
+    assert [j.state for j in cr_job] == [TaskState.QUEUED]
     assert len(ct_jobs) == 1, "each slice must push the same job back, not add one"
     assert (ct_jobs[0].not_before - cr_job[0].not_before).total_seconds() > 3500
 

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from ai.analysis import analyse_datasets
+from ai.errors import UnusableInputError
 from ai.model import load_classifier
 from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
 from ai.preprocess import dicom_to_image
-from pacs_node.errors import UnusableInputError
 from tests.conftest import CR_CHEST, CT_SERIES
 
 # the fuzzed headers are invalid on purpose: pydicom's warnings about them are expected

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from pacs_node.config import Peer
-from storage.models import Delivery, DeliveryState
+from storage.models import Delivery, TaskState
 from tests import scu
 from tests.conftest import CR_CHEST, make_config
 from tests.orthanc import OrthancServer, free_port, orthanc_available, wait_for
@@ -52,7 +52,7 @@ def _wait_results_back(orthanc: OrthancServer, node, study_uid: str, what: str) 
         lambda: {"SR", "OT"} <= set(orthanc.series_modalities(study_uid)), timeout_s=120, what=what
     )
     wait_for(
-        lambda: all(d.state == DeliveryState.SENT for d in _deliveries(node)),
+        lambda: all(d.state == TaskState.DONE for d in _deliveries(node)),
         timeout_s=30,
         what="deliveries recorded as sent",
     )
@@ -90,7 +90,7 @@ def test_orthanc_down_then_back_and_retry_after_final_failure(tmp_path, start_no
         scu.store(node.port, [CR_CHEST], calling="ORTHANC")
         # 1. while it is down: attempts with backoff, then failed with the reason
         wait_for(
-            lambda: (d := _deliveries(node)) and all(x.state == DeliveryState.FAILED for x in d),
+            lambda: (d := _deliveries(node)) and all(x.state == TaskState.FAILED for x in d),
             timeout_s=120,
             what="deliveries to give up",
         )
@@ -161,7 +161,7 @@ def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path
             what="a few failed attempts",
         )
         assert all(
-            d.state in (DeliveryState.PENDING, DeliveryState.SENDING) for d in _deliveries(node)
+            d.state in (TaskState.QUEUED, TaskState.RUNNING) for d in _deliveries(node)
         )
         orthanc = _orthanc_back(tmp_path, node_port, orthanc_port)
         _wait_results_back(orthanc, node, study_uid, "results in Orthanc once it is back")

@@ -6,6 +6,7 @@ covered by the Orthanc end-to-end test.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 from sqlalchemy import select
 
 from pacs_node.config import Peer
-from storage import queue
-from storage.models import Delivery, DeliveryState, Job, JobState, Result, Series
+from pacs_node.process import owner_id
+from storage import tasks
+from storage.models import Delivery, Job, Result, Series, TaskState, utcnow
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
 from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
@@ -42,7 +44,7 @@ def _results(node) -> list[tuple[Result, Series]]:
         )
 
 
-def _job_states(node) -> dict[str, tuple[JobState, str]]:
+def _job_states(node) -> dict[str, tuple[TaskState, str]]:
     with node.db.read() as session:
         rows = session.execute(select(Job, Series).join(Series)).all()
         return {s.series_instance_uid: (j.state, j.last_error) for j, s in rows}
@@ -75,7 +77,7 @@ def test_cr_gets_sr_and_sc_delivered_to_its_sender(start_node, tmp_path, storesc
         assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription.upper()
     with node.db.read() as session:
         states = session.scalars(select(Delivery.state)).all()
-    assert states and all(s == DeliveryState.SENT for s in states)
+    assert states and all(s == TaskState.DONE for s in states)
 
 
 def test_results_are_found_by_cfind_and_list_sr(start_node):
@@ -133,7 +135,7 @@ def test_retry_of_a_job_makes_the_same_instances(start_node):
     ((first, _),) = _results(node)
     with node.db.session() as session:  # run the analysis again, as after a crash
         job = session.scalars(select(Job)).one()
-        job.state = JobState.QUEUED
+        job.state = TaskState.QUEUED
     node.run_pending()
     results = _results(node)
     assert len(results) == 2
@@ -154,7 +156,7 @@ def test_images_the_model_was_not_built_for_are_skipped(start_node, path, reason
     assert scu.store(node.port, [path])[0].Status == 0
     node.run_pending()
     state, error = _job_states(node)[str(pydicom.dcmread(path).SeriesInstanceUID)]
-    assert state == JobState.SKIPPED
+    assert state == TaskState.SKIPPED
     assert reason in error
     assert not _results(node)
 
@@ -168,7 +170,7 @@ def test_undecodable_12bit_jpeg_is_stored_and_skipped_with_reason(start_node):
     node.run_pending()
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     state, error = _job_states(node)[str(ds.SeriesInstanceUID)]
-    assert (state, error) == (JobState.SKIPPED, "no model for modality NM: stored, not analysed")
+    assert (state, error) == (TaskState.SKIPPED, "no model for modality NM: stored, not analysed")
     images, _ = scu.find(
         node.port,
         scu.query(
@@ -192,7 +194,7 @@ def test_delivery_to_a_dead_peer_backs_off_then_fails_with_reason(start_node, tm
     node.run_pending()
     with node.db.read() as session:
         deliveries = session.scalars(select(Delivery)).all()
-    assert deliveries and all(d.state == DeliveryState.FAILED for d in deliveries)
+    assert deliveries and all(d.state == TaskState.FAILED for d in deliveries)
     assert all(d.attempts == 2 and "GONE@127.0.0.1" in d.last_error for d in deliveries)
 
 
@@ -205,20 +207,20 @@ def test_delivery_waits_with_backoff_and_arrives_when_the_peer_is_back(start_nod
     node.run_pending()  # the peer is down: first attempt fails, next one in 60 s
     with node.db.read() as session:
         waiting = session.scalars(select(Delivery)).all()
-    assert waiting and all(d.state == DeliveryState.PENDING and d.attempts == 1 for d in waiting)
-    assert all(55 < (d.next_attempt_at - d.created_at).total_seconds() < 70 for d in waiting)
+    assert waiting and all(d.state == TaskState.QUEUED and d.attempts == 1 for d in waiting)
+    assert all(55 < (d.not_before - d.created_at).total_seconds() < 70 for d in waiting)
     assert all("STORESCP@127.0.0.1" in d.last_error for d in waiting)
     if not dcmtk_available("storescp"):
         pytest.skip("dcmtk not installed")
     with StoreScp(tmp_path / "received", port) as scp:
-        assert node.worker.deliver_due() == 0  # not due yet: the backoff holds
+        assert node.sender.deliver_due() == 0  # not due yet: the backoff holds
         with node.db.session() as session:  # let the 60 s pass
             for d in session.scalars(select(Delivery)).all():
-                d.next_attempt_at = d.created_at
+                d.not_before = d.created_at
         node.run_pending()
         with node.db.read() as session:
             sent = session.scalars(select(Delivery)).all()
-        assert all(d.state == DeliveryState.SENT and d.attempts == 2 for d in sent)
+        assert all(d.state == TaskState.DONE and d.attempts == 2 for d in sent)
         assert len(scp.received()) == len(sent)
 
 
@@ -226,10 +228,12 @@ def test_a_job_running_when_the_process_died_runs_again(start_node, tmp_path):
     config = make_config(tmp_path)
     node = start_node(config)
     scu.store(node.port, [CR_CHEST])
-    with node.db.session() as session:  # claim it, then "die" holding the lease
-        assert queue.claim(session, lease_s=3600) is not None
+    gone = subprocess.Popen(["true"])  # a process of this machine that is gone
+    gone.wait()
+    with node.db.session() as session:  # it claimed the job, then died holding the lease
+        assert tasks.claim(session, Job, owner=owner_id(gone.pid), lease_s=3600, now=utcnow())
     node.stop()
     restarted = start_node(config)
     assert restarted.run_pending() == 1
     ((job_state, _),) = _job_states(restarted).values()
-    assert job_state == JobState.DONE
+    assert job_state == TaskState.DONE

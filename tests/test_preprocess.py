@@ -7,6 +7,7 @@ import pydicom
 import pytest
 
 from ai.analysis import profile
+from ai.errors import UnusableInputError
 from ai.preprocess import (
     LUNG_WINDOW,
     dicom_to_image,
@@ -14,7 +15,6 @@ from ai.preprocess import (
     read_image_file,
     to_model_input,
 )
-from pacs_node.errors import UnusableInputError
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, SHARED_DATA
 
 ALL_DICOM = sorted(DICOM.rglob("*.dcm"))

@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 from sqlalchemy import event
 
-from pacs_node.errors import NodeError
 from storage.db import Database
+from storage.errors import StorageError
 from storage.models import Instance, Series, Study
 from storage.query import QueryError, _like_pattern, find
 
@@ -167,7 +167,7 @@ def test_missing_level_raises(db: Database) -> None:
     identifier.PatientID = ""
     with db.session() as session, pytest.raises(QueryError):
         find(session, identifier)
-    assert issubclass(QueryError, NodeError)
+    assert issubclass(QueryError, StorageError)
 
 
 def test_study_response_has_exactly_requested_and_unique_keys(db: Database) -> None:

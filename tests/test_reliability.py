@@ -23,9 +23,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from pacs_node import statuses
-from pacs_node.errors import OutOfSpaceError
+from storage.errors import OutOfSpaceError
 from storage.files import FileStore
-from storage.models import Instance, Job, JobState, Series
+from storage.models import Instance, Job, Series, TaskState
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, make_config
 from tests.orthanc import free_port, wait_for
@@ -42,7 +42,7 @@ def _copy(path: Path, **changes: object) -> pydicom.Dataset:
     return ds
 
 
-def _job_state(node, series_uid: str) -> tuple[JobState, str]:
+def _job_state(node, series_uid: str) -> tuple[TaskState, str]:
     with node.db.read() as session:
         job = session.scalars(
             select(Job)
@@ -116,7 +116,7 @@ def test_truncated_files_get_an_answer_and_the_next_association_is_served(start_
         if answer.Status == statuses.SUCCESS:  # the header decodes: stored, then skipped
             node.run_pending()
             state, reason = _job_state(node, str(header.SeriesInstanceUID))
-            assert state == JobState.SKIPPED and "cannot be decoded" in reason
+            assert state == TaskState.SKIPPED and "cannot be decoded" in reason
         else:
             assert answer.Status in (
                 statuses.CANNOT_UNDERSTAND,
@@ -172,7 +172,7 @@ def test_lying_image_headers_are_stored_and_skipped(start_node, changes, reason)
     assert scu.store(node.port, [ds])[0].Status == statuses.SUCCESS
     node.run_pending()
     state, error = _job_state(node, str(ds.SeriesInstanceUID))
-    assert state == JobState.SKIPPED
+    assert state == TaskState.SKIPPED
     assert reason in error
 
 
@@ -278,4 +278,4 @@ def test_worker_round_survives_a_broken_job(start_node, tmp_path):
     path.write_bytes(b"not DICOM any more")  # the file rots on disk after it was acknowledged
     node.run_pending()
     state, reason = _job_state(node, str(pydicom.dcmread(CR_CHEST).SeriesInstanceUID))
-    assert state == JobState.SKIPPED and "no readable instance" in reason
+    assert state == TaskState.SKIPPED and "no readable instance" in reason

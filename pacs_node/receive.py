@@ -1,0 +1,104 @@
+"""The receive role: the DICOM services (C-ECHO, C-STORE, C-FIND), and nothing heavier.
+
+``pacs-node receive`` runs :func:`run`. It writes received files and their rows; the queue rows
+it adds are the only thing it hands to the other roles. It never imports TensorFlow, ONNX
+Runtime or OpenCV (a test checks the process's loaded libraries), so it starts in a second and
+stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from pacs_node import __version__
+from pacs_node.ae import build_scp, start_server
+from pacs_node.config import Config, TlsSettings
+from pacs_node.handlers import bindings
+from pacs_node.process import Stop
+from storage.db import Database
+from storage.files import FileStore
+
+log = logging.getLogger(__name__)
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS 1.2+ with the node's certificate; client certificates checked against the CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None and tls.key_file is not None
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+class Receiver:
+    """The listening sockets (plain, and TLS when configured) and their handlers."""
+
+    def __init__(self, config: Config, files: FileStore, db: Database) -> None:
+        self.config = config
+        self.files = files
+        self.db = db
+        self.server: Any = None
+        self.tls_server: Any = None
+
+    def start(self) -> None:
+        ae = build_scp(self.config)
+        handlers = bindings(self.config, self.files, self.db)
+        node = self.config.node
+        self.server = start_server(ae, (node.host, node.port), evt_handlers=handlers)
+        tls = self.config.tls
+        if tls.enabled:
+            self.tls_server = start_server(
+                ae,
+                (node.host, tls.port),
+                evt_handlers=handlers,
+                ssl_context=server_ssl_context(tls),
+            )
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when the config asks for port 0)."""
+        return int(self.server.server_address[1]) if self.server else self.config.node.port
+
+    @property
+    def tls_port(self) -> int:
+        return int(self.tls_server.server_address[1]) if self.tls_server else self.config.tls.port
+
+    def stop(self) -> None:
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        self.server = self.tls_server = None
+
+
+def describe(config: Config, port: int) -> str:
+    n = config.node
+    peers = ", ".join(f"{p.ae_title}@{p.host}:{p.port}" for p in config.peers) or "none"
+    return (
+        f"pacs-node {__version__}: AE title {n.ae_title} listening on {n.host}:{port}; "
+        f"data in {n.storage_dir.resolve()}; database {n.resolved_database_url}; "
+        f"peers: {peers}; "
+        f"{'any calling AE accepted' if n.accept_unknown_peers else 'only known peers accepted'}"
+    )
+
+
+def run(config: Config, stop: Stop) -> None:
+    """``pacs-node receive``: listen until stopped."""
+    files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+    removed = files.clean_tmp()
+    if removed:
+        log.warning("removed %d partial files left by a crash", removed)
+    db = Database(config.node.resolved_database_url)
+    receiver = Receiver(config, files, db)
+    receiver.start()
+    print(describe(config, receiver.port), flush=True)
+    try:
+        stop.event.wait()
+    finally:
+        receiver.stop()
+        db.dispose()

@@ -1,0 +1,346 @@
+"""The work role: claim a job, run the model through ``ai``, store the results, owe them.
+
+``pacs-node work`` runs :func:`run` (any number of them, on any machine that sees the database
+and the storage folder); a job row is the only thing that moves work between the roles. Each
+attempt runs under its deadline and renews its lease (:class:`pacs_node.process.Watchdog`);
+results are recorded only while the lease is still this process's, together with the job's
+``done`` state, so a job taken back from a hung or dead worker is never recorded twice.
+:meth:`Worker.run_pending` runs everything due at once in this thread ("burst" mode, for tests
+and ``pacs-node run-pending``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from ai.errors import ModelError, UnusableInputError
+from ai.results import build_results
+from ai.runtime import load_runtime_classifier
+from pacs_node import __version__
+from pacs_node.config import Config
+from pacs_node.logs import log_failure
+from pacs_node.process import Stop, Watchdog, owner_id, run_loop
+from storage import queue, tasks
+from storage.db import Database
+from storage.files import FileStore, instance_relpath
+from storage.ingest import record_instance
+from storage.models import Instance, Job, Result, Series, utcnow
+from storage.queue import Schedule
+
+if TYPE_CHECKING:
+    from ai.analysis import Analysis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesWork:
+    job_id: int
+    model_name: str
+    series_uid: str
+    source_ae: str
+    priority: int
+    paths: list[Path]
+
+
+def _write_bytes(data: bytes, fh: BinaryIO) -> None:
+    fh.write(data)
+
+
+class LeaseLost(Exception):
+    """The job was taken back (its lease ran out) while this process worked on it."""
+
+
+class Worker:
+    """Runs jobs: what it needs is passed in, nothing reaches back for it."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        files: FileStore,
+        *,
+        owner: str | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.files = files
+        self.owner = owner or owner_id()
+        self.watchdog = watchdog
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def run_one(self) -> bool:
+        """Claim and run one due job; False when none is due."""
+        with self.db.session() as session:
+            claimed = tasks.claim(
+                session, Job, owner=self.owner, lease_s=self.config.worker.lease_s, now=utcnow()
+            )
+            if not claimed:
+                return False
+            job = claimed[0]
+            series = session.get(Series, job.series_pk)
+            assert series is not None
+            paths = session.scalars(
+                select(Instance.path)
+                .where(Instance.series_pk == series.id)
+                .order_by(Instance.instance_number, Instance.id)
+            ).all()
+            work = SeriesWork(
+                job.id,
+                job.model_name,
+                series.series_instance_uid,
+                series.source_ae,
+                job.priority,
+                [self.files.abspath(p) for p in paths],
+            )
+            deadline_s = job.deadline_s
+        if self.watchdog is not None:
+            self.watchdog.hold([work.job_id], deadline_s)
+        try:
+            self._run(work)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.release()
+        return True
+
+    def _run(self, work: SeriesWork) -> None:
+        try:
+            analysis = self._analyse(work)
+        except UnusableInputError as exc:
+            reason = str(exc)
+            self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
+            log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
+            return
+        except ModelError as exc:
+            self._fail(work, f"model unavailable: {exc}", permanent=True)
+            return
+        except Exception as exc:
+            log_failure(log, "job %d (series %s) failed", work.job_id, work.series_uid)
+            self._fail(work, f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            self._store_results(work, analysis)
+        except LeaseLost:
+            log.warning(
+                "job %d (series %s): lease lost while working; results dropped",
+                work.job_id,
+                work.series_uid,
+            )
+        except Exception as exc:
+            log_failure(
+                log, "job %d (series %s): storing results failed", work.job_id, work.series_uid
+            )
+            self._fail(work, f"storing results failed: {type(exc).__name__}: {exc}")
+
+    def _held_job(self, session: object, work: SeriesWork) -> Job:
+        job = session.get(Job, work.job_id, populate_existing=True)  # type: ignore[attr-defined]
+        if job is None or not tasks.holds(session, job, self.owner):  # type: ignore[arg-type]
+            raise LeaseLost(work.job_id)
+        return job  # type: ignore[no-any-return]
+
+    def _finish(self, work: SeriesWork, transition: object) -> None:
+        try:
+            with self.db.session() as session:
+                job = self._held_job(session, work)
+                transition(session, job)  # type: ignore[operator]
+        except LeaseLost:
+            log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
+
+    def _fail(self, work: SeriesWork, error: str, permanent: bool = False) -> None:
+        states = []
+
+        def fail(session: object, job: Job) -> None:
+            states.append(tasks.fail(session, job, error, now=utcnow(), permanent=permanent))  # type: ignore[arg-type]
+
+        self._finish(work, fail)
+        # the full reason (which may quote data) is on the job row, for pacs-node status
+        log.warning(
+            "job %d (series %s) %s: %s",
+            work.job_id,
+            work.series_uid,
+            states[0] if states else "dropped",
+            error.split(":", 1)[0],
+        )
+
+    def _analyse(self, work: SeriesWork) -> Analysis:
+        from ai.analysis import analyse_datasets, read_dicom
+
+        binding = next((m for m in self.config.models if m.name == work.model_name), None)
+        if binding is None:
+            raise ModelError(f"model {work.model_name!r} is no longer configured")
+        classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
+        datasets: list[Dataset] = []
+        unreadable: list[str] = []
+        for path in work.paths:
+            try:
+                datasets.append(read_dicom(path))
+            except Exception as exc:
+                unreadable.append(f"{path.name}: {type(exc).__name__}")
+        if not datasets:
+            raise UnusableInputError("no readable instance: " + ", ".join(unreadable)[:400])
+        analysis = analyse_datasets(datasets, classifier)
+        for reason in unreadable:
+            analysis.excluded.append(("?", f"unreadable file {reason}"))
+        return analysis
+
+    def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
+        prediction = analysis.prediction
+        outputs = build_results(analysis, software_version=__version__)
+        sr = outputs[0]
+        written = []
+        for ds in outputs:
+            relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            size = self.files.write_atomic(relpath, partial(_write_bytes, buffer.getvalue()))
+            written.append((ds, relpath, size))
+        destinations = self.destinations(work.source_ae)
+        with self.db.session() as session:
+            job = self._held_job(session, work)
+            schedule = self.delivery_schedule(work.priority)
+            pks = []
+            for ds, relpath, size in written:
+                indexed = record_instance(
+                    session,
+                    ds,
+                    relpath=relpath.as_posix(),
+                    size_bytes=size,
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    generated=True,
+                )
+                pks.append(indexed.instance.id)
+                for ae_title in destinations:
+                    queue.add_delivery(session, indexed.instance.id, ae_title, schedule)
+            session.add(
+                Result(
+                    job_pk=job.id,
+                    series_pk=job.series_pk,
+                    model_name=prediction.model_name,
+                    model_version=prediction.model_version,
+                    label=prediction.label.name,
+                    probability=prediction.probability,
+                    probabilities={
+                        c.name: p
+                        for c, p in zip(prediction.classes, prediction.probabilities, strict=True)
+                    },
+                    sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                    sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
+                )
+            )
+            tasks.succeed(session, job, utcnow())
+        log.info(
+            "job %d (series %s): %s %.3f by %s %s; %d images used, %d excluded; results owed to %s",
+            work.job_id,
+            work.series_uid,
+            prediction.label.name,
+            prediction.probability,
+            prediction.model_name,
+            prediction.model_version,
+            len(analysis.used),
+            len(analysis.excluded),
+            ", ".join(destinations) or "nobody",
+        )
+
+    def destinations(self, source_ae: str) -> list[str]:
+        """The peers owed a series' results: its sender if so configured, and the extra ones."""
+        titles = []
+        peer = self.config.peer(source_ae) if source_ae else None
+        if peer is not None and peer.send_results:
+            titles.append(peer.ae_title)
+        titles.extend(t for t in self.config.delivery.also_send_to if t not in titles)
+        return titles
+
+    def delivery_schedule(self, priority: int) -> Schedule:
+        settings = self.config.delivery
+        return Schedule(
+            max_attempts=settings.max_attempts,
+            backoff_initial_s=settings.backoff_initial_s,
+            backoff_max_s=settings.backoff_max_s,
+            deadline_s=self.config.node.dimse_timeout_s,
+            priority=priority,
+        )
+
+    # -- loops -----------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Take back jobs whose lease ran out (their worker died or hung)."""
+        with self.db.session() as session:
+            taken = tasks.expire(session, Job, now=utcnow())
+        for job in taken:
+            log.warning("job %d taken back (%s): %s", job.id, job.state, job.last_error)
+        return len(taken)
+
+    def run_pending(self, max_jobs: int = 10_000) -> int:
+        """Run every job due now, synchronously; returns how many ran."""
+        ran = 0
+        while ran < max_jobs and self.run_one():
+            ran += 1
+        return ran
+
+
+def preload_models(config: Config) -> None:
+    """Load every configured model now, so a broken model stops start-up, not a job."""
+    for binding in config.models:
+        if binding.enabled:
+            classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
+            classifier.warm_up()
+            log.info(
+                "model %s %s (%s) serves %s",
+                classifier.spec.name,
+                classifier.spec.version,
+                binding.runtime,
+                "/".join(binding.modalities),
+            )
+
+
+def run(config: Config, stop: Stop) -> None:
+    """``pacs-node work``: load the models, then claim and run jobs until stopped."""
+    db = Database(config.node.resolved_database_url)
+    files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+    owner = owner_id()
+    preload_models(config)
+
+    def on_deadline(ids: list[int], elapsed_s: float) -> None:
+        with db.session() as session:
+            for job in session.scalars(select(Job).where(Job.id.in_(ids))).all():
+                if tasks.holds(session, job, owner):
+                    state = tasks.fail(
+                        session,
+                        job,
+                        f"deadline exceeded: stopped after {elapsed_s:.0f} s "
+                        f"(deadline {job.deadline_s:.0f} s)",
+                        now=utcnow(),
+                    )
+                    log.error("job %d stopped at its deadline: %s", job.id, state)
+
+    watchdog = Watchdog(
+        db, Job, owner=owner, lease_s=config.worker.lease_s, on_deadline=on_deadline
+    ).start()
+    worker = Worker(config, db, files, owner=owner, watchdog=watchdog)
+    log.info("work role %s ready", owner)
+    last_sweep = 0.0
+    sweep_every_s = max(1.0, config.worker.lease_s / 4)
+
+    def step() -> int:
+        nonlocal last_sweep
+        if time.monotonic() - last_sweep > sweep_every_s:
+            worker.sweep()
+            last_sweep = time.monotonic()
+        return int(worker.run_one())
+
+    try:
+        run_loop(step, config.worker.poll_interval_s, stop)
+    finally:
+        watchdog.stop()
+        db.dispose()
