@@ -137,7 +137,11 @@ def read_spec(directory: Path) -> ModelSpec:
     meta = directory / "model.json"
     if not meta.is_file():
         raise ModelError(f"{directory}: no model.json")
-    return ModelSpec.from_json(json.loads(meta.read_text()), where=str(meta))
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta}: invalid model metadata: {exc}") from None
+    return ModelSpec.from_json(data, where=str(meta))
 
 
 class Predictor(Protocol):

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from storage import tasks
 from storage.db import Database
+from storage.files import pid_alive
 from storage.models import Delivery, Job, TaskState, utcnow
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,6 @@ HOST = socket.gethostname()[:40]
 def owner_id(pid: int | None = None) -> str:
     """The name a process holds leases under: ``host:pid``."""
     return f"{HOST}:{pid if pid is not None else os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dead_local_owners(db: Database) -> list[str]:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FATAL_EXIT = 2  # a role that cannot start (config, model): restarting will not help
 STARTUP_S = 20.0
 GRACE_S = 15.0
+SWEEP_S = 5.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -93,8 +94,12 @@ class Supervisor:
         return status
 
     def _watch(self, db: Database, stop: Stop) -> int:
+        last_sweep = time.monotonic()
         while not stop:
             now = time.monotonic()
+            if now - last_sweep > SWEEP_S:  # a process that outlived its parent, since gone
+                release_leases(db, dead_local_owners(db))
+                last_sweep = now
             for child in self.children:
                 proc = child.proc
                 if proc is None:
@@ -113,8 +118,10 @@ class Supervisor:
                     )
                     return FATAL_EXIT
                 child.restarts += 1
-                child.backoff_s = 1.0 if ran_s > 60 else min(30.0, child.backoff_s * 2)
+                if ran_s > 60:  # it had been running fine: this is not a crash loop
+                    child.backoff_s = 1.0
                 delay = 0.0 if code == 70 else child.backoff_s  # 70: stopped at a deadline
+                child.backoff_s = min(30.0, child.backoff_s * 2)
                 child.restart_at = now + delay
                 log.warning(
                     "%s (pid %d) exited with status %d after %.0f s; restarting in %.0f s",

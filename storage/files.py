@@ -102,7 +102,7 @@ class FileStore:
         removed = 0
         for part in (self.root / "tmp").glob("*.part"):
             host, pid = _tmp_owner(part.name)
-            if host == _HOST and pid is not None and _pid_alive(pid):
+            if host == _HOST and pid is not None and pid_alive(pid):
                 continue
             if host not in (_HOST, None):
                 continue
@@ -126,14 +126,19 @@ def _tmp_owner(name: str) -> tuple[str | None, int | None]:
     return None, None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* of this machine still runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill()
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,64 +9,22 @@ each reception in its own file), counted by SOP Instance UID.
 from __future__ import annotations
 
 import copy
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from storage.db import Database
 from storage.models import Instance, Job, Result, TaskState
 from tests import scu
 from tests.conftest import CT_SERIES
 from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
+from tests.processes import NodeProcess
 
 pytestmark = pytest.mark.slow
-
-
-class NodeProcess:
-    """``pacs-node serve`` as a child process that can be killed and started again."""
-
-    def __init__(self, workdir: Path, config_text: str) -> None:
-        self.workdir = workdir
-        self.config = workdir / "node.toml"
-        self.config.write_text(config_text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.workdir / f"node{self.starts}.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs_node.cli", "serve", "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-        )
-        wait_for(lambda: "listening on" in self.log(), timeout_s=120, what="node to listen")
-
-    def log(self) -> str:
-        return (self.workdir / f"node{self.starts}.log").read_text()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-
-    def db(self) -> Database:
-        return Database(f"sqlite:///{self.workdir / 'data' / 'node.sqlite3'}")
 
 
 def _instances(count: int, series_count: int) -> list[pydicom.Dataset]:
