@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
 from pacs_node import assembly, statuses
@@ -32,6 +33,7 @@ from storage.models import utcnow
 log = logging.getLogger(__name__)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+INDEX_ATTEMPTS = 3
 
 
 def status(code: int, comment: str = "") -> Dataset:
@@ -187,16 +189,24 @@ def receive_instance(
     existed = files.abspath(relpath).exists()
     size = files.write_atomic(relpath, lambda fh: fh.write(encoded))
     try:
-        with db.session() as session:
-            indexed = record_instance(
-                session,
-                ds,
-                relpath=relpath.as_posix(),
-                size_bytes=size,
-                transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
-                source_ae=calling_ae,
-            )
-            assembly.schedule(session, indexed, ds, config, utcnow())
+        for attempt in range(INDEX_ATTEMPTS):
+            try:
+                with db.session() as session:
+                    indexed = record_instance(
+                        session,
+                        ds,
+                        relpath=relpath.as_posix(),
+                        size_bytes=size,
+                        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+                        source_ae=calling_ae,
+                    )
+                    assembly.schedule(session, indexed, ds, config, utcnow())
+                break
+            except IntegrityError:
+                # another association inserted the same study or series first (PostgreSQL
+                # runs them concurrently): the row exists now, so index again
+                if attempt == INDEX_ATTEMPTS - 1:
+                    raise
     except Exception:
         if not existed:  # nothing half-recorded: the file goes with its failed row
             files.remove(relpath)

@@ -102,7 +102,9 @@ def holds(session: Session, task: TaskColumns, owner: str) -> bool:
 
 
 def succeed(session: Session, task: TaskColumns, now: datetime) -> None:
-    _finish(task, TaskState.DONE, "", now)
+    """Done. The error of an earlier failed attempt, if any, is kept: an operator sees that
+    it took a retry, and why."""
+    _finish(task, TaskState.DONE, task.last_error, now)
 
 
 def skip(session: Session, task: TaskColumns, reason: str, now: datetime) -> None:

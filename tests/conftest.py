@@ -16,6 +16,8 @@ from pacs_node.config import Config, NodeSettings, Peer, WorkerSettings  # noqa:
 from pacs_node.node import Node  # noqa: E402
 from tests.orthanc import SHARED_DATA  # noqa: E402
 
+pytest_plugins = ["tests.postgres"]
+
 DICOM = SHARED_DATA / "dicom"
 CR_CHEST = DICOM / "cxr" / "dwv__gdcm-CR-MONO1-10-chest.dcm"
 CT_SERIES = sorted((DICOM / "ct_series" / "lung_pet_ct_dx_A0002_B40f").glob("*.dcm"))

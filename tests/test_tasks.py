@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, text
 
 from pacs_node.process import Watchdog
 from storage import queue, tasks
@@ -19,9 +20,14 @@ from storage.models import Delivery, Instance, Job, Series, Study, TaskState, ut
 T0 = datetime(2026, 12, 1, 8, 0, 0)
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'tasks.sqlite3'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request, tmp_path: Path) -> Database:
+    """Every transition on both databases the node supports."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = Database(url)
     yield database
     database.dispose()
 
@@ -252,5 +258,29 @@ def test_a_hung_task_is_stopped_at_its_deadline_and_its_process_exits(tmp_path):
     try:
         job = _get(db, job_id)
         assert job.state == TaskState.QUEUED and job.last_error.startswith("deadline exceeded")
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_concurrent_claims_skip_each_others_rows(postgres_url):
+    """Two workers claim at the same moment: the second neither waits for the first's open
+    transaction nor takes its row (FOR UPDATE SKIP LOCKED)."""
+    db = Database(postgres_url)
+    try:
+        ids = [_job(db, f"11.{i}") for i in range(3)]
+        with db.session() as first:
+            taken_first = tasks.claim(first, Job, owner="host:41", lease_s=30, now=T0)
+            assert [t.id for t in taken_first] == [ids[0]]
+            # the first transaction is still open and holds its row lock
+            with db.session() as second:
+                second.execute(text("SET LOCAL lock_timeout = '2s'"))
+                taken_second = tasks.claim(
+                    second, Job, owner="host:42", lease_s=30, now=T0, limit=5
+                )
+                assert [t.id for t in taken_second] == ids[1:]
+        with db.read() as session:
+            owners = dict(session.execute(select(Job.id, Job.claimed_by)).all())
+        assert owners == {ids[0]: "host:41", ids[1]: "host:42", ids[2]: "host:42"}
     finally:
         db.dispose()
