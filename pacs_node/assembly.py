@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from ai.eligibility import has_pixels
 from pacs_node.config import Config
 from storage import queue
-from storage.ingest import Indexed
+from storage.ingest import IndexCache, Indexed
 from storage.models import TaskState
 from storage.queue import Schedule
 
@@ -30,32 +30,51 @@ def sop_class_name(ds: Dataset) -> str:
 
 
 def schedule(
-    session: Session, indexed: Indexed, ds: Dataset, config: Config, now: datetime
+    session: Session,
+    indexed: Indexed,
+    ds: Dataset,
+    config: Config,
+    now: datetime,
+    cache: IndexCache | None = None,
 ) -> None:
-    """Queue or skip the series of a newly stored instance."""
-    series = indexed.series
-    if series.generated:
+    """Queue or skip the series of a newly stored instance. With *cache*, the next slice of a
+    series whose job is still queued only moves that job's start (one statement)."""
+    if indexed.generated:
         return
-    modality = series.modality or "(none)"
+    single = indexed.modality in SINGLE_IMAGE_MODALITIES
+    delay = 0.0 if single else config.worker.ct_quiet_period_s
+    not_before = now + timedelta(seconds=delay)
+    if cache is not None and indexed.is_new:
+        job_id = cache.queued_job(indexed.series_pk)
+        if job_id is not None and queue.postpone(session, job_id, not_before):
+            return
+    modality = indexed.modality or "(none)"
     if not has_pixels(ds):
-        queue.skip(session, series, f"not an image ({sop_class_name(ds)}): stored, not analysed")
+        queue.skip(
+            session,
+            indexed.series_pk,
+            f"not an image ({sop_class_name(ds)}): stored, not analysed",
+        )
         return
-    binding = config.model_for(series.modality)
+    binding = config.model_for(indexed.modality)
     if binding is None:
-        queue.skip(session, series, f"no model for modality {modality}: stored, not analysed")
+        queue.skip(
+            session, indexed.series_pk, f"no model for modality {modality}: stored, not analysed"
+        )
         return
     if not indexed.is_new:
-        latest = queue.latest_job(session, series.id)
+        latest = queue.latest_job(session, indexed.series_pk)
         if latest is not None and latest.state != TaskState.FAILED:
             return  # the same instance again: its series is queued or already analysed
-    delay = 0.0 if series.modality in SINGLE_IMAGE_MODALITIES else config.worker.ct_quiet_period_s
-    queue.enqueue(
+    job = queue.enqueue(
         session,
-        series,
+        indexed.series_pk,
         model_name=binding.name,
-        not_before=now + timedelta(seconds=delay),
-        schedule=job_schedule(config, series.modality, series.source_ae),
+        not_before=not_before,
+        schedule=job_schedule(config, indexed.modality, indexed.source_ae),
     )
+    if cache is not None:
+        cache.put_queued_job(indexed.series_pk, job.id)
 
 
 def job_schedule(config: Config, modality: str, source_ae: str) -> Schedule:

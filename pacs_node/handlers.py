@@ -27,7 +27,7 @@ from storage import query
 from storage.db import Database
 from storage.errors import InvalidInstanceError, OutOfSpaceError, QueryError
 from storage.files import FileStore, check_uid, instance_relpath
-from storage.ingest import record_instance
+from storage.ingest import IndexCache, record_instance
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
     listed arguments after the event)."""
     from pynetdicom import evt
 
+    cache = IndexCache()
     return [
         (evt.EVT_REQUESTED, handle_requested, [config]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [config, files, db]),
+        (evt.EVT_C_STORE, handle_store, [config, files, db, cache]),
         (evt.EVT_C_FIND, handle_find, [db]),
     ]
 
@@ -87,7 +88,9 @@ def handle_echo(event: Any) -> int:
     return statuses.SUCCESS
 
 
-def handle_store(event: Any, config: Config, files: FileStore, db: Database) -> Dataset:
+def handle_store(
+    event: Any, config: Config, files: FileStore, db: Database, cache: IndexCache | None = None
+) -> Dataset:
     calling = _calling_ae(event)
     request = event.request
     try:
@@ -121,7 +124,7 @@ def handle_store(event: Any, config: Config, files: FileStore, db: Database) -> 
         log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
         return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated")
     try:
-        receive_instance(config, files, db, ds, event.encoded_dataset(), calling)
+        receive_instance(config, files, db, ds, event.encoded_dataset(), calling, cache)
     except OutOfSpaceError as exc:
         log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
         return status(statuses.OUT_OF_RESOURCES, str(exc))
@@ -179,7 +182,13 @@ def _is_ascii(ds: Dataset) -> bool:
 
 
 def receive_instance(
-    config: Config, files: FileStore, db: Database, ds: Dataset, encoded: bytes, calling_ae: str
+    config: Config,
+    files: FileStore,
+    db: Database,
+    ds: Dataset,
+    encoded: bytes,
+    calling_ae: str,
+    cache: IndexCache | None = None,
 ) -> None:
     """Write the file durably, then index and schedule it in one transaction."""
     relpath = instance_relpath(
@@ -199,15 +208,20 @@ def receive_instance(
                         size_bytes=size,
                         transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
                         source_ae=calling_ae,
+                        cache=cache,
                     )
-                    assembly.schedule(session, indexed, ds, config, utcnow())
+                    assembly.schedule(session, indexed, ds, config, utcnow(), cache)
                 break
             except IntegrityError:
                 # another association inserted the same study or series first (PostgreSQL
                 # runs them concurrently): the row exists now, so index again
+                if cache is not None:
+                    cache.forget()
                 if attempt == INDEX_ATTEMPTS - 1:
                     raise
     except Exception:
+        if cache is not None:
+            cache.forget()  # it may hold keys of rows the failed transaction never made
         if not existed:  # nothing half-recorded: the file goes with its failed row
             files.remove(relpath)
         raise

@@ -219,9 +219,9 @@ class Worker:
                     transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
                     generated=True,
                 )
-                pks.append(indexed.instance.id)
+                pks.append(indexed.instance_pk)
                 for ae_title in destinations:
-                    queue.add_delivery(session, indexed.instance.id, ae_title, schedule)
+                    queue.add_delivery(session, indexed.instance_pk, ae_title, schedule)
             session.add(
                 Result(
                     job_pk=job.id,

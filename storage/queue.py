@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage import tasks
-from storage.models import Delivery, Job, Series, TaskState, utcnow
+from storage.models import Delivery, Job, TaskState, utcnow
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,15 @@ def latest_job(session: Session, series_pk: int) -> Job | None:
 
 
 def enqueue(
-    session: Session, series: Series, *, model_name: str, not_before: datetime, schedule: Schedule
+    session: Session, series_pk: int, *, model_name: str, not_before: datetime, schedule: Schedule
 ) -> Job:
     """Queue the series for analysis at *not_before*; a queued job only has its start moved."""
-    job = active_job(session, series.id)
+    job = active_job(session, series_pk)
     if job is not None and job.state == TaskState.QUEUED:
         job.not_before = not_before
         job.model_name = model_name
         return job
-    job = Job(series_pk=series.id, model_name=model_name, state=TaskState.QUEUED)
+    job = Job(series_pk=series_pk, model_name=model_name, state=TaskState.QUEUED)
     job.not_before = not_before
     schedule.apply(job)
     session.add(job)
@@ -66,14 +66,25 @@ def enqueue(
     return job
 
 
-def skip(session: Session, series: Series, reason: str) -> Job:
+def postpone(session: Session, job_id: int, not_before: datetime) -> bool:
+    """Move a still-queued job's start to *not_before* (a new slice of its series arrived);
+    False when it is no longer queued. One statement: the hot path of a CT series' ingest."""
+    result = session.connection().execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == TaskState.QUEUED)
+        .values(not_before=not_before)
+    )
+    return bool(result.rowcount)
+
+
+def skip(session: Session, series_pk: int, reason: str) -> Job:
     """Record that the series will not be analysed, and why (visible to operators)."""
-    job = latest_job(session, series.id)
+    job = latest_job(session, series_pk)
     if job is not None and job.state == TaskState.SKIPPED and job.last_error == reason:
         return job
     now = utcnow()
     job = Job(
-        series_pk=series.id,
+        series_pk=series_pk,
         state=TaskState.SKIPPED,
         last_error=reason[: tasks.ERROR_MAX],
         finished_at=now,

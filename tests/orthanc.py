@@ -244,6 +244,7 @@ class OrthancServer:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [ORTHANC_BIN, "--no-jobs", str(self.config_path)],
+            env=dcmtk_env(),  # Orthanc's DICOM side is dcmtk: TCP_NODELAY applies to it too
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

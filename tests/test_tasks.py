@@ -46,7 +46,7 @@ def _job(db: Database, uid: str, *, priority: int = 0, at: datetime = T0, **sche
     with db.session() as session:
         job = queue.enqueue(
             session,
-            _series(session, uid),
+            _series(session, uid).id,
             model_name="cxr",
             not_before=at,
             schedule=queue.Schedule(priority=priority, **schedule),
