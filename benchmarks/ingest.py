@@ -8,7 +8,9 @@ associations at once, to each target in turn, rounds interleaved so that the mac
 falls on all of them alike. Reported: files per second per target (median of the rounds), the
 node's ratio to each peer, and the receive role's peak RSS. The node runs as ``pacs-node
 receive`` (its real process, SQLite on the same disk, Success only once file and rows are
-durable); Orthanc 1.10 from Debian with its default storage settings; storescp writing files.
+durable), and as two receive processes sharing the port (``node.receive_processes = 2``);
+Orthanc 1.10 from Debian with its default storage settings; storescp writing files; and a
+pynetdicom SCP whose C-STORE handler does nothing, the ceiling of any node built on pynetdicom.
 """
 
 from __future__ import annotations
@@ -77,6 +79,18 @@ def storescu(port: int, called: str, files: list[Path], associations: int) -> fl
     return time.perf_counter() - start
 
 
+NOOP_SCP = """
+import sys, threading
+from pynetdicom import evt
+from pacs_node.ae import build_scp, start_server
+from pacs_node.config import Config, NodeSettings
+ae = build_scp(Config(node=NodeSettings(port=int(sys.argv[1]))))
+start_server(ae, ("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+print("listening", flush=True)
+threading.Event().wait()
+"""
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -93,19 +107,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         node_port = free_port()
-        (tmp / "node-run").mkdir()
-        node = NodeProcess(
-            tmp / "node-run",
-            f'[node]\nport = {node_port}\nstorage_dir = "{tmp / "node"}"\n',
-            "receive",
-        )
+        nodes = []
+        pair_port = free_port()
+        for i, (port, storage) in enumerate(
+            [(node_port, "node"), (pair_port, "node-pair"), (pair_port, "node-pair")]
+        ):
+            (tmp / f"node-run{i}").mkdir()
+            config = f'[node]\nport = {port}\nstorage_dir = "{tmp / storage}"\n'
+            nodes.append(NodeProcess(tmp / f"node-run{i}", config, "receive"))
         orthanc = OrthancServer(tmp / "orthanc")
         storescp_dir = tmp / "storescp"
         times: dict[tuple[str, int], list[float]] = {}
         with orthanc, StoreScp(storescp_dir) as scp:
-            node.start()
+            for node in nodes:
+                node.start()
+            noop_port = free_port()
+            noop = subprocess.Popen(
+                [sys.executable, "-c", NOOP_SCP, str(noop_port)], stdout=subprocess.PIPE
+            )
+            assert noop.stdout is not None and noop.stdout.readline()
             targets = {
+                "pynetdicom": (noop_port, "AINODE"),
                 "node": (node_port, "AINODE"),
+                "node x2": (pair_port, "AINODE"),
                 "orthanc": (orthanc.dicom_port, orthanc.aet),
                 "storescp": (scp.port, "STORESCP"),
             }
@@ -121,17 +145,20 @@ def main() -> int:
                             f"{args.files / seconds:7.1f} files/s",
                             flush=True,
                         )
-            assert node.proc is not None
-            rss = peak_rss_mib(node.proc.pid)
-            node.stop()
+            rss = max(peak_rss_mib(n.proc.pid) for n in nodes if n.proc is not None)
+            for node in nodes:
+                node.stop()
+            noop.kill()
         print(f"\n{args.files} CT slices per run, median of {args.rounds} rounds")
         for n in args.associations:
             rate = {name: args.files / statistics.median(times[(name, n)]) for name in targets}
             print(
-                f"{n} association(s): node {rate['node']:.0f} files/s, Orthanc "
-                f"{rate['orthanc']:.0f}, storescp {rate['storescp']:.0f}; node/Orthanc "
-                f"{rate['node'] / rate['orthanc']:.2f}x, node/storescp "
-                f"{rate['node'] / rate['storescp']:.2f}x"
+                f"{n} association(s): node {rate['node']:.0f} files/s (two receive processes "
+                f"{rate['node x2']:.0f}), Orthanc {rate['orthanc']:.0f}, storescp "
+                f"{rate['storescp']:.0f}; node/Orthanc {rate['node'] / rate['orthanc']:.2f}x "
+                f"({rate['node x2'] / rate['orthanc']:.2f}x), node/storescp "
+                f"{rate['node'] / rate['storescp']:.2f}x; a no-op pynetdicom SCP "
+                f"{rate['pynetdicom']:.0f} (the library's ceiling for any Python node)"
             )
         print(f"receive role peak RSS: {rss:.0f} MiB")
     return 0

@@ -57,7 +57,13 @@ class NodelayAE(AE):
 
 
 class NodelayServer(ThreadedAssociationServer):
-    """The threaded association server, with ``TCP_NODELAY`` on every accepted connection."""
+    """The threaded association server, with ``TCP_NODELAY`` on every accepted connection
+    and ``SO_REUSEPORT`` on the listening socket, so that several receive processes can listen
+    on one port and the kernel spreads the associations over them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = super().get_request()

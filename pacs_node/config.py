@@ -32,6 +32,7 @@ class NodeSettings:
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
+    receive_processes: int = 1  # `serve` runs this many receive processes on the one port
 
     @property
     def resolved_database_url(self) -> str:
@@ -248,7 +249,17 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         ),
         acse_timeout_s=_number(table, "acse_timeout_s", "node", d.acse_timeout_s, minimum=1),
         dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
+        receive_processes=_receive_processes(table, d.receive_processes),
     )
+
+
+def _receive_processes(table: Mapping[str, Any], default: int) -> int:
+    value = _take(table, "receive_processes", int, "node", default)
+    if not 1 <= value <= 64:
+        raise ConfigError(f"node.receive_processes: must be 1 to 64, got {value}")
+    if value > 1 and table.get("port", 11112) == 0:
+        raise ConfigError("node.receive_processes: more than one needs a fixed node.port, not 0")
+    return value
 
 
 def _parse_peers(items: Any) -> tuple[Peer, ...]:

@@ -12,6 +12,8 @@ import logging
 import ssl
 from typing import Any
 
+import pydicom
+
 from pacs_node import __version__
 from pacs_node.ae import build_scp, start_server
 from pacs_node.config import Config, TlsSettings
@@ -89,6 +91,9 @@ def describe(config: Config, port: int) -> str:
 
 def run(config: Config, stop: Stop) -> None:
     """``pacs-node receive``: listen until stopped."""
+    # the handlers check what they rely on (UIDs, the SOP class, pixel data) themselves;
+    # pydicom's regular-expression check of every value read costs more than the indexing
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
     removed = files.clean_tmp()
     if removed:

@@ -58,7 +58,7 @@ class Child:
 
     @property
     def name(self) -> str:
-        return self.role if self.role != "work" else f"work[{self.index}]"
+        return self.role if self.role == "send" else f"{self.role}[{self.index}]"
 
 
 class Supervisor:
@@ -68,7 +68,8 @@ class Supervisor:
         if config_path is not None:
             args += ["--config", str(Path(config_path).resolve())]
         self.args = args
-        roles = [("receive", 0)] + [("work", i) for i in range(config.worker.processes)]
+        roles = [("receive", i) for i in range(config.node.receive_processes)]
+        roles += [("work", i) for i in range(config.worker.processes)]
         self.children = [Child(role, i) for role, i in roles + [("send", 0)]]
 
     def command(self, child: Child) -> list[str]:
