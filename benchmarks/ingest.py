@@ -37,7 +37,6 @@ from tests.orthanc import (  # noqa: E402
     StoreScp,
     dcmtk_env,
     free_port,
-    wait_for,
 )
 from tests.processes import NodeProcess  # noqa: E402
 

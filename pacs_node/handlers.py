@@ -138,27 +138,33 @@ def handle_store(
 
 
 def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """Stream the matches: each response goes out as its row is read (in partitions of
+    ``query.PARTITION_SIZE``), so the first arrives at once and memory does not grow with the
+    number of matches."""
     calling = _calling_ae(event)
+    sent = 0
     try:
         identifier = event.identifier
         with db.read() as session:
-            matches = list(query.find(session, identifier))
+            matches = query.find(session, identifier)  # a bad request raises here, at once
+            for match in matches:
+                if "SpecificCharacterSet" not in match and not _is_ascii(match):
+                    match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
+                if event.is_cancelled:
+                    log.info("C-FIND from %s cancelled after %d matches", calling, sent)
+                    yield statuses.CANCEL, None
+                    return
+                yield statuses.PENDING, match
+                sent += 1
     except QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
         return
     except Exception as exc:
-        log_failure(log, "C-FIND from %s failed", calling)
+        log_failure(log, "C-FIND from %s failed after %d matches", calling, sent)
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
         return
-    log.info("C-FIND from %s: %d matches", calling, len(matches))
-    for match in matches:
-        if "SpecificCharacterSet" not in match and not _is_ascii(match):
-            match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
-        if event.is_cancelled:
-            yield statuses.CANCEL, None
-            return
-        yield statuses.PENDING, match
+    log.info("C-FIND from %s: %d matches", calling, sent)
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -88,6 +89,7 @@ def stream(
             how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
             yield [Outcome(k, None, f"association with {where} {how}") for k, _ in datasets]
             return
+        _keep_responses(assoc)
         try:
             while datasets:
                 yield [_store(assoc, key, ds) for key, ds in datasets]
@@ -104,6 +106,27 @@ def stream(
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _keep_responses(assoc: Any) -> None:
+    """Work around a race in pynetdicom's association reactor.
+
+    ``send_c_store`` pauses the reactor thread before sending, but the reactor can pass its
+    checkpoint just before the pause and then take the C-STORE response off the DIMSE queue
+    itself; it logs "Received unexpected C-STORE service message" and drops it, and the sender
+    waits for the DIMSE timeout (seen here under load: one in a few hundred stores, a 60 s
+    stall and a resend). A response the reactor takes is put back on the queue, where the
+    waiting ``send_c_store`` finds it. Requests from the peer are served as before.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_return
 
 
 def _store(assoc: object, key: int, ds: Dataset) -> Outcome:
