@@ -58,7 +58,7 @@ class FeatureDensity:
             )
         if not len(v):
             return np.zeros(0)
-        bank = self.bank.astype(np.float32)
+        bank = np.asarray(self.bank, dtype=np.float32)  # no copy: loaded as float32
         k = min(self.k, len(bank))
         out = np.empty(len(v))
         for i in range(0, len(v), 256):  # bounded memory for a long CT series

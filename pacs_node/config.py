@@ -75,7 +75,6 @@ class WorkerSettings:
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
     ct_quiet_period_s: float = 5.0
-    batch_size: int = 8  # radiograph jobs analysed in one model call
     modality_priority: tuple[tuple[str, int], ...] = DEFAULT_MODALITY_PRIORITY
 
     def priority(self, modality: str) -> int:
@@ -299,9 +298,6 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
     processes = _take(table, "processes", int, "worker", d.processes)
     if not 1 <= processes <= 64:
         raise ConfigError(f"worker.processes: must be 1 to 64, got {processes}")
-    batch_size = _take(table, "batch_size", int, "worker", d.batch_size)
-    if not 1 <= batch_size <= 256:
-        raise ConfigError(f"worker.batch_size: must be 1 to 256, got {batch_size}")
     priorities = _take(table, "modality_priority", dict, "worker", dict(d.modality_priority))
     for modality, value in priorities.items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -315,7 +311,6 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
         ),
         lease_s=_number(table, "lease_s", "worker", d.lease_s, minimum=1),
         deadline_s=_number(table, "deadline_s", "worker", d.deadline_s, minimum=1),
-        batch_size=batch_size,
         modality_priority=tuple(sorted((m.upper(), v) for m, v in priorities.items())),
         max_attempts=max_attempts,
         retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),

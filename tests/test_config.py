@@ -49,6 +49,9 @@ def test_documented_example_loads_with_every_key():
             "peers[1].ae_title: 'A' is listed twice",
         ),
         ("[worker]\nmax_attempts = 0\n", "worker.max_attempts: must be at least 1"),
+        ("[worker]\nprocesses = 0\n", "worker.processes: must be 1 to 64"),
+        ('[worker]\nmodality_priority = { CR = "high" }\n', "worker.modality_priority.CR"),
+        ("[node]\nreceive_processes = 2\nport = 0\n", "node.receive_processes"),
         ('[worker]\nct_quiet_period_s = "five"\n', "worker.ct_quiet_period_s: expected a number"),
         ('[delivery]\nalso_send_to = ["NOBODY"]\n', "delivery.also_send_to[0]: 'NOBODY' is not"),
         (
@@ -79,3 +82,21 @@ def test_bad_config_names_the_key(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load(tmp_path / "absent.toml")
+
+
+def test_priority_lanes_add_the_peers_priority_to_the_modalitys(tmp_path):
+    from pacs_node.assembly import job_schedule
+
+    config_file = tmp_path / "node.toml"
+    config_file.write_text(
+        '[[peers]]\nae_title = "ER"\nhost = "127.0.0.1"\nport = 104\npriority = 50\n'
+        '[[peers]]\nae_title = "ARCHIVE"\nhost = "127.0.0.1"\nport = 105\npriority = -5\n'
+        "[worker]\nmodality_priority = { CT = 3, dx = 12 }\ndeadline_s = 90\n"
+    )
+    config = load(config_file)
+    assert job_schedule(config, "CT", "ER").priority == 53
+    assert job_schedule(config, "DX", "ARCHIVE").priority == 7
+    assert job_schedule(config, "CR", "SOMEONE").priority == 0  # not listed: 0
+    assert job_schedule(config, "CT", "").deadline_s == 90
+    defaults = Config()
+    assert job_schedule(defaults, "CR", "").priority > job_schedule(defaults, "CT", "").priority

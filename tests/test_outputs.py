@@ -487,3 +487,71 @@ def test_sc_argument_validation():
         build_sc([cr], good, CXR_PRED, **kwargs)
     with pytest.raises(ValueError, match="sop_instance_uid"):
         build_sc(cr, good, CXR_PRED, **{**kwargs, "sop_instance_uid": cr.SOPInstanceUID})
+
+
+def _as_another_study(sources: list[Dataset], name: str) -> list[Dataset]:
+    """The same images as a new study of another patient (same header shape)."""
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for ds in sources:
+        ds = copy.deepcopy(ds)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        if "PatientName" in ds and ds.PatientName:
+            ds.PatientName = name
+        if "PatientID" in ds and ds.PatientID:
+            ds.PatientID = f"ID-{name[:8]}"
+        if "AccessionNumber" in ds and ds.AccessionNumber:
+            ds.AccessionNumber = "ACC9"
+        out.append(ds)
+    return out
+
+
+def _encoded_like(fast: Dataset, slow: Dataset) -> tuple[bytes, bytes]:
+    """Both SRs as bytes, with the creation times (the one thing that may differ) aligned."""
+    for kw in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"):
+        if kw in slow:
+            setattr(fast, kw, slow[kw].value)
+    for mine, theirs in zip(
+        fast.get("ContributingEquipmentSequence", []),
+        slow.get("ContributingEquipmentSequence", []),
+        strict=True,
+    ):
+        if "ContributionDateTime" in theirs:
+            mine.ContributionDateTime = theirs.ContributionDateTime
+    encoded = []
+    for ds in (fast, slow):
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        encoded.append(buffer.getvalue())
+    return encoded[0], encoded[1]
+
+
+@pytest.mark.parametrize("indeterminate", ["", "every image is unlike the model's training data"])
+def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indeterminate):
+    """The fast path (an earlier SR of the same shape, filled in) gives byte for byte the SR
+    that highdicom builds for the new input, except its creation times."""
+    from ai.outputs import SR_TEMPLATES, SrTemplates, _header
+
+    name, sources, prediction = case
+    first = Prediction(**{**prediction.__dict__, "indeterminate": indeterminate})
+    second_probs = tuple(reversed(prediction.probabilities))
+    second = Prediction(
+        **{**prediction.__dict__, "probabilities": second_probs, "indeterminate": indeterminate}
+    )
+    if second.label != first.label:  # a different label is a different shape: keep the label
+        second = first
+    _sr(sources, first)  # made with highdicom, kept as the template
+    others = _as_another_study(sources, "Other^Patient")
+    header, names = _header(others[0])
+    settings = (9901, 1, "pacs-node", "0.1.0")
+    assert SR_TEMPLATES.get(SrTemplates.shape(others, header, names, second, settings))
+    series_uid, sop_uid = generate_uid(), generate_uid()
+    kwargs = dict(
+        series_instance_uid=series_uid, sop_instance_uid=sop_uid, software_version="0.1.0"
+    )
+    fast = build_sr(others, second, **kwargs)
+    slow = build_sr(others, second, use_template=False, **kwargs)
+    assert fast.SOPInstanceUID == sop_uid and fast.file_meta.MediaStorageSOPInstanceUID == sop_uid
+    assert fast.StudyInstanceUID == others[0].StudyInstanceUID
+    mine, theirs = _encoded_like(fast, slow)
+    assert mine == theirs, name
