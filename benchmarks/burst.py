@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,17 @@ def make_studies(out: Path, count: int) -> list[Path]:
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def role_pids(node: NodeProcess) -> dict[str, int]:
+    found = re.findall(r"(\S+) started \(pid (\d+)\)", node.log())
+    return {name: int(pid) for name, pid in found}  # the latest pid of each role
 
 
 def count_results(folder: Path) -> int:
@@ -93,6 +106,8 @@ def main() -> int:
                     files = make_studies(tmp / f"in{r}", args.studies)
                     ids = [i["ID"] for i in orthanc.upload_many(files)]
                     before = count_results(results.out_dir)
+                    pids = role_pids(node)
+                    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                     start = time.perf_counter()
                     orthanc.send_to_modality("AINODE", ids, timeout_s=600)
                     sent_s = time.perf_counter() - start
@@ -102,6 +117,7 @@ def main() -> int:
                             raise TimeoutError("results did not all arrive")
                         time.sleep(0.01)
                     node_s = time.perf_counter() - start
+                    cpu = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
                     # the reference: the same transfers, with nothing in between
                     start = time.perf_counter()
                     orthanc.send_to_modality("REFERENCE", ids, timeout_s=600)
@@ -125,7 +141,8 @@ def main() -> int:
                     print(
                         f"round {r + 1}: node {node_s:.2f} s (inputs accepted in {sent_s:.2f} s); "
                         f"transfer alone {inputs_s:.2f} + {outputs_s:.2f} s; ratio "
-                        f"{(inputs_s + outputs_s) / node_s:.3f}",
+                        f"{(inputs_s + outputs_s) / node_s:.3f}; CPU s by role: "
+                        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items()),
                         flush=True,
                     )
             finally:

@@ -64,6 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_role(args: argparse.Namespace) -> int:
     """``receive``, ``work`` or ``send``: one role in this process, until SIGTERM or SIGINT."""
+    # numpy's OpenBLAS threads spin after every small product (the abstention score): on a
+    # worker that doubled the CPU of a chest X-ray job (120 ms instead of 56) and stole the
+    # core the other roles need. Set before numpy is first imported; an operator's value wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from pacs_node.config import load
     from pacs_node.process import Stop
 
