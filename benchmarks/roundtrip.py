@@ -2,7 +2,8 @@
 
     python benchmarks/roundtrip.py [--rounds 3]
 
-For each round the CR chest X-ray and the 30-slice CT series get fresh UIDs (so the node
+For each round the CR chest X-ray and a CT series (the 30 real slices repeated to
+``--ct-slices``, 64 by default) get fresh UIDs (so the node
 analyses them anew), are uploaded to Orthanc and sent to the node. Reported per study: the time
 from Orthanc's send to the SR and SC being in Orthanc, and, as the in-run reference that makes
 numbers comparable across noisy machines, the time Orthanc's synchronous C-STORE itself took.
@@ -37,11 +38,12 @@ def fresh_copy(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
     study, series = generate_uid(), generate_uid()
     out.mkdir(parents=True)
     files = []
-    for path in paths:
+    for number, path in enumerate(paths, start=1):
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        target = out / path.name
+        ds.InstanceNumber = number
+        target = out / f"{number:04d}.dcm"
         ds.save_as(target)
         files.append(target)
     return study, files
@@ -50,6 +52,12 @@ def fresh_copy(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--ct-slices",
+        type=int,
+        default=64,
+        help="slices of the CT series (the 30 real ones, repeated)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -70,7 +78,8 @@ def main() -> int:
             rows: dict[str, list[tuple[float, float]]] = {"CR": [], "CT": []}
             try:
                 for r in range(args.rounds):
-                    for kind, paths in (("CR", [CR_CHEST]), ("CT", CT_SERIES)):
+                    ct = [CT_SERIES[i % len(CT_SERIES)] for i in range(args.ct_slices)]
+                    for kind, paths in (("CR", [CR_CHEST]), ("CT", ct)):
                         uid, files = fresh_copy(paths, tmp / f"{kind}{r}")
                         orthanc.upload_many(files)
                         study_id = orthanc.find_study_id(uid)
