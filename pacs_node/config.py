@@ -28,7 +28,10 @@ class NodeSettings:
     database_url: str = ""  # empty: SQLite file inside storage_dir
     accept_unknown_peers: bool = True
     min_free_mb: int = 200  # below this much free space, C-STORE answers "out of resources"
-    max_pdu_bytes: int = 0  # 0: unlimited
+    max_pdu_bytes: int = 262144  # announced to peers and enforced; 0: none announced (16 MiB)
+    max_associate_rq_bytes: int = 65536  # a longer A-ASSOCIATE-RQ is aborted unread
+    pdu_timeout_s: float = 30.0  # a PDU's last byte must arrive this soon after its first
+    associate_rq_timeout_s: float = 5.0  # the same for an A-ASSOCIATE-RQ
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -242,7 +245,16 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
             table, "accept_unknown_peers", bool, "node", d.accept_unknown_peers
         ),
         min_free_mb=int(_number(table, "min_free_mb", "node", d.min_free_mb)),
-        max_pdu_bytes=int(_number(table, "max_pdu_bytes", "node", d.max_pdu_bytes)),
+        max_pdu_bytes=_max_pdu(table, d.max_pdu_bytes),
+        max_associate_rq_bytes=int(
+            _number(
+                table, "max_associate_rq_bytes", "node", d.max_associate_rq_bytes, minimum=1024
+            )
+        ),
+        pdu_timeout_s=_number(table, "pdu_timeout_s", "node", d.pdu_timeout_s, minimum=1),
+        associate_rq_timeout_s=_number(
+            table, "associate_rq_timeout_s", "node", d.associate_rq_timeout_s, minimum=0.5
+        ),
         network_timeout_s=_number(
             table, "network_timeout_s", "node", d.network_timeout_s, minimum=1
         ),
@@ -250,6 +262,13 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
         receive_processes=_receive_processes(table, d.receive_processes),
     )
+
+
+def _max_pdu(table: Mapping[str, Any], default: int) -> int:
+    value = int(_number(table, "max_pdu_bytes", "node", default))
+    if value and not 4096 <= value <= 16 * 2**20:
+        raise ConfigError(f"node.max_pdu_bytes: must be 0 or 4096 to 16777216, got {value}")
+    return value
 
 
 def _receive_processes(table: Mapping[str, Any], default: int) -> int:

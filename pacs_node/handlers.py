@@ -15,7 +15,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy.exc import IntegrityError
 
@@ -33,6 +36,7 @@ from storage.models import utcnow
 log = logging.getLogger(__name__)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+UNDEFINED_LENGTH = 0xFFFFFFFF
 INDEX_ATTEMPTS = 3
 
 
@@ -82,6 +86,25 @@ def handle_requested(event: Any, config: Config) -> None:
         log.warning("association from %s refused: %s", address, reason)
         # rejected-permanent, DUL service-user, calling AE title not recognised
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        _wait_until_sent(event.assoc)
+
+
+REJECT_SEND_S = 2.0
+
+
+def _wait_until_sent(assoc: Any) -> None:
+    """Wait (briefly) until the DUL thread has put the A-ASSOCIATE-RJ on the wire.
+
+    pynetdicom queues the reject for its DUL thread and, as soon as this handler returns,
+    shuts the socket down: the reject was lost in that race every time (the stranger saw a
+    dropped connection). Sending it moves the DUL's state machine to Sta13.
+    """
+    dul = getattr(assoc, "dul", None)
+    deadline = time.monotonic() + REJECT_SEND_S
+    while dul is not None and time.monotonic() < deadline:
+        if dul.state_machine.current_state == "Sta13" and dul.to_provider_queue.empty():
+            return
+        time.sleep(0.001)
 
 
 def handle_echo(event: Any) -> int:
@@ -119,6 +142,12 @@ def handle_store(
         return status(
             statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
         )
+    cut = truncated_element(ds)
+    if cut is not None:
+        # the sender promised more bytes than it sent (a cut-off or forged data set): keeping
+        # it would keep a file no reader can use, and Success would be a lie
+        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, cut)
+        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, cut)
     if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
         # Type 1 in every image IOD; missing here usually means the data set was cut off
         log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
@@ -165,6 +194,21 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
         return
     log.info("C-FIND from %s: %d matches", calling, sent)
+
+
+def truncated_element(ds: Dataset) -> str | None:
+    """The first top-level element whose value is shorter than its declared length, described
+    (None when every value is whole). pydicom reads such a value without complaint, giving
+    whatever bytes there were."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+            continue
+        got = len(elem.value) if elem.value is not None else 0
+        if got < elem.length:
+            name = keyword_for_tag(tag) or str(Tag(tag))
+            return f"{name} declares {elem.length} bytes, {got} received"[:ERROR_COMMENT_MAX]
+    return None
 
 
 @functools.lru_cache(maxsize=256)

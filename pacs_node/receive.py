@@ -14,7 +14,7 @@ from typing import Any
 
 import pydicom
 
-from pacs_node import __version__
+from pacs_node import __version__, guard
 from pacs_node.ae import build_scp, start_server
 from pacs_node.config import Config, TlsSettings
 from pacs_node.handlers import bindings
@@ -48,9 +48,17 @@ class Receiver:
         self.tls_server: Any = None
 
     def start(self) -> None:
+        node = self.config.node
+        guard.install(
+            guard.Limits(
+                associate_rq_bytes=node.max_associate_rq_bytes,
+                max_pdu_bytes=node.max_pdu_bytes or guard.HARD_MAX_PDU_BYTES,
+                pdu_deadline_s=node.pdu_timeout_s,
+                associate_rq_deadline_s=node.associate_rq_timeout_s,
+            )
+        )
         ae = build_scp(self.config)
         handlers = bindings(self.config, self.files, self.db)
-        node = self.config.node
         self.server = start_server(ae, (node.host, node.port), evt_handlers=handlers)
         tls = self.config.tls
         if tls.enabled:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import errno
+import io
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -279,3 +281,23 @@ def test_worker_round_survives_a_broken_job(start_node, tmp_path):
     node.run_pending()
     state, reason = _job_state(node, str(pydicom.dcmread(CR_CHEST).SeriesInstanceUID))
     assert state == TaskState.SKIPPED and "no readable instance" in reason
+
+
+def test_a_pixel_data_length_that_lies_is_refused_and_nothing_kept(start_node, tmp_path):
+    """Issue 10: Pixel Data claiming 500,000,000 bytes with 4 KiB following was answered
+    Success and an unreadable file kept."""
+    node = start_node()
+    ds = pydicom.dcmread(CR_CHEST)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    at = raw.find(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) OW, explicit VR little endian
+    assert at > 0
+    liar = tmp_path / "liar.dcm"
+    liar.write_bytes(raw[: at + 8] + struct.pack("<I", 500_000_000) + raw[at + 12 : at + 12 + 4096])
+    answer = scu.store(node.port, [liar], raw=True)[0]
+    assert answer.Status == statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert answer.ErrorComment == "PixelData declares 500000000 bytes, 4096 received"
+    assert _instance_count(node) == 0
+    assert not list((node.files.root / "instances").rglob("*.dcm"))
+    assert scu.store(node.port, [CR_CHEST])[0].Status == statuses.SUCCESS  # and it goes on

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,3 +144,132 @@ def test_tls_port_accepts_only_clients_with_a_trusted_certificate(start_node, tm
     assert not _associate(port, "STRANGER", tls=(_client_context(pki, "stranger"), "127.0.0.1"))
     assert not _associate(port, "PLAIN")  # no TLS at all on the TLS port
     assert _associate(node.port, "PLAIN")  # the plain port still serves
+
+
+# -- what a stranger may make the node read (issue 10) ----------------------------------------
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _raw(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _closed_or_aborted(sock: socket.socket, timeout_s: float) -> bytes:
+    """What the node sent before closing (an A-ABORT is b'\\x07...'), waiting at most
+    *timeout_s*; fails the test if the connection is still open then."""
+    sock.settimeout(timeout_s)
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return received
+        except TimeoutError:
+            break
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the node kept the connection open for {timeout_s} s")
+
+
+def _guarded_node(start_node, tmp_path, **node):
+    peers = (Peer("PACS", "127.0.0.1", 104),)
+    return start_node(make_config(tmp_path, peers=peers, accept_unknown_peers=False, **node))
+
+
+def test_a_4_gib_association_request_is_aborted_unread(start_node, tmp_path):
+    """A stranger announces a 4 GiB A-ASSOCIATE-RQ and streams zeros: the node aborts at the
+    6-byte header, reads nothing more, and the known PACS is served meanwhile."""
+    node = _guarded_node(start_node, tmp_path)
+    before = _rss_kib()
+    sock = _raw(node.port)
+    sent = 0
+    try:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
+        zeros = bytes(1 << 20)
+        start = time.monotonic()
+        while time.monotonic() - start < 5 and sent < 300 * 2**20:
+            try:
+                sock.sendall(zeros)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(zeros)
+        else:
+            raise AssertionError(f"the node was still reading after {sent >> 20} MiB")
+    finally:
+        sock.close()
+    grown_mib = (_rss_kib() - before) / 1024
+    assert sent < 64 * 2**20, f"{sent >> 20} MiB accepted before the abort"
+    assert grown_mib < 40, f"the node grew by {grown_mib:.0f} MiB"
+    assert _associate(node.port, "PACS")
+
+
+def test_an_association_request_dripped_byte_by_byte_is_closed_at_its_deadline(
+    start_node, tmp_path
+):
+    node = _guarded_node(start_node, tmp_path, associate_rq_timeout_s=1.0)
+    drippers = [_raw(node.port) for _ in range(3)]
+    try:
+        for sock in drippers:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 205))  # a plausible length
+        start = time.monotonic()
+        closed = set()
+        while len(closed) < len(drippers) and time.monotonic() - start < 10:
+            for i, sock in enumerate(drippers):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(b"\x00")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed.add(i)
+            assert _associate(node.port, "PACS")  # the PACS is served throughout
+            time.sleep(0.2)
+        elapsed = time.monotonic() - start
+    finally:
+        for sock in drippers:
+            sock.close()
+    assert len(closed) == len(drippers), "a dripping connection outlived its deadline"
+    assert elapsed < 6
+
+
+def test_a_known_peer_announcing_a_500_mb_pdu_is_aborted(start_node, tmp_path):
+    node = _guarded_node(start_node, tmp_path, max_pdu_bytes=65536)
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 65536  # what the node announced
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 500_000_000) + bytes(4096))
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "the association outlived a PDU longer than the node's maximum"
+    assert _associate(node.port, "PACS")
+
+
+def test_strangers_get_a_real_association_reject_every_time(start_node, tmp_path):
+    """Issue 10: the reject was lost in a race with the socket being closed (20 of 20)."""
+    node = _guarded_node(start_node, tmp_path)
+    outcomes = []
+    for _ in range(20):
+        ae = AE(ae_title="STRANGER")
+        ae.acse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+        rj = assoc.acceptor.primitive if assoc.is_rejected else None
+        outcomes.append(
+            (rj.result, rj.result_source, rj.diagnostic) if rj is not None else "no reject"
+        )
+    # rejected-permanent, by the DUL service-user, calling AE title not recognised
+    assert outcomes == [(0x01, 0x01, 0x03)] * 20
+    assert _associate(node.port, "PACS")

@@ -1,0 +1,154 @@
+"""Limits on what a peer may make the node read, before anyone knows who the peer is.
+
+pynetdicom reads a PDU by trusting its length field: an A-ASSOCIATE-RQ announcing 4 GiB is read
+into memory whole, before the calling AE title is looked at, and a peer that sends a byte every
+few seconds keeps its association (and the slot) as long as it likes, because each byte restarts
+the network timeout. :func:`install` replaces the DUL's PDU reader with one that
+
+- refuses an A-ASSOCIATE-RQ longer than ``associate_rq_bytes`` (the Standard's items fit in a
+  few KiB) and any other PDU longer than the node's maximum PDU length (``node.max_pdu_bytes``,
+  as the node announced it; PS3.8 9.3.1 forbids longer), aborting the association at once with
+  nothing read past the 6-byte header;
+- gives every PDU a deadline: its last byte must arrive within ``pdu_deadline_s`` of its first
+  (``associate_rq_deadline_s`` for an A-ASSOCIATE-RQ), whatever the peer drips;
+- reads in 64 KiB pieces instead of 4 KiB (fewer system calls per C-STORE).
+
+It is pynetdicom's ``DULServiceProvider._read_pdu_data`` (3.0) with those checks added; the tests
+in ``tests/test_security.py`` attack a real node with hand-built PDUs on a raw socket, so a
+pynetdicom change that bypasses this reader fails them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom.dul import DULServiceProvider
+
+log = logging.getLogger(__name__)
+
+PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+CHUNK_BYTES = 65536
+SMALL_PDU_BYTES = 65536  # A-ASSOCIATE-AC/RJ, A-RELEASE, A-ABORT: a few bytes to a few KiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    associate_rq_bytes: int = 65536
+    max_pdu_bytes: int = 262144  # P-DATA-TF: what the node announced as its maximum
+    pdu_deadline_s: float = 30.0
+    associate_rq_deadline_s: float = 5.0
+
+
+LIMITS = Limits()
+HARD_MAX_PDU_BYTES = 16 * 2**20  # when the node announces no maximum (max_pdu_bytes = 0)
+
+
+def install(limits: Limits) -> None:
+    """Use the guarded reader, with *limits*, for every association of this process."""
+    global LIMITS
+    LIMITS = limits
+    DULServiceProvider._read_pdu_data = _guarded_read_pdu_data  # type: ignore[method-assign]
+
+
+def _peer(dul: Any) -> str:
+    try:
+        return str(dul.assoc.requestor.address)
+    except Exception:
+        return "?"
+
+
+def _read_exactly(assoc_socket: Any, count: int, deadline: float) -> bytearray | None:
+    """*count* bytes from the socket before *deadline*; None when the peer closed the
+    connection or was too slow."""
+    raw: socket.socket = assoc_socket.socket
+    before = raw.gettimeout()
+    out = bytearray(count)
+    view = memoryview(out)
+    got = 0
+    try:
+        while got < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            raw.settimeout(remaining if before is None else min(remaining, before))
+            try:
+                n = raw.recv_into(view[got:], min(CHUNK_BYTES, count - got))
+            except (TimeoutError, ssl.SSLWantReadError):
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            if n == 0:
+                return None
+            got += n
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            raw.settimeout(before)
+    return out
+
+
+def _guarded_read_pdu_data(self: DULServiceProvider) -> None:
+    limits = LIMITS
+    sock = self.socket
+    if sock is None or sock.socket is None:
+        self.event_queue.put("Evt17")
+        return
+    if self.state_machine.current_state == "Sta13":
+        # the association was aborted (perhaps by us, for the PDU it is still sending):
+        # nothing it sends now is read; the connection is closed
+        sock.close()
+        return
+    start = time.monotonic()
+    header = _read_exactly(sock, 6, start + limits.pdu_deadline_s)
+    if header is None or len(header) != 6:
+        self.event_queue.put("Evt17")  # transport connection closed
+        return
+    pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+    if pdu_type not in PDU_TYPES:
+        log.warning("unknown PDU type 0x%02X from %s: aborted", pdu_type, _peer(self))
+        self.event_queue.put("Evt19")  # unrecognised or invalid PDU: A-ABORT
+        return
+    if pdu_type == 0x01:
+        limit, deadline_s = limits.associate_rq_bytes, limits.associate_rq_deadline_s
+    elif pdu_type == 0x04:
+        limit, deadline_s = limits.max_pdu_bytes + 6, limits.pdu_deadline_s
+    else:
+        limit, deadline_s = SMALL_PDU_BYTES, limits.pdu_deadline_s
+    if pdu_length > limit:
+        log.warning(
+            "PDU type 0x%02X of %d bytes from %s refused (limit %d): aborted, nothing read",
+            pdu_type,
+            pdu_length,
+            _peer(self),
+            limit,
+        )
+        self.event_queue.put("Evt19")
+        return
+    body = _read_exactly(sock, pdu_length, start + deadline_s)
+    if body is None:
+        log.warning(
+            "PDU type 0x%02X of %d bytes from %s not received within %.0f s: closed",
+            pdu_type,
+            pdu_length,
+            _peer(self),
+            deadline_s,
+        )
+        self.event_queue.put("Evt17")
+        return
+    bytestream = header + body
+    try:
+        pdu, event = self._decode_pdu(bytestream)
+        self.event_queue.put(event)
+    except Exception as exc:
+        log.warning("undecodable PDU from %s: %s", _peer(self), type(exc).__name__)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
