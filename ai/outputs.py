@@ -14,6 +14,7 @@ import copy
 import datetime
 import functools
 import io
+import logging
 import math
 import re
 import threading
@@ -28,6 +29,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom import config
+from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -36,6 +38,8 @@ from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from ai import DISCLAIMER
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CT_CHEST_PROCEDURE",
@@ -309,9 +313,20 @@ def _header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
             setattr(out, kw, None)
     if out.PatientSex not in ("M", "F", "O", "", None):
         out.PatientSex = None
-    charset = out.get("SpecificCharacterSet")
-    if "SpecificCharacterSet" in out and not any(str(v).strip() for v in _as_list(charset)):
-        del out.SpecificCharacterSet  # empty means the default repertoire: say nothing
+    if "SpecificCharacterSet" in out:
+        terms = [str(v).strip() for v in _as_list(out.SpecificCharacterSet)]
+        unknown = [t for t in terms if t and t not in python_encoding]
+        if not any(terms):
+            del out.SpecificCharacterSet  # empty means the default repertoire: say nothing
+        elif unknown:
+            # pydicom decoded the text with the default repertoire (and warned); the copy is
+            # written in UTF-8, which holds whatever was decoded, instead of failing the job
+            log.warning(
+                "unknown character set %s in %s: its text is copied as UTF-8",
+                "\\".join(unknown),
+                ds.get("SOPInstanceUID", "?"),
+            )
+            out.SpecificCharacterSet = "ISO_IR 192"
     held_back = []
     for kw in _PERSON_NAMES:
         held_back.append(out[kw])

@@ -61,9 +61,20 @@ class NodelayServer(ThreadedAssociationServer):
     and ``SO_REUSEPORT`` on the listening socket, so that several receive processes can listen
     on one port and the kernel spreads the associations over them."""
 
+    connection_limits: Any = None  # a pacs_node.guard.ConnectionLimits, checked at accept
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        limits = self.connection_limits
+        return limits is None or bool(limits.admit(request, str(client_address[0])))
+
+    def shutdown_request(self, request: Any) -> None:
+        if self.connection_limits is not None:
+            self.connection_limits.release(request)
+        super().shutdown_request(request)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = super().get_request()
@@ -71,9 +82,12 @@ class NodelayServer(ThreadedAssociationServer):
         return client_socket, address
 
 
-def start_server(ae: AE, address: tuple[str, int], **kwargs: Any) -> NodelayServer:
+def start_server(
+    ae: AE, address: tuple[str, int], *, connection_limits: Any = None, **kwargs: Any
+) -> NodelayServer:
     """What ``AE.start_server(block=False)`` does, with :class:`NodelayServer`."""
     server = ae.make_server(address, server_class=NodelayServer, **kwargs)
+    server.connection_limits = connection_limits
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}")
     thread.daemon = True
     thread.start()
@@ -94,7 +108,7 @@ def build_scp(config: Config) -> AE:
     ae.network_timeout = node.network_timeout_s
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
-    ae.maximum_associations = 32
+    ae.maximum_associations = node.max_associations
     # an association addressed to another AE title is rejected (A-ASSOCIATE-RJ, "called AE
     # title not recognised"); calling AE titles and their addresses are checked in
     # Handlers.handle_requested

@@ -32,6 +32,9 @@ class NodeSettings:
     max_associate_rq_bytes: int = 65536  # a longer A-ASSOCIATE-RQ is aborted unread
     pdu_timeout_s: float = 30.0  # a PDU's last byte must arrive this soon after its first
     associate_rq_timeout_s: float = 5.0  # the same for an A-ASSOCIATE-RQ
+    max_associations: int = 32  # at once, in each receive process
+    max_stranger_connections: int = 8  # at once, from addresses of no configured peer
+    max_connections_per_address: int = 16  # at once, from any one address
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -247,9 +250,7 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         min_free_mb=int(_number(table, "min_free_mb", "node", d.min_free_mb)),
         max_pdu_bytes=_max_pdu(table, d.max_pdu_bytes),
         max_associate_rq_bytes=int(
-            _number(
-                table, "max_associate_rq_bytes", "node", d.max_associate_rq_bytes, minimum=1024
-            )
+            _number(table, "max_associate_rq_bytes", "node", d.max_associate_rq_bytes, minimum=1024)
         ),
         pdu_timeout_s=_number(table, "pdu_timeout_s", "node", d.pdu_timeout_s, minimum=1),
         associate_rq_timeout_s=_number(
@@ -261,7 +262,21 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         acse_timeout_s=_number(table, "acse_timeout_s", "node", d.acse_timeout_s, minimum=1),
         dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
         receive_processes=_receive_processes(table, d.receive_processes),
+        max_associations=_count(table, "max_associations", d.max_associations),
+        max_stranger_connections=_count(
+            table, "max_stranger_connections", d.max_stranger_connections
+        ),
+        max_connections_per_address=_count(
+            table, "max_connections_per_address", d.max_connections_per_address
+        ),
     )
+
+
+def _count(table: Mapping[str, Any], key: str, default: int) -> int:
+    value = _take(table, key, int, "node", default)
+    if not 1 <= value <= 10_000:
+        raise ConfigError(f"node.{key}: must be 1 to 10000, got {value}")
+    return int(value)
 
 
 def _max_pdu(table: Mapping[str, Any], default: int) -> int:

@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -152,3 +153,76 @@ def _guarded_read_pdu_data(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt19")
         return
     self._recv_pdu.put(pdu)
+
+
+class ConnectionLimits:
+    """Connections admitted at TCP accept, before a single byte is read.
+
+    Addresses of configured peers share the association slots freely; any other address is a
+    *stranger*, and strangers together may hold at most ``strangers`` connections, so that
+    however many connections strangers open (silent ones, or ones dripping a request) the
+    known PACS always finds a slot. No single address may hold more than ``per_address``. A
+    connection over a limit is closed at once, unread (logged once a minute per address).
+    """
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, known: Any, *, strangers: int, per_address: int) -> None:
+        self.known = known  # callable: address -> bool (a configured peer's address)
+        self.strangers = strangers
+        self.per_address = per_address
+        self._lock = threading.Lock()
+        self._by_address: dict[str, int] = {}
+        self._stranger_count = 0
+        # id(socket) -> (socket, address, stranger); a socket pynetdicom has closed (fileno
+        # -1) no longer counts: it does not always tell the server when an association ends
+        self._held: dict[int, tuple[Any, str, bool]] = {}
+        self._last_log: dict[str, float] = {}
+
+    def admit(self, request: Any, address: str) -> bool:
+        stranger = not self.known(address)
+        with self._lock:
+            self._forget_closed()
+            if self._by_address.get(address, 0) >= self.per_address:
+                why = f"{self.per_address} connections from this address already"
+            elif stranger and self._stranger_count >= self.strangers:
+                why = f"{self.strangers} connections from unknown addresses already"
+            else:
+                self._by_address[address] = self._by_address.get(address, 0) + 1
+                self._stranger_count += stranger
+                self._held[id(request)] = (request, address, stranger)
+                return True
+            now = time.monotonic()
+            if now - self._last_log.get(address, -1e9) >= self.LOG_EVERY_S:
+                self._last_log[address] = now
+                log.warning("connection from %s closed unread: %s", address, why)
+        return False
+
+    def release(self, request: Any) -> None:
+        with self._lock:
+            self._release(id(request))
+
+    def _release(self, key: int) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        _, address, stranger = held
+        self._by_address[address] -= 1
+        if not self._by_address[address]:
+            del self._by_address[address]
+        self._stranger_count -= stranger
+
+    def _forget_closed(self) -> None:
+        for key, (sock, _, _) in list(self._held.items()):
+            try:
+                closed = sock.fileno() == -1
+            except OSError:
+                closed = True
+            if closed:
+                self._release(key)
+
+    def counts(self) -> tuple[int, int]:
+        """(connections held, of which strangers')."""
+        with self._lock:
+            self._forget_closed()
+            return len(self._held), self._stranger_count

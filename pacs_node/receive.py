@@ -17,7 +17,7 @@ import pydicom
 from pacs_node import __version__, guard
 from pacs_node.ae import build_scp, start_server
 from pacs_node.config import Config, TlsSettings
-from pacs_node.handlers import bindings
+from pacs_node.handlers import bindings, resolve
 from pacs_node.process import Stop
 from storage.db import Database
 from storage.files import FileStore
@@ -46,6 +46,7 @@ class Receiver:
         self.db = db
         self.server: Any = None
         self.tls_server: Any = None
+        self.connection_limits: guard.ConnectionLimits | None = None
 
     def start(self) -> None:
         node = self.config.node
@@ -59,7 +60,15 @@ class Receiver:
         )
         ae = build_scp(self.config)
         handlers = bindings(self.config, self.files, self.db)
-        self.server = start_server(ae, (node.host, node.port), evt_handlers=handlers)
+        limits = guard.ConnectionLimits(
+            self.known_address,
+            strangers=node.max_stranger_connections,
+            per_address=node.max_connections_per_address,
+        )
+        self.connection_limits = limits
+        self.server = start_server(
+            ae, (node.host, node.port), evt_handlers=handlers, connection_limits=limits
+        )
         tls = self.config.tls
         if tls.enabled:
             self.tls_server = start_server(
@@ -67,7 +76,15 @@ class Receiver:
                 (node.host, tls.port),
                 evt_handlers=handlers,
                 ssl_context=server_ssl_context(tls),
+                connection_limits=limits,
             )
+
+    def known_address(self, address: str) -> bool:
+        """Whether *address* is a configured peer's (names looked up every five minutes); with
+        ``accept_unknown_peers`` every address is welcome and none is a stranger."""
+        if self.config.node.accept_unknown_peers:
+            return True
+        return any(address in resolve(peer.host) for peer in self.config.peers)
 
     @property
     def port(self) -> int:

@@ -273,3 +273,49 @@ def test_strangers_get_a_real_association_reject_every_time(start_node, tmp_path
     # rejected-permanent, by the DUL service-user, calling AE title not recognised
     assert outcomes == [(0x01, 0x01, 0x03)] * 20
     assert _associate(node.port, "PACS")
+
+
+def test_strangers_cannot_take_the_slots_the_known_pacs_needs(start_node, tmp_path):
+    """Issue 10: 40 silent connections took every association slot, and the known PACS was
+    rejected ("local limit exceeded") for as long as they stayed. Strangers (here from
+    127.0.0.2, which no peer is configured for) now share a few slots; the rest are closed at
+    once, unread."""
+    node = _guarded_node(start_node, tmp_path, max_stranger_connections=4)
+    silent = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(
+                ("127.0.0.1", node.port), timeout=5, source_address=("127.0.0.2", 0)
+            )
+            silent.append(sock)
+        time.sleep(0.3)  # let the server accept (and refuse) them all
+        closed = 0
+        for sock in silent:
+            sock.settimeout(0.2)
+            try:
+                if sock.recv(1) == b"":
+                    closed += 1
+            except TimeoutError:
+                pass  # still open: one of the stranger slots
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 36, f"{closed} of 40 stranger connections closed"
+        assert node.receiver.connection_limits.counts()[1] == 4
+        for _ in range(5):
+            assert _associate(node.port, "PACS")  # the known PACS, from its address
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_finished_associations_give_their_slot_back(start_node, tmp_path):
+    """Sixty associations one after another from one address, with a limit of 4 at once: each
+    ended association gives its slot back."""
+    node = _guarded_node(start_node, tmp_path, max_connections_per_address=4)
+    for _ in range(60):
+        assert _associate(node.port, "PACS")
+    assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
+    deadline = time.monotonic() + 10
+    while node.receiver.connection_limits.counts()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.receiver.connection_limits.counts() == (0, 0)

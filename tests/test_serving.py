@@ -308,6 +308,31 @@ def test_a_source_with_an_empty_character_set_still_gets_results(strict_pydicom,
         )
 
 
+def test_a_source_with_an_unknown_character_set_gets_results_in_utf8(tmp_path, caplog):
+    """Issue 10: an unknown SpecificCharacterSet ('ISO_IR 999') failed the job in highdicom;
+    the text pydicom decoded (with the default repertoire) is copied as UTF-8 instead."""
+    from ai.analysis import analyse_datasets
+    from ai.results import build_results
+    from ai.runtime import load_runtime_classifier
+
+    source = pydicom.dcmread(CR_CHEST)
+    source.SpecificCharacterSet = "ISO_IR 999"
+    source.PatientName = "Östlund^Åsa"
+    written = tmp_path / "source.dcm"
+    source.save_as(written, enforce_file_format=True)
+    with pytest.warns(UserWarning, match="Unknown encoding 'ISO_IR 999'"):
+        received = pydicom.dcmread(written)
+        analysis = analyse_datasets([received], load_runtime_classifier("cxr"))
+        outputs = build_results(analysis, software_version="test")
+    assert len(outputs) == 2
+    assert "unknown character set ISO_IR 999" in caplog.text
+    for i, ds in enumerate(outputs):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / f"{i}.dcm")
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        assert str(back.PatientName) == str(received.PatientName)
+
+
 def test_log_records_stay_one_line_whatever_a_peer_sends():
     """Issue 10: a calling AE title with a newline forged a log line; a NUL made the log binary."""
     import logging
