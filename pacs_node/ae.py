@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts
@@ -64,6 +64,7 @@ class NodelayServer(ThreadedAssociationServer):
     connection_limits: Any = None  # a pacs_node.guard.ConnectionLimits, checked at accept
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -86,7 +87,7 @@ def start_server(
     ae: AE, address: tuple[str, int], *, connection_limits: Any = None, **kwargs: Any
 ) -> NodelayServer:
     """What ``AE.start_server(block=False)`` does, with :class:`NodelayServer`."""
-    server = ae.make_server(address, server_class=NodelayServer, **kwargs)
+    server = cast(NodelayServer, ae.make_server(address, server_class=NodelayServer, **kwargs))
     server.connection_limits = connection_limits
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}")
     thread.daemon = True

@@ -473,6 +473,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_options(cmd: argparse.ArgumentParser) -> None:
+    """--config and --log-level, for the commands that run the node or one of its roles."""
+    cmd.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
+    cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-node",
@@ -492,8 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any calling AE title accepted, shipped models for CR/DX and CT.",
         epilog=EPILOG,
     )
-    serve.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _node_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     roles = {
@@ -510,8 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
             "share the database (PostgreSQL) and the storage folder.",
             epilog=EPILOG,
         )
-        cmd.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
-        cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        _node_options(cmd)
         cmd.set_defaults(func=cmd_role)
 
     migrate = sub.add_parser(

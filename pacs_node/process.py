@@ -168,7 +168,12 @@ class Watchdog:
             return
         with self.db.session() as session:
             held = tasks.heartbeat(
-                session, self.model, ids, owner=self.owner, lease_s=self.lease_s, now=utcnow()
+                session,
+                self.model,  # type: ignore[type-var]
+                ids,
+                owner=self.owner,
+                lease_s=self.lease_s,
+                now=utcnow(),
             )
         if held < len(ids):
             log.warning("lost the lease on some of tasks %s; their work will be dropped", ids)

@@ -51,7 +51,8 @@ def send(config: Config, peer: Peer, items: Sequence[tuple[int, Path]]) -> list[
 
 
 def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, Dataset]], list[Outcome]]:
-    datasets, outcomes = [], []
+    datasets: list[tuple[int, Dataset]] = []
+    outcomes: list[Outcome] = []
     for key, path in items:
         try:
             datasets.append((key, pydicom.dcmread(path)))

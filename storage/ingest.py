@@ -198,10 +198,11 @@ def record_instance(
 @functools.cache
 def _insert_new_instance(dialect: str) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` in the dialect's words (built once)."""
+    dialect_insert: Any
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[no-redef]
     else:
         raise NotImplementedError(f"no upsert for database dialect {dialect!r}")
     return (

@@ -29,6 +29,8 @@ else:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
         "sqlalchemy.url"
     )
+    if not url:
+        raise SystemExit("give the database: alembic -x url=postgresql+psycopg2://... upgrade head")
     engine = create_engine(url)
     with engine.connect() as conn:
         run(conn)
