@@ -33,6 +33,8 @@ class NodeSettings:
     pdu_timeout_s: float = 30.0  # a PDU's last byte must arrive this soon after its first
     associate_rq_timeout_s: float = 5.0  # the same for an A-ASSOCIATE-RQ
     max_associations: int = 32  # at once, in each receive process
+    max_dataset_bytes: int = 2 * 2**30  # a larger C-STORE is answered 0xA700
+    stream_to_disk: bool = True  # received data sets go to disk fragment by fragment
     max_stranger_connections: int = 8  # at once, from addresses of no configured peer
     max_connections_per_address: int = 16  # at once, from any one address
     network_timeout_s: float = 60.0
@@ -263,6 +265,10 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
         dimse_timeout_s=_number(table, "dimse_timeout_s", "node", d.dimse_timeout_s, minimum=1),
         receive_processes=_receive_processes(table, d.receive_processes),
         max_associations=_count(table, "max_associations", d.max_associations),
+        max_dataset_bytes=int(
+            _number(table, "max_dataset_bytes", "node", d.max_dataset_bytes, minimum=1024)
+        ),
+        stream_to_disk=_take(table, "stream_to_disk", bool, "node", d.stream_to_disk),
         max_stranger_connections=_count(
             table, "max_stranger_connections", d.max_stranger_connections
         ),

@@ -13,13 +13,15 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFER_BYTES = 65536
 INDEX_ATTEMPTS = 3
 
 
@@ -116,9 +119,26 @@ def handle_store(
 ) -> Dataset:
     calling = _calling_ae(event)
     request = event.request
+    incoming: bytes | Path | None = None
+    size = 0
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        path = (
+            event.dataset_path
+        )  # the data set as pynetdicom wrote it to disk, fragment by fragment
+    except AttributeError:  # not streamed to disk (pynetdicom's default): it is in memory
+        path = None
+    maximum = config.node.max_dataset_bytes
+    try:
+        if path is not None:
+            size = path.stat().st_size
+            if size > maximum:
+                return _too_big(calling, request, size, maximum)
+            # values over 64 KiB (Pixel Data) stay on disk until read
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+            incoming = path
+        else:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
     except InvalidInstanceError as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
@@ -142,7 +162,8 @@ def handle_store(
         return status(
             statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
         )
-    cut = truncated_element(ds)
+    deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+    cut = truncated_element(ds, size if path is not None and not deflated else None)
     if cut is not None:
         # the sender promised more bytes than it sent (a cut-off or forged data set): keeping
         # it would keep a file no reader can use, and Success would be a lie
@@ -153,7 +174,12 @@ def handle_store(
         log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
         return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated")
     try:
-        receive_instance(config, files, db, ds, event.encoded_dataset(), calling, cache)
+        if incoming is None:
+            encoded: bytes = event.encoded_dataset()
+            if len(encoded) > maximum:
+                return _too_big(calling, request, len(encoded), maximum)
+            incoming = encoded
+        receive_instance(config, files, db, ds, incoming, calling, cache)
     except OutOfSpaceError as exc:
         log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
         return status(statuses.OUT_OF_RESOURCES, str(exc))
@@ -196,15 +222,32 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
     log.info("C-FIND from %s: %d matches", calling, sent)
 
 
-def truncated_element(ds: Dataset) -> str | None:
+def _too_big(calling: str, request: Any, size: int, maximum: int) -> Dataset:
+    log.warning(
+        "C-STORE %s from %s refused: %d bytes, above node.max_dataset_bytes %d",
+        request.AffectedSOPInstanceUID,
+        calling,
+        size,
+        maximum,
+    )
+    return status(statuses.OUT_OF_RESOURCES, f"data set of {size} bytes exceeds {maximum}")
+
+
+def truncated_element(ds: Dataset, file_size: int | None = None) -> str | None:
     """The first top-level element whose value is shorter than its declared length, described
     (None when every value is whole). pydicom reads such a value without complaint, giving
-    whatever bytes there were."""
+    whatever bytes there were; a value left on disk (deferred) is checked against the size of
+    the file it was read from, *file_size*."""
     for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
             continue
-        got = len(elem.value) if elem.value is not None else 0
+        if elem.value is None:  # deferred: still in the file
+            if file_size is None:
+                continue  # a deflated file: offsets are in the inflated stream
+            got = max(0, min(elem.length, file_size - elem.value_tell))
+        else:
+            got = len(elem.value) if elem.value is not None else 0
         if got < elem.length:
             name = keyword_for_tag(tag) or str(Tag(tag))
             return f"{name} declares {elem.length} bytes, {got} received"[:ERROR_COMMENT_MAX]
@@ -236,17 +279,21 @@ def receive_instance(
     files: FileStore,
     db: Database,
     ds: Dataset,
-    encoded: bytes,
+    incoming: bytes | Path,
     calling_ae: str,
     cache: IndexCache | None = None,
 ) -> None:
-    """Write the file durably, then index and schedule it in one transaction."""
+    """Put the file in place durably (the bytes, or the file pynetdicom streamed to disk),
+    then index and schedule it in one transaction."""
     relpath = instance_relpath(
         ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
     )
-    files.check_space(len(encoded))
     existed = files.abspath(relpath).exists()
-    size = files.write_atomic(relpath, lambda fh: fh.write(encoded))
+    if isinstance(incoming, Path):
+        size = files.adopt(incoming, relpath)
+    else:
+        files.check_space(len(incoming))
+        size = files.write_atomic(relpath, lambda fh: fh.write(incoming))
     try:
         for attempt in range(INDEX_ATTEMPTS):
             try:

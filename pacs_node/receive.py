@@ -13,6 +13,7 @@ import ssl
 from typing import Any
 
 import pydicom
+from pynetdicom import _config as pynetdicom_config
 
 from pacs_node import __version__, guard
 from pacs_node.ae import build_scp, start_server
@@ -58,6 +59,8 @@ class Receiver:
                 associate_rq_deadline_s=node.associate_rq_timeout_s,
             )
         )
+        # a received data set goes to a file fragment by fragment instead of into memory
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
         ae = build_scp(self.config)
         handlers = bindings(self.config, self.files, self.db)
         limits = guard.ConnectionLimits(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -90,6 +91,31 @@ class FileStore:
         except BaseException:
             _unlink_quietly(tmp_name)
             raise
+        _fsync_dir(target.parent)
+        return size
+
+    def adopt(self, source: Path, relpath: str | Path) -> int:
+        """Move a complete file written elsewhere (pynetdicom's stream of a received data set)
+        into place, as durably as :meth:`write_atomic`; copied when it lies on another file
+        system. Returns the size in bytes."""
+        target = self.abspath(relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = source.stat().st_size
+        self.check_space(size)
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                if exc.errno in (28, 122):
+                    raise OutOfSpaceError(f"storage is full: {exc.strerror}") from exc
+                raise
+            with source.open("rb") as fh:
+                return self.write_atomic(relpath, lambda out: shutil.copyfileobj(fh, out, 2**20))
         _fsync_dir(target.parent)
         return size
 

@@ -319,3 +319,52 @@ def test_finished_associations_give_their_slot_back(start_node, tmp_path):
     while node.receiver.connection_limits.counts()[0] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node.receiver.connection_limits.counts() == (0, 0)
+
+
+@pytest.mark.slow
+def test_a_large_instance_is_streamed_to_disk_not_held_in_memory(tmp_path):
+    """Issue 10: a 500 MB C-STORE took the node from 242 MiB to 3.4 GiB. The data set now goes
+    to disk fragment by fragment (benchmarks/memory.py: +3 MiB for 500 MiB; held: +1.5 GiB)."""
+    from benchmarks.memory import big_ct, vm_hwm_mib
+    from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, free_port
+    from tests.processes import NodeProcess
+
+    if not dcmtk_available("storescu"):
+        pytest.skip("dcmtk not installed")
+    instance = tmp_path / "big.dcm"
+    size = big_ct(instance, 96)
+    port = free_port()
+    (tmp_path / "node").mkdir()
+    node = NodeProcess(
+        tmp_path / "node", f'[node]\nport = {port}\nstorage_dir = "data"\n', "receive"
+    )
+    node.start()
+    try:
+        before = vm_hwm_mib(node.proc.pid)
+        run = subprocess.run(
+            [DCMTK["storescu"], "-aec", "AINODE", "127.0.0.1", str(port), str(instance)],
+            env=dcmtk_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-500:]
+        grown = vm_hwm_mib(node.proc.pid) - before
+        stored = list((tmp_path / "node" / "data" / "instances").rglob("*.dcm"))
+        assert len(stored) == 1 and abs(stored[0].stat().st_size - size) < 1024  # its own meta
+        assert stored[0].read_bytes()[-4096:] == instance.read_bytes()[-4096:]
+    finally:
+        node.stop()
+    assert grown < 24, f"peak RSS grew by {grown:.0f} MiB for a {size >> 20} MiB instance"
+
+
+def test_a_data_set_above_the_maximum_is_refused_with_the_reason(start_node, tmp_path):
+    from benchmarks.memory import big_ct
+
+    node = _guarded_node(start_node, tmp_path, max_dataset_bytes=2 * 2**20)
+    instance = tmp_path / "big.dcm"
+    big_ct(instance, 3)
+    answer = scu.store(node.port, [instance], calling="PACS")[0]
+    assert answer.Status == 0xA700
+    assert (
+        answer.ErrorComment.startswith("data set of ") and "exceeds 2097152" in answer.ErrorComment
+    )
+    assert not list((node.files.root / "instances").rglob("*.dcm"))
+    assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
