@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,61 @@ HARD_MAX_PDU_BYTES = 16 * 2**20  # when the node announces no maximum (max_pdu_b
 
 
 def install(limits: Limits) -> None:
-    """Use the guarded reader, with *limits*, for every association of this process."""
+    """Use the guarded reader, with *limits*, and the guarded request dispatch (see
+    :func:`_guarded_serve_request`) for every association of this process."""
     global LIMITS
     LIMITS = limits
     DULServiceProvider._read_pdu_data = _guarded_read_pdu_data  # type: ignore[method-assign]
+    Association._serve_request = _guarded_serve_request  # type: ignore[method-assign]
+    DIMSEServiceProvider.receive_primitive = _guarded_receive_primitive  # type: ignore[method-assign]
+
+
+_receive_primitive = DIMSEServiceProvider.receive_primitive
+
+
+def _guarded_receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+    """A DIMSE message that cannot be decoded (an unknown command field, a C-STORE-RQ without
+    its Affected SOP Instance UID) is treated as an invalid PDU: A-ABORT at once. Unguarded,
+    the exception ends pynetdicom's DUL thread and the peer waits with no answer."""
+    try:
+        _receive_primitive(self, primitive)
+    except Exception as exc:
+        dul = self.assoc.dul
+        log.warning(
+            "undecodable DIMSE message from %s (%s: %s): aborted",
+            _peer(dul),
+            type(exc).__name__,
+            exc,
+        )
+        dul.event_queue.put("Evt19")  # unrecognised or invalid PDU: A-ABORT
+
+
+_serve_request = Association._serve_request
+
+
+def _guarded_serve_request(self: Association, msg: Any, context_id: int) -> None:
+    """A malformed DIMSE request to the node (a C-STORE-RQ without its Affected SOP Instance
+    UID, say) is answered with an A-ABORT at once. pynetdicom ignores it, or its service
+    class raises and the association thread dies, and the peer waits for its DIMSE timeout
+    (60 s) with no answer. Associations the node opened itself are left as they are."""
+    if not self.is_acceptor:
+        _serve_request(self, msg, context_id)
+        return
+    if not msg.is_valid_request:
+        missing = [k for k in msg.REQUEST_KEYWORDS if getattr(msg, k, None) is None]
+        log.warning(
+            "malformed %s from %s (no %s): aborted",
+            msg.msg_type,
+            _peer(self.dul),
+            ", ".join(missing) or "valid command",
+        )
+        self.abort()
+        return
+    try:
+        _serve_request(self, msg, context_id)
+    except Exception as exc:  # a request pynetdicom's service class cannot handle
+        log.warning("%s from %s not served (%s): aborted", msg.msg_type, _peer(self.dul), exc)
+        self.abort()
 
 
 def _peer(dul: Any) -> str:

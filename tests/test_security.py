@@ -368,3 +368,31 @@ def test_a_data_set_above_the_maximum_is_refused_with_the_reason(start_node, tmp
     )
     assert not list((node.files.root / "instances").rglob("*.dcm"))
     assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
+
+
+def test_a_malformed_dimse_command_is_aborted_at_once(start_node, tmp_path):
+    """Issue 10: a C-STORE-RQ without AffectedSOPInstanceUID got no answer until a 60 s abort
+    (pynetdicom's DUL thread died decoding it). Now: A-ABORT at once, the node goes on."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    node = _guarded_node(start_node, tmp_path)
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.Priority = 2
+    request.DataSet = BytesIO(b"")  # and no AffectedSOPInstanceUID
+    context_id = assoc.accepted_contexts[0].context_id
+    start = time.monotonic()
+    assoc.dimse.send_msg(request, context_id)
+    while not assoc.is_aborted and time.monotonic() - start < 20:
+        time.sleep(0.02)
+    assert assoc.is_aborted and time.monotonic() - start < 3
+    assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
