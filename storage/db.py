@@ -52,6 +52,8 @@ def make_engine(url: str, *, immediate: bool = False) -> Engine:
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            # SQLite's lower() folds ASCII only; C-FIND matches names in every alphabet
+            dbapi_conn.create_function("unicode_lower", 1, _unicode_lower, deterministic=True)
 
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]
@@ -59,6 +61,10 @@ def make_engine(url: str, *, immediate: bool = False) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _unicode_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
 def revision(conn: Connection) -> str | None:

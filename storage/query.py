@@ -281,11 +281,18 @@ def _request_values(elem: DataElement) -> list[str]:
     return [text for text in texts if text]
 
 
+NO_WILDCARDS = (Match.UID, Match.DATE, Match.TIME, Match.INT)
+
+
 def _match(
     key: Key, keyword: str, values: list[str], is_sqlite: bool
 ) -> ColumnElement[bool] | None:
     if key.match is Match.RETURN_ONLY:
         return None
+    if key.match in NO_WILDCARDS and any(_has_wildcard(v) for v in values):
+        # PS3.4 C.2.2.2.4: wildcards apply to text and person names only; such a request is
+        # refused rather than answered with no matches, which would look like "none found"
+        raise QueryError(f"{keyword}: wildcards are not allowed in this attribute")
     if key.match is Match.UID:
         return key.value.in_(values)  # list of UID matching; one UID is single value matching
     if key.match is Match.MODALITIES:
@@ -302,7 +309,7 @@ def _single(key: Key, keyword: str, value: str, is_sqlite: bool) -> ColumnElemen
     if key.match is Match.INT:
         return column == _integer(keyword, value)
     if key.match is Match.PN:
-        return _pn_match(column, value)
+        return _pn_match(column, value, is_sqlite)
     return _text_match(column, value, is_sqlite)
 
 
@@ -341,13 +348,19 @@ def _text_match(
     return condition
 
 
-def _pn_match(column: SQLColumnExpression[Any], value: str) -> ColumnElement[bool]:
-    """Person Name matching, deliberately case-insensitive (a node choice PS3.4 allows).
+def _pn_match(
+    column: SQLColumnExpression[Any], value: str, is_sqlite: bool
+) -> ColumnElement[bool]:
+    """Person Name matching, deliberately case-insensitive (a node choice PS3.4 allows), for
+    every alphabet: ``Östlund^Åsa`` matches ``ÖSTLUND^ÅSA``.
 
-    Trailing empty name components (``Doe^John^^``) are ignored on both sides. SQL ``lower()``
-    folds ASCII letters only on SQLite, so non-ASCII letters still match case-sensitively there.
+    Trailing empty name components (``Doe^John^^``) are ignored on both sides. SQLite's own
+    ``lower()`` folds ASCII letters only: there the comparison uses ``unicode_lower``, Python's
+    ``str.lower`` registered on every connection (``storage.db``); PostgreSQL's ``lower()``
+    folds every letter of a UTF-8 database.
     """
-    stored = func.lower(func.rtrim(column, "^"))
+    lower = func.unicode_lower if is_sqlite else func.lower
+    stored = lower(func.rtrim(column, "^"))
     wanted = value.rstrip("^").lower()
     if not _has_wildcard(wanted):
         return stored == wanted

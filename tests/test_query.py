@@ -233,6 +233,17 @@ def test_unicode_values_with_utf8_charset(db: Database) -> None:
     assert studies(db, PatientName="müller*") == ["1.2.3.5"]
 
 
+def test_person_names_match_without_case_in_every_alphabet(db: Database) -> None:
+    """Issue 10: upper-case non-ASCII letters never matched (SQLite lower-cases ASCII only)."""
+    with db.session() as session:
+        session.add(_study("1.2.3.6", patient_id="PID006", patient_name="Östlund^Åsa"))
+        session.add(_study("1.2.3.7", patient_id="PID007", patient_name="ÜNAL^Ömer"))
+    assert studies(db, PatientName="ÖSTLUND^ÅSA") == ["1.2.3.6"]
+    assert studies(db, PatientName="östlund^åsa") == ["1.2.3.6"]
+    assert studies(db, PatientName="Ünal*") == ["1.2.3.7"]
+    assert studies(db, PatientName="ünal^ömer") == ["1.2.3.7"]
+
+
 def test_study_values_missing_in_db_are_empty(db: Database) -> None:
     (response,) = query(db, "STUDY", StudyInstanceUID="1.2.3.4", PatientName="", StudyDate="")
     assert response["PatientName"].is_empty
@@ -335,9 +346,17 @@ def test_uid_single_and_list_matching(db: Database) -> None:
     assert studies(db, StudyInstanceUID="9.9.9") == []
 
 
-def test_uid_has_no_wildcards(db: Database) -> None:
-    assert studies(db, StudyInstanceUID="1.2.3.*") == []
-    assert studies(db, StudyInstanceUID="1.2.3.?") == []
+def test_wildcards_on_uids_dates_and_numbers_are_refused(db: Database) -> None:
+    """PS3.4 C.2.2.2.4: wildcards apply to text and names; elsewhere the request is refused
+    (it was answered with no matches, which reads as "none found")."""
+    for keys in (
+        {"StudyInstanceUID": "1.2.3.*"},
+        {"StudyInstanceUID": "1.2.3.?"},
+        {"StudyDate": "2020*"},
+        {"StudyTime": "12*"},
+    ):
+        with pytest.raises(QueryError, match="wildcards are not allowed"):
+            studies(db, **keys)
 
 
 # --- dates and times -----------------------------------------------------------------------------
@@ -353,7 +372,6 @@ def test_study_date_single_and_ranges(db: Database) -> None:
     assert studies(db, StudyDate="20200201-20201231") == ["1.2.3.2"]
     assert studies(db, StudyDate="20200115-20200115") == ["1.2.3.1"]
     assert studies(db, StudyDate="20220101-20230101") == []
-    assert studies(db, StudyDate="2020*") == []  # no wildcards on dates
 
 
 def test_birth_date_range(db: Database) -> None:
@@ -518,7 +536,8 @@ def test_image_matching(db: Database) -> None:
     assert images(db, SeriesInstanceUID="1.2.3.2.1", InstanceNumber="2") == ["1.2.3.2.1.2"]
     assert images(db, StudyInstanceUID="1.2.3.1", Modality="SC") == ["1.2.3.1.3.1"]
     assert images(db, PatientName="doe^jane", SOPClassUID=CR) == ["1.2.3.3.1.1"]
-    assert images(db, SOPClassUID="1.2.840.10008.5.1.4.1.1.*") == []
+    with pytest.raises(QueryError, match="SOPClassUID: wildcards are not allowed"):
+        images(db, SOPClassUID="1.2.840.10008.5.1.4.1.1.*")
 
 
 # --- scale ---------------------------------------------------------------------------------------
