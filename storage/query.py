@@ -13,8 +13,8 @@ Matching (PS3.4 C.2.2.2) is done in SQL:
   numbers), translated to SQL ``LIKE`` with ``%`` and ``_`` escaped. SQLite's ``LIKE`` ignores
   ASCII case, so on SQLite a ``GLOB`` keeps case-sensitive wildcards case-sensitive;
 * list of UID matching: backslash-separated UIDs for the UID keys;
-* range matching for dates (``a-``, ``-b``, ``a-b``) and times; a multi-valued request value on
-  any other key matches when any of its values matches (used by ModalitiesInStudy).
+* range matching for dates (``a-``, ``-b``, ``a-b``) and times; several values (a backslash)
+  are alternatives only for UIDs and ModalitiesInStudy, elsewhere part of the one value.
 
 The model is treated relationally: at SERIES and IMAGE level, keys of the levels above are matched
 too (not only their unique keys). Keys of a level below the query level, and keys this node does not
@@ -297,7 +297,12 @@ def _match(
         return key.value.in_(values)  # list of UID matching; one UID is single value matching
     if key.match is Match.MODALITIES:
         return _modalities_match(values, is_sqlite)
-    return or_(*(_single(key, keyword, value, is_sqlite) for value in values))
+    if len(values) > 1:
+        # multiple values are matching values only for UIDs (list of UID matching) and
+        # ModalitiesInStudy; elsewhere a backslash is part of the one value (no match
+        # unless a stored value holds it), as Orthanc does
+        values = ["\\".join(values)]
+    return _single(key, keyword, values[0], is_sqlite)
 
 
 def _single(key: Key, keyword: str, value: str, is_sqlite: bool) -> ColumnElement[bool]:

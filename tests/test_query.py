@@ -233,6 +233,15 @@ def test_unicode_values_with_utf8_charset(db: Database) -> None:
     assert studies(db, PatientName="müller*") == ["1.2.3.5"]
 
 
+def test_a_backslash_in_a_person_name_is_not_a_list(db: Database) -> None:
+    """Issue 10: ``Doe^John\\Roe^Jane`` matched both patients; Orthanc matches neither."""
+    with db.session() as session:
+        session.add(_study("1.2.3.8", patient_id="PID008", patient_name="ROE^RICHARD"))
+    assert studies(db, PatientName="doe^jane") == ["1.2.3.3"]
+    assert studies(db, PatientName="roe^richard") == ["1.2.3.8"]
+    assert studies(db, PatientName="doe^jane\\roe^richard") == []
+
+
 def test_person_names_match_without_case_in_every_alphabet(db: Database) -> None:
     """Issue 10: upper-case non-ASCII letters never matched (SQLite lower-cases ASCII only)."""
     with db.session() as session:
@@ -468,7 +477,9 @@ def test_series_matching(db: Database) -> None:
     assert series(db, Modality="SR") == ["1.2.3.1.2"]
     assert series(db, Modality="C?") == ["1.2.3.1.1", "1.2.3.2.1", "1.2.3.3.1"]
     assert series(db, Modality="c*") == []
-    assert series(db, Modality="SR\\SC") == ["1.2.3.1.2", "1.2.3.1.3"]
+    # Modality has VM 1: a backslash is part of the value, not a list (only UIDs and
+    # ModalitiesInStudy take several values)
+    assert series(db, Modality="SR\\SC") == []
     assert series(db, SeriesNumber="900") == ["1.2.3.1.2"]
     assert series(db, SeriesNumber="1") == ["1.2.3.1.1", "1.2.3.3.1"]
     assert series(db, SeriesDescription="AI*") == ["1.2.3.1.2", "1.2.3.1.3"]
