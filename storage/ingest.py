@@ -174,6 +174,9 @@ def record_instance(
         "path": relpath,
         "size_bytes": size_bytes,
         "received_at": now,
+        "rows": integer(ds, "Rows"),
+        "columns": integer(ds, "Columns"),
+        "content_date": text(ds, "ContentDate", 8),
     }
     # one statement for a new instance: insert unless the UID is there already
     instance_pk = conn.scalar(

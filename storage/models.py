@@ -122,6 +122,9 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the storage directory
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)  # IMAGE-level C-FIND keys
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_date: Mapped[str] = mapped_column(String(8), default="")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

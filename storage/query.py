@@ -157,6 +157,9 @@ KEYS: dict[str, Key] = {
     "SOPInstanceUID": Key(Level.IMAGE, Instance.sop_instance_uid, Match.UID),
     "SOPClassUID": Key(Level.IMAGE, Instance.sop_class_uid, Match.UID),
     "InstanceNumber": Key(Level.IMAGE, Instance.instance_number, Match.INT),
+    "Rows": Key(Level.IMAGE, Instance.rows, Match.INT),
+    "Columns": Key(Level.IMAGE, Instance.columns, Match.INT),
+    "ContentDate": Key(Level.IMAGE, Instance.content_date, Match.DATE),
 }
 
 UNIQUE_KEYS: dict[Level, tuple[str, ...]] = {
@@ -353,9 +356,7 @@ def _text_match(
     return condition
 
 
-def _pn_match(
-    column: SQLColumnExpression[Any], value: str, is_sqlite: bool
-) -> ColumnElement[bool]:
+def _pn_match(column: SQLColumnExpression[Any], value: str, is_sqlite: bool) -> ColumnElement[bool]:
     """Person Name matching, deliberately case-insensitive (a node choice PS3.4 allows), for
     every alphabet: ``Östlund^Åsa`` matches ``ÖSTLUND^ÅSA``.
 
