@@ -189,33 +189,26 @@ def test_cfind_finds_received_instances_at_each_level(start_node):
         ),
     )
     assert [s.SeriesInstanceUID for s in series] == [ct.SeriesInstanceUID]
-    images, _ = scu.find(
-        node.port,
-        scu.query(
-            "IMAGE",
-            StudyInstanceUID=ct.StudyInstanceUID,
-            SeriesInstanceUID=ct.SeriesInstanceUID,
-            SOPInstanceUID="",
-            Rows=None,
-            Columns=None,
-            ContentDate="",
-        ),
-    )
+
+    def image_level(**keys: object) -> list:
+        found, _ = scu.find(
+            node.port,
+            scu.query(
+                "IMAGE",
+                StudyInstanceUID=ct.StudyInstanceUID,
+                SeriesInstanceUID=ct.SeriesInstanceUID,
+                SOPInstanceUID="",
+                **keys,
+            ),
+        )
+        return found
+
+    images = image_level(Rows=None, Columns=None, ContentDate="")
     assert len(images) == 5
     # IMAGE-level keys from the stored headers (issue 10: they came back empty)
     assert {(int(i.Rows), int(i.Columns)) for i in images} == {(int(ct.Rows), int(ct.Columns))}
     assert {str(i.ContentDate) for i in images} == {str(ct.get("ContentDate", ""))}
-    matched, _ = scu.find(
-        node.port,
-        scu.query(
-            "IMAGE",
-            StudyInstanceUID=ct.StudyInstanceUID,
-            SeriesInstanceUID=ct.SeriesInstanceUID,
-            SOPInstanceUID="",
-            Rows=int(ct.Rows),
-        ),
-    )
-    assert len(matched) == 5
+    assert len(image_level(Rows=int(ct.Rows))) == 5
 
 
 def test_cfind_with_findscu_wildcards_and_dates(start_node, tmp_path: Path):
