@@ -202,6 +202,10 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
         identifier = event.identifier
         with db.read() as session:
             matches = query.find(session, identifier)  # a bad request raises here, at once
+            ignored = query.unsupported_matching_keys(identifier)
+            pending = statuses.PENDING_WARNING if ignored else statuses.PENDING
+            if ignored:
+                log.info("C-FIND from %s: cannot match on %s", calling, ", ".join(ignored))
             for match in matches:
                 if "SpecificCharacterSet" not in match and not _is_ascii(match):
                     match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
@@ -209,7 +213,7 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
                     log.info("C-FIND from %s cancelled after %d matches", calling, sent)
                     yield statuses.CANCEL, None
                     return
-                yield statuses.PENDING, match
+                yield pending, match
                 sent += 1
     except QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)

@@ -208,6 +208,25 @@ def _elements(identifier: Dataset) -> list[DataElement]:
     return elements
 
 
+def unsupported_matching_keys(identifier: Dataset) -> list[str]:
+    """Keys given a matching value that this node cannot match on (unknown to it, or of a
+    level below the query's): the matches do not honour them, which PS3.4 C.4.1.1.3.1 says to
+    tell with the status 0xFF01 (pending, optional keys not supported) on every response."""
+    try:
+        level = _level(identifier)
+        elements = _elements(identifier)
+    except QueryError:
+        return []
+    out = []
+    for elem in elements:
+        if elem.keyword in _SKIPPED or not _request_values(elem):
+            continue
+        key = KEYS.get(elem.keyword)
+        if key is None or key.level > level:
+            out.append(elem.keyword or str(elem.tag))
+    return out
+
+
 def _answered_keys(elements: Sequence[DataElement], level: Level) -> list[str]:
     """The keys filled from the database: requested known keys at or above *level*, unique keys."""
     keys = list(UNIQUE_KEYS[level])

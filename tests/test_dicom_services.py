@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from sqlalchemy import select, text
 
 from pacs_node import statuses
@@ -238,3 +240,22 @@ def test_cfind_declares_utf8_when_a_match_is_not_ascii(start_node):
     matches, _ = scu.find(node.port, scu.query("STUDY", StudyInstanceUID="", PatientName="M*"))
     assert [str(m.PatientName) for m in matches] == ["Müller^Jürgen"]
     assert matches[0].SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_cfind_says_when_it_cannot_match_on_a_key(start_node):
+    """Issue 10: keys the node cannot match were ignored and it returned too much, with a plain
+    Pending. Now every response carries 0xFF01 (optional keys not supported)."""
+    node = start_node()
+    scu.store(node.port, [CR_CHEST])
+    plain, _ = scu.find(node.port, scu.query("STUDY", StudyInstanceUID=""))
+    request = scu.query("STUDY", StudyInstanceUID="", InstitutionName="NOWHERE*")
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    assert assoc.is_established
+    answers = [
+        (int(s.Status), i)
+        for s, i in assoc.send_c_find(request, StudyRootQueryRetrieveInformationModelFind)
+    ]
+    assoc.release()
+    assert [code for code, _ in answers] == [0xFF01] * len(plain) + [0x0000]
