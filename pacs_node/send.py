@@ -136,16 +136,16 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
     owner = owner_id()
-    worker = Sender(config, db, files, owner=owner)
+    role = Sender(config, db, files, owner=owner)
     log.info("send role %s ready", owner)
     last_sweep = 0.0
 
     def step() -> int:
         nonlocal last_sweep
         if time.monotonic() - last_sweep > max(1.0, config.worker.lease_s / 4):
-            worker.sweep()
+            role.sweep()
             last_sweep = time.monotonic()
-        return worker.deliver_due()
+        return role.deliver_due()
 
     try:
         run_loop(step, config.worker.poll_interval_s, stop)

@@ -6,7 +6,7 @@ attempt runs under its deadline and renews its lease (:class:`pacs_node.process.
 results are recorded only while the lease is still this process's, together with the job's
 ``done`` state, so a job taken back from a hung or dead worker is never recorded twice.
 :meth:`Worker.run_pending` runs everything due at once in this thread ("burst" mode, for tests
-and ``pacs-node run-pending``).
+and :class:`pacs_node.node.Node`).
 """
 
 from __future__ import annotations
