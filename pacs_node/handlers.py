@@ -119,23 +119,22 @@ def handle_store(
 ) -> Dataset:
     calling = _calling_ae(event)
     request = event.request
-    incoming: bytes | Path | None = None
-    size = 0
-    try:
-        path = (
-            event.dataset_path
-        )  # the data set as pynetdicom wrote it to disk, fragment by fragment
-    except AttributeError:  # not streamed to disk (pynetdicom's default): it is in memory
+    try:  # the data set as pynetdicom wrote it to disk, fragment by fragment
+        path: Path | None = event.dataset_path
+    except AttributeError:  # not streamed to disk (node.stream_to_disk false): in memory
         path = None
-    maximum = config.node.max_dataset_bytes
     try:
+        incoming: bytes | Path
         if path is not None:
-            size = path.stat().st_size
-            if size > maximum:
-                return _too_big(calling, request, size, maximum)
-            # values over 64 KiB (Pixel Data) stay on disk until read
+            incoming, size = path, path.stat().st_size
+        else:
+            encoded: bytes = event.encoded_dataset()
+            incoming, size = encoded, len(encoded)
+        maximum = config.node.max_dataset_bytes
+        if size > maximum:
+            return _too_big(calling, request, size, maximum)
+        if path is not None:  # values over 64 KiB (Pixel Data) stay on disk until read
             ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-            incoming = path
         else:
             ds = event.dataset
             ds.file_meta = event.file_meta
@@ -174,11 +173,6 @@ def handle_store(
         log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
         return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated")
     try:
-        if incoming is None:
-            encoded: bytes = event.encoded_dataset()
-            if len(encoded) > maximum:
-                return _too_big(calling, request, len(encoded), maximum)
-            incoming = encoded
         receive_instance(config, files, db, ds, incoming, calling, cache)
     except OutOfSpaceError as exc:
         log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
@@ -201,12 +195,13 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
     try:
         identifier = event.identifier
         with db.read() as session:
-            matches = query.find(session, identifier)  # a bad request raises here, at once
-            ignored = query.unsupported_matching_keys(identifier)
-            pending = statuses.PENDING_WARNING if ignored else statuses.PENDING
-            if ignored:
-                log.info("C-FIND from %s: cannot match on %s", calling, ", ".join(ignored))
-            for match in matches:
+            answer = query.search(session, identifier)  # a bad request raises here, at once
+            pending = statuses.PENDING_WARNING if answer.unsupported else statuses.PENDING
+            if answer.unsupported:
+                log.info(
+                    "C-FIND from %s: cannot match on %s", calling, ", ".join(answer.unsupported)
+                )
+            for match in answer.matches:
                 if "SpecificCharacterSet" not in match and not _is_ascii(match):
                     match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
                 if event.is_cancelled:

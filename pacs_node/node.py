@@ -13,12 +13,11 @@ from typing import Any
 
 from pacs_node import work
 from pacs_node.config import Config
-from pacs_node.process import dead_local_owners, release_leases
+from pacs_node.process import dead_local_owners, file_store, release_leases
 from pacs_node.receive import Receiver
 from pacs_node.send import Sender
 from pacs_node.work import Worker
 from storage.db import Database
-from storage.files import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         config.node.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+        self.files = file_store(config)
         self.db = Database(config.node.resolved_database_url)
         self.receiver = Receiver(config, self.files, self.db)
         self.worker = Worker(config, self.db, self.files)

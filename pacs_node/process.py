@@ -14,9 +14,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from pacs_node.config import Config
 from storage import tasks
 from storage.db import Database
-from storage.files import pid_alive
+from storage.files import FileStore, pid_alive
 from storage.models import Delivery, Job, TaskState, utcnow
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,28 @@ class Stop:
         return self.event.is_set()
 
 
-def run_loop(step: Callable[[], int], poll_interval_s: float, stop: Stop) -> None:
+def file_store(config: Config) -> FileStore:
+    """The storage folder of *config*, with its free-space floor."""
+    return FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+
+
+def run_loop(
+    step: Callable[[], int],
+    poll_interval_s: float,
+    stop: Stop,
+    *,
+    sweep: Callable[[], object] | None = None,
+    sweep_every_s: float = 1.0,
+) -> None:
     """Call *step* until *stop*; straight again while it finds work, else after the poll
-    interval. A failing step is logged and the loop goes on."""
+    interval; *sweep* (taking back expired leases) first, at most every *sweep_every_s*. A
+    failing round is logged and the loop goes on."""
+    last_sweep = -sweep_every_s
     while not stop:
         try:
+            if sweep is not None and time.monotonic() - last_sweep >= sweep_every_s:
+                last_sweep = time.monotonic()
+                sweep()
             did = step()
         except Exception:
             log.exception("round failed; going on")

@@ -19,7 +19,7 @@ from pacs_node import __version__, guard
 from pacs_node.ae import build_scp, start_server
 from pacs_node.config import Config, TlsSettings
 from pacs_node.handlers import bindings, resolve
-from pacs_node.process import Stop
+from pacs_node.process import Stop, file_store
 from storage.db import Database
 from storage.files import FileStore
 
@@ -122,7 +122,7 @@ def run(config: Config, stop: Stop) -> None:
     # the handlers check what they rely on (UIDs, the SOP class, pixel data) themselves;
     # pydicom's regular-expression check of every value read costs more than the indexing
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+    files = file_store(config)
     removed = files.clean_tmp()
     if removed:
         log.warning("removed %d partial files left by a crash", removed)

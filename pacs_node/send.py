@@ -10,7 +10,6 @@ answered.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from sqlalchemy import select
 
 from pacs_node import sender
 from pacs_node.config import Config
-from pacs_node.process import Stop, owner_id, run_loop
+from pacs_node.process import Stop, file_store, owner_id, run_loop
 from storage import tasks
 from storage.db import Database
 from storage.files import FileStore
-from storage.models import Delivery, TaskState, utcnow
+from storage.models import Delivery, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +100,7 @@ class Sender:
             }
             for outcome in outcomes:
                 delivery = rows.get(outcome.key)
-                if delivery is None or not (
-                    delivery.state == TaskState.RUNNING and delivery.claimed_by == self.owner
-                ):
+                if delivery is None or not tasks.holds(delivery, self.owner):
                     continue  # taken back meanwhile; whoever holds it now records it
                 delivery.last_status = outcome.status
                 if outcome.ok:
@@ -134,20 +131,16 @@ class Sender:
 def run(config: Config, stop: Stop) -> None:
     """``pacs-node send``: deliver what is due until stopped."""
     db = Database(config.node.resolved_database_url)
-    files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
     owner = owner_id()
-    role = Sender(config, db, files, owner=owner)
+    role = Sender(config, db, file_store(config), owner=owner)
     log.info("send role %s ready", owner)
-    last_sweep = 0.0
-
-    def step() -> int:
-        nonlocal last_sweep
-        if time.monotonic() - last_sweep > max(1.0, config.worker.lease_s / 4):
-            role.sweep()
-            last_sweep = time.monotonic()
-        return role.deliver_due()
-
     try:
-        run_loop(step, config.worker.poll_interval_s, stop)
+        run_loop(
+            role.deliver_due,
+            config.worker.poll_interval_s,
+            stop,
+            sweep=role.sweep,
+            sweep_every_s=max(1.0, config.worker.lease_s / 4),
+        )
     finally:
         db.dispose()

@@ -70,14 +70,17 @@ def stream(
     """Send *items*, then whatever *more* returns, until it returns nothing; the outcomes of
     each batch are yielded as soon as the batch is answered. One association carries it all
     unless a batch needs a SOP class the open one was not negotiated for."""
-    batch = list(items)
-    while batch:
-        datasets, failed = _read(batch)
+    datasets, failed = _read(items)
+    while True:  # the first batch that holds something readable
         if failed:
             yield failed
-        if not datasets:
-            batch = list(more())
-            continue
+        if datasets:
+            break
+        batch = list(more())
+        if not batch:
+            return
+        datasets, failed = _read(batch)
+    while datasets:  # one association per pass; a new one only for a class not negotiated
         classes = sorted(set(GENERATED_SOP_CLASSES) | {UID(ds.SOPClassUID) for _, ds in datasets})
         ae = build_scu(config, [str(c) for c in classes[:MAX_CONTEXTS]])
         where = f"{peer.ae_title}@{peer.host}:{peer.port}"
@@ -92,18 +95,15 @@ def stream(
             return
         _keep_responses(assoc)
         try:
-            while datasets:
+            while True:
                 yield [_store(assoc, key, ds) for key, ds in datasets]
                 if not assoc.is_established:
                     return
-                batch = list(more())
-                datasets, failed = _read(batch)
+                datasets, failed = _read(list(more()))
                 if failed:
                     yield failed
-                if any(UID(ds.SOPClassUID) not in classes for _, ds in datasets):
-                    break  # a class this association was not negotiated for: a new one
-            else:
-                batch = []
+                if not datasets or any(UID(ds.SOPClassUID) not in classes for _, ds in datasets):
+                    break  # nothing more, or a class this association was not negotiated for
         finally:
             if assoc.is_established:
                 assoc.release()

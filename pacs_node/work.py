@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ai.errors import ModelError, UnusableInputError
 from ai.results import build_results
@@ -28,12 +29,12 @@ from ai.runtime import load_runtime_classifier
 from pacs_node import __version__
 from pacs_node.config import Config
 from pacs_node.logs import log_failure
-from pacs_node.process import Stop, Watchdog, owner_id, run_loop
+from pacs_node.process import Stop, Watchdog, file_store, owner_id, run_loop
 from storage import queue, tasks
 from storage.db import Database
 from storage.files import FileStore, instance_relpath
 from storage.ingest import record_instance
-from storage.models import Instance, Job, Result, Series, utcnow
+from storage.models import Instance, Job, Result, Series, TaskState, utcnow
 from storage.queue import Schedule
 
 if TYPE_CHECKING:
@@ -143,33 +144,37 @@ class Worker:
             )
             self._fail(work, f"storing results failed: {type(exc).__name__}: {exc}")
 
-    def _held_job(self, session: object, work: SeriesWork) -> Job:
-        job = session.get(Job, work.job_id, populate_existing=True)  # type: ignore[attr-defined]
-        if job is None or not tasks.holds(session, job, self.owner):  # type: ignore[arg-type]
+    def _held_job(self, session: Session, work: SeriesWork) -> Job:
+        """The job, read afresh in *session*; :class:`LeaseLost` when it is no longer ours."""
+        job = session.get(Job, work.job_id, populate_existing=True)
+        if job is None or not tasks.holds(job, self.owner):
             raise LeaseLost(work.job_id)
-        return job  # type: ignore[no-any-return]
+        return job
 
-    def _finish(self, work: SeriesWork, transition: object) -> None:
+    def _finish(
+        self, work: SeriesWork, transition: Callable[[Session, Job], object]
+    ) -> TaskState | None:
+        """Apply *transition* to the job while it is still ours; its new state, or None when
+        the lease was lost (the outcome is dropped)."""
         try:
             with self.db.session() as session:
                 job = self._held_job(session, work)
-                transition(session, job)  # type: ignore[operator]
+                transition(session, job)
+                return job.state
         except LeaseLost:
             log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
+            return None
 
     def _fail(self, work: SeriesWork, error: str, permanent: bool = False) -> None:
-        states = []
-
-        def fail(session: object, job: Job) -> None:
-            states.append(tasks.fail(session, job, error, now=utcnow(), permanent=permanent))  # type: ignore[arg-type]
-
-        self._finish(work, fail)
+        state = self._finish(
+            work, lambda s, j: tasks.fail(s, j, error, now=utcnow(), permanent=permanent)
+        )
         # the full reason (which may quote data) is on the job row, for pacs-node status
         log.warning(
             "job %d (series %s) %s: %s",
             work.job_id,
             work.series_uid,
-            states[0] if states else "dropped",
+            state or "dropped",
             error.split(":", 1)[0],
         )
 
@@ -307,14 +312,14 @@ def preload_models(config: Config) -> None:
 def run(config: Config, stop: Stop) -> None:
     """``pacs-node work``: load the models, then claim and run jobs until stopped."""
     db = Database(config.node.resolved_database_url)
-    files = FileStore(config.node.storage_dir, config.node.min_free_mb * 2**20)
+    files = file_store(config)
     owner = owner_id()
     preload_models(config)
 
     def on_deadline(ids: list[int], elapsed_s: float) -> None:
         with db.session() as session:
             for job in session.scalars(select(Job).where(Job.id.in_(ids))).all():
-                if tasks.holds(session, job, owner):
+                if tasks.holds(job, owner):
                     state = tasks.fail(
                         session,
                         job,
@@ -329,18 +334,14 @@ def run(config: Config, stop: Stop) -> None:
     ).start()
     worker = Worker(config, db, files, owner=owner, watchdog=watchdog)
     log.info("work role %s ready", owner)
-    last_sweep = 0.0
-    sweep_every_s = max(1.0, config.worker.lease_s / 4)
-
-    def step() -> int:
-        nonlocal last_sweep
-        if time.monotonic() - last_sweep > sweep_every_s:
-            worker.sweep()
-            last_sweep = time.monotonic()
-        return int(worker.run_one())
-
     try:
-        run_loop(step, config.worker.poll_interval_s, stop)
+        run_loop(
+            lambda: int(worker.run_one()),
+            config.worker.poll_interval_s,
+            stop,
+            sweep=worker.sweep,
+            sweep_every_s=max(1.0, config.worker.lease_s / 4),
+        )
     finally:
         watchdog.stop()
         db.dispose()

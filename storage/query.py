@@ -171,8 +171,19 @@ UNIQUE_KEYS: dict[Level, tuple[str, ...]] = {
 _SKIPPED = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
 
 
-def find(session: Session, identifier: Dataset) -> Iterator[Dataset]:
-    """The response identifiers matching the C-FIND request *identifier*.
+@dataclass(frozen=True)
+class Search:
+    """A C-FIND request's answer: the matches, read as they are consumed, and the keys it
+    gave a matching value that the node cannot match on (unknown to it, or of a level below
+    the query's): the matches do not honour those, which PS3.4 C.4.1.1.3.1 says to tell with
+    the status 0xFF01 (pending, optional keys not supported) on every response."""
+
+    matches: Iterator[Dataset]
+    unsupported: list[str]
+
+
+def search(session: Session, identifier: Dataset) -> Search:
+    """The answer to the C-FIND request *identifier*.
 
     Raises :class:`QueryError` at once (not on first iteration) for an unsupported
     QueryRetrieveLevel or an unusable matching value.
@@ -183,7 +194,15 @@ def find(session: Session, identifier: Dataset) -> Iterator[Dataset]:
     is_sqlite = session.get_bind().dialect.name == "sqlite"
     stmt = _statement(level, answered, _conditions(elements, level, is_sqlite))
     rows = session.execute(stmt)
-    return _responses(rows.partitions(PARTITION_SIZE), elements, level, answered)
+    return Search(
+        _responses(rows.partitions(PARTITION_SIZE), elements, level, answered),
+        _unsupported(elements, level),
+    )
+
+
+def find(session: Session, identifier: Dataset) -> Iterator[Dataset]:
+    """The response identifiers matching the C-FIND request *identifier* (see :func:`search`)."""
+    return search(session, identifier).matches
 
 
 def _level(identifier: Dataset) -> Level:
@@ -208,15 +227,7 @@ def _elements(identifier: Dataset) -> list[DataElement]:
     return elements
 
 
-def unsupported_matching_keys(identifier: Dataset) -> list[str]:
-    """Keys given a matching value that this node cannot match on (unknown to it, or of a
-    level below the query's): the matches do not honour them, which PS3.4 C.4.1.1.3.1 says to
-    tell with the status 0xFF01 (pending, optional keys not supported) on every response."""
-    try:
-        level = _level(identifier)
-        elements = _elements(identifier)
-    except QueryError:
-        return []
+def _unsupported(elements: Sequence[DataElement], level: Level) -> list[str]:
     out = []
     for elem in elements:
         if elem.keyword in _SKIPPED or not _request_values(elem):

@@ -95,9 +95,9 @@ def heartbeat(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def holds(session: Session, task: TaskColumns, owner: str) -> bool:
-    """Whether *owner* still holds the lease on *task* (read fresh from the database)."""
-    session.refresh(task)
+def holds(task: TaskColumns, owner: str) -> bool:
+    """Whether *owner* holds the lease on *task*, as the row was read (read it in the
+    transaction that records the outcome, so that no one can take it back meanwhile)."""
     return task.state == TaskState.RUNNING and task.claimed_by == owner
 
 
