@@ -150,7 +150,6 @@ class Watchdog:
         self._started = 0.0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
-        self.lost: set[int] = set()
 
     def start(self) -> Watchdog:
         self._thread.start()
@@ -162,7 +161,6 @@ class Watchdog:
     def hold(self, ids: list[int], deadline_s: float) -> None:
         with self._lock:
             self._ids, self._deadline, self._started = list(ids), deadline_s, time.monotonic()
-            self.lost = set()
 
     def release(self) -> None:
         with self._lock:

@@ -21,11 +21,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_node.config import Config
-from pacs_node.process import Stop, dead_local_owners, owner_id, release_leases
+from pacs_node.process import Stop, Watchdog, dead_local_owners, owner_id, release_leases
 from storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ class Child:
     restarts: int = 0
     backoff_s: float = 1.0
     restart_at: float = 0.0
-    history: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -121,15 +120,17 @@ class Supervisor:
                 child.restarts += 1
                 if ran_s > 60:  # it had been running fine: this is not a crash loop
                     child.backoff_s = 1.0
-                delay = 0.0 if code == 70 else child.backoff_s  # 70: stopped at a deadline
+                # a worker its watchdog stopped at a deadline is started again at once
+                delay = 0.0 if code == Watchdog.EXIT_STATUS else child.backoff_s
                 child.backoff_s = min(30.0, child.backoff_s * 2)
                 child.restart_at = now + delay
                 log.warning(
-                    "%s (pid %d) exited with status %d after %.0f s; restarting in %.0f s",
+                    "%s (pid %d) exited with status %d after %.0f s; restart %d in %.0f s",
                     child.name,
                     proc.pid,
                     code,
                     ran_s,
+                    child.restarts,
                     delay,
                 )
             stop.wait(0.2)

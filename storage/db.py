@@ -161,7 +161,6 @@ class Database:
         self.engine = make_engine(url, immediate=True)
         is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.read_engine = make_engine(url) if is_sqlite else self.engine
-        self.dialect = self.engine.dialect.name
         if upgrade:
             migrate(self.engine)
         else:

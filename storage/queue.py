@@ -140,11 +140,3 @@ def retry_failed(
         tasks.retry(job, now)
         n_jobs += 1
     return n_deliveries, n_jobs
-
-
-def unfinished_deliveries(session: Session) -> int:
-    return len(
-        session.scalars(
-            select(Delivery.id).where(Delivery.state.in_([TaskState.QUEUED, TaskState.RUNNING]))
-        ).all()
-    )
