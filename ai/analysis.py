@@ -33,7 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ai.calibration import apply_temperature
-from ai.eligibility import ct_reason, cxr_reason
+from ai.eligibility import charset_warning, ct_reason, cxr_reason
 from ai.errors import UnusableInputError
 from ai.model import Predictor
 from ai.outputs import Prediction
@@ -115,6 +115,7 @@ class Analysis:
     per_image: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     novelty: list[float] = field(default_factory=list)  # per image, when the model has it
+    warnings: list[str] = field(default_factory=list)  # worked around, not failed (charset)
 
     def caption(self, item: Explained) -> str:
         return profile(self.prediction.task).caption(item)
@@ -144,6 +145,8 @@ def analyse_datasets(datasets: Sequence[Dataset], classifier: Predictor) -> Anal
     names = [str(ds.SOPInstanceUID) for ds in used]
     analysis = analyse_images(names, images, classifier, datasets=used)
     analysis.excluded = excluded + analysis.excluded
+    found = (charset_warning(ds) for ds in datasets)
+    analysis.warnings = list(dict.fromkeys(w for w in found if w))
     return analysis
 
 

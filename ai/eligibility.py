@@ -7,6 +7,7 @@ their job is skipped with the reason returned here.
 
 from __future__ import annotations
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -108,3 +109,26 @@ def ct_reason(ds: Dataset) -> str | None:
     if body_part not in CHEST_BODY_PARTS:
         return f"body part {body_part} is not the chest"
     return _species_reason(ds)
+
+
+def charset_warning(ds: Dataset) -> str | None:
+    """What is wrong with the data set's Specific Character Set, if anything: an empty value or
+    a term pydicom does not know. Its text was then read in the default repertoire (and the
+    results are written in UTF-8): the analysis goes on, and the job says so."""
+    if "SpecificCharacterSet" not in ds:
+        return None
+    raw = ds["SpecificCharacterSet"].value
+    values = [raw] if raw is None or isinstance(raw, str | bytes) else list(raw)
+    terms = [
+        (t.decode("ascii", "replace") if isinstance(t, bytes) else str(t or "")).strip()
+        for t in values
+    ]
+    if not any(terms):
+        return "empty Specific Character Set: text read in the default repertoire"
+    unknown = [t for t in terms if t and t not in python_encoding]
+    if unknown:
+        return (
+            f"unknown Specific Character Set {chr(92).join(unknown)}: text read in the default "
+            "repertoire, results written in UTF-8"
+        )
+    return None

@@ -1,11 +1,11 @@
 """Training: a patient-disjoint split from the manifest, a model, and the folder the node loads.
 
 Backbones by name (:data:`BACKBONES`): ``small-cnn`` (a small CNN from scratch, the default, for
-baselines and quick tests), ``efficientnet_lite0`` (the only one with real ImageNet weights
-here, shipped in ``ai/weights/``), and the keras.applications architectures EfficientNet-B0,
-MobileNetV2, DenseNet121, ResNet50, VGG16/19, InceptionV3 and InceptionResNetV2 - these are
-**randomly initialised**: their ImageNet weights would have to be downloaded, which this project
-does not do at run time.
+baselines and quick tests), ``efficientnet_lite0``/``lite1``/``lite2`` (the only ones with
+real ImageNet weights here, shipped in ``ai/weights/``), and the keras.applications
+architectures EfficientNet-B0, MobileNetV2, DenseNet121, ResNet50, VGG16/19, InceptionV3 and
+InceptionResNetV2 - these are **randomly initialised**: their ImageNet weights would have to be
+downloaded, which this project does not do at run time.
 
 Every classifier is one flat functional graph, [0, 1] images in::
 
@@ -83,6 +83,8 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     "small-cnn": Backbone("small CNN (from scratch)", 1, 16, "small-cnn"),
     "efficientnet_lite0": Backbone("EfficientNet-Lite0", 3, 32, "none", can_pretrain=True),
+    "efficientnet_lite1": Backbone("EfficientNet-Lite1", 3, 32, "none", can_pretrain=True),
+    "efficientnet_lite2": Backbone("EfficientNet-Lite2", 3, 32, "none", can_pretrain=True),
     "efficientnet_b0": Backbone("EfficientNet-B0", 3, 32, "x255", "EfficientNetB0"),
     "mobilenet_v2": Backbone("MobileNetV2", 3, 32, "tf", "MobileNetV2"),
     "densenet121": Backbone("DenseNet121", 3, 32, "torch", "DenseNet121"),
@@ -107,7 +109,7 @@ class TrainSettings:
     name: str = ""
     version: str = "0.1.0"
     backbone: str = "small-cnn"  # a key of BACKBONES
-    pretrained: bool = False  # ImageNet weights: only efficientnet_lite0 has them here
+    pretrained: bool = False  # ImageNet weights: only the efficientnet_lite* have them here
     image_size: int = 128
     epochs: int = 20  # phase-1 epochs (the name older callers use; phase1_epochs wins)
     phase1_epochs: int | None = None  # head (frozen pretrained base), or all layers
@@ -177,7 +179,8 @@ class TrainSettings:
         if self.pretrained and not info.can_pretrain:
             raise ValueError(
                 f"no pretrained weights for {self.backbone} here (ImageNet weights cannot be "
-                "downloaded at run time); only efficientnet_lite0 ships real ImageNet weights"
+                "downloaded at run time); only the efficientnet_lite backbones ship real "
+                "ImageNet weights"
             )
         if self.image_size < info.min_size:
             raise ValueError(f"{self.backbone} needs an image size of at least {info.min_size}")
@@ -281,7 +284,7 @@ def build_model(settings: TrainSettings, n_classes: int) -> tuple[Any, list[Any]
     import keras
     from keras import layers
 
-    from ai.backbones import FEATURE_LAYER, efficientnet_lite0
+    from ai.backbones import FEATURE_LAYER, efficientnet_lite
 
     info = BACKBONES[settings.backbone]
     size, seed = settings.image_size, settings.seed
@@ -298,9 +301,10 @@ def build_model(settings: TrainSettings, n_classes: int) -> tuple[Any, list[Any]
         # Build the backbone's layers on our tensor (as keras.applications' input_tensor does),
         # not the backbone as one nested layer: its feature map is then a top-level layer of the
         # classifier, called once, as Grad-CAM and the ONNX export need.
-        if settings.backbone == "efficientnet_lite0":
+        if settings.backbone.startswith("efficientnet_lite"):
             weights = "imagenet" if settings.pretrained else None
-            base = efficientnet_lite0(weights=weights, input_tensor=x)
+            variant = settings.backbone.removeprefix("efficientnet_")
+            base = efficientnet_lite(variant, weights=weights, input_tensor=x)
             gradcam_layer = FEATURE_LAYER
         else:
             constructor = getattr(keras.applications, str(info.application))

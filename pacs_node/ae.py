@@ -14,7 +14,10 @@ from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacs_node.config import Config
@@ -97,7 +100,8 @@ def start_server(
 
 
 def build_scp(config: Config) -> AE:
-    """The node's listening AE: C-ECHO, C-STORE of every storage class, Study Root C-FIND."""
+    """The node's listening AE: C-ECHO, C-STORE of every storage class, Study Root and
+    Patient Root C-FIND."""
     node = config.node
     ae = NodelayAE(ae_title=node.ae_title)
     for context in AllStoragePresentationContexts:
@@ -105,15 +109,16 @@ def build_scp(config: Config) -> AE:
     for context in VerificationPresentationContexts:
         ae.add_supported_context(str(context.abstract_syntax))
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.network_timeout = node.network_timeout_s
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.maximum_associations = node.max_associations
-    # an association addressed to another AE title is rejected (A-ASSOCIATE-RJ, "called AE
-    # title not recognised"); calling AE titles and their addresses are checked in
-    # Handlers.handle_requested
-    ae.require_called_aet = True
+    # called AE titles (node.called_ae_titles, the node's own by default), calling AE titles
+    # and their addresses are checked in handlers.handle_requested, which sends the
+    # A-ASSOCIATE-RJ; pynetdicom's own check knows one title only
+    ae.require_called_aet = False
     return ae
 
 

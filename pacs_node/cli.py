@@ -25,6 +25,8 @@ EPILOG = f"All results are {DISCLAIMER}; research use only."
 BACKBONE_NAMES = [
     "small-cnn",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "efficientnet_b0",
     "mobilenet_v2",
     "densenet121",
@@ -613,14 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         choices=BACKBONE_NAMES,
         default="small-cnn",
-        help="architecture (default small-cnn). Only efficientnet_lite0 has ImageNet weights "
+        help="architecture (default small-cnn). Only efficientnet_lite0/1/2 have ImageNet weights "
         "here (--pretrained); the keras.applications ones start from random weights, since "
         "nothing is downloaded at run time",
     )
     g.add_argument(
         "--pretrained",
         action="store_true",
-        help="start from ImageNet weights (efficientnet_lite0 only; shipped in ai/weights)",
+        help="start from ImageNet weights (efficientnet_lite0/1/2 only; shipped in ai/weights)",
     )
     g.add_argument("--image-size", type=int, default=128, help="square input side (default 128)")
     g.add_argument("--dropout", type=float, default=0.3, help="before the classifier (0.3)")

@@ -22,6 +22,8 @@ RUNTIMES = ("onnx", "keras")
 @dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "AINODE"
+    # the called AE titles an association may address; empty: ae_title only
+    called_ae_titles: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 11112
     storage_dir: Path = Path("var")
@@ -41,6 +43,10 @@ class NodeSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     receive_processes: int = 1  # `serve` runs this many receive processes on the one port
+
+    @property
+    def accepted_called_ae_titles(self) -> tuple[str, ...]:
+        return self.called_ae_titles or (self.ae_title,)
 
     @property
     def resolved_database_url(self) -> str:
@@ -224,6 +230,13 @@ def _host(value: Any, path: str) -> str:
     return value
 
 
+def _called_ae_titles(table: Mapping[str, Any]) -> tuple[str, ...]:
+    value = table.get("called_ae_titles", [])
+    if not isinstance(value, list):
+        raise ConfigError("node.called_ae_titles: expected a list of AE titles")
+    return tuple(validate_ae_title(v, f"node.called_ae_titles[{i}]") for i, v in enumerate(value))
+
+
 def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
     known = {f for f in NodeSettings.__dataclass_fields__}
     _reject_unknown(table, known, "node")
@@ -242,6 +255,7 @@ def _parse_node(table: Mapping[str, Any], base_dir: Path) -> NodeSettings:
             raise ConfigError(f"node.database_url: not an SQLAlchemy URL: {exc}") from None
     return NodeSettings(
         ae_title=validate_ae_title(table.get("ae_title", d.ae_title), "node.ae_title"),
+        called_ae_titles=_called_ae_titles(table),
         host=_host(table.get("host", d.host), "node.host"),
         port=_port(table.get("port", d.port), "node.port"),
         storage_dir=storage_dir,

@@ -22,6 +22,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
@@ -83,7 +86,19 @@ def refusal(config: Config, calling: str, address: str) -> str | None:
 
 def handle_requested(event: Any, config: Config) -> None:
     calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+    called = str(event.assoc.requestor.primitive.called_ae_title).strip()
     address = str(event.assoc.requestor.address)
+    if called not in config.node.accepted_called_ae_titles:
+        log.warning(
+            "association from %s (%s) refused: called AE title %r is not this node's",
+            address,
+            calling,
+            called,
+        )
+        # rejected-permanent, DUL service-user, called AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
+        _wait_until_sent(event.assoc)
+        return
     reason = refusal(config, calling, address)
     if reason is not None:
         log.warning("association from %s refused: %s", address, reason)
@@ -194,8 +209,11 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
     sent = 0
     try:
         identifier = event.identifier
+        model = query.Model.STUDY_ROOT
+        if str(event.request.AffectedSOPClassUID) == PatientRootQueryRetrieveInformationModelFind:
+            model = query.Model.PATIENT_ROOT
         with db.read() as session:
-            answer = query.search(session, identifier)  # a bad request raises here, at once
+            answer = query.search(session, identifier, model)  # a bad request raises here
             pending = statuses.PENDING_WARNING if answer.unsupported else statuses.PENDING
             if answer.unsupported:
                 log.info(

@@ -25,18 +25,23 @@ def render_status(db: Database, limit: int = 20) -> str:
         problem_jobs = session.execute(
             select(Job, Series.series_instance_uid, Series.modality)
             .join(Series, Job.series_pk == Series.id)
-            .where(Job.state.in_([TaskState.FAILED, TaskState.SKIPPED]) | (Job.last_error != ""))
+            .where(
+                Job.state.in_([TaskState.FAILED, TaskState.SKIPPED])
+                | (Job.last_error != "")
+                | (Job.warnings != "")
+            )
             .order_by(Job.id.desc())
             .limit(limit)
         ).all()
         if problem_jobs:
             lines.append("")
-            lines.append("jobs failed, skipped or retried (newest first):")
+            lines.append("jobs failed, skipped, retried or with warnings (newest first):")
             for job, series_uid, modality in problem_jobs:
                 lines.append(
                     f"  job {job.id} {job.state.value} {modality or '-'} series {series_uid} "
-                    f"attempts {job.attempts}: {job.last_error}"
+                    f"attempts {job.attempts}: {job.last_error}".rstrip(": ")
                 )
+                lines += [f"    warning: {w}" for w in job.warnings.splitlines()]
         failed = session.execute(
             select(Delivery, Instance.sop_instance_uid)
             .join(Instance, Delivery.instance_pk == Instance.id)

@@ -243,7 +243,10 @@ class Worker:
                     sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
                 )
             )
+            job.warnings = "\n".join(analysis.warnings)
             tasks.succeed(session, job, utcnow())
+        for warning in analysis.warnings:
+            log.warning("job %d (series %s): %s", work.job_id, work.series_uid, warning)
         log.info(
             "job %d (series %s): %s %.3f by %s %s; %d images used, %d excluded; results owed to %s",
             work.job_id,

@@ -138,6 +138,9 @@ class Job(TaskColumns, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     model_name: Mapped[str] = mapped_column(String(64), default="")
+    # what the analysis worked around without failing (an unknown character set...): shown
+    # to operators beside the outcome, one warning a line
+    warnings: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     series: Mapped[Series] = relationship()
 

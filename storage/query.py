@@ -1,7 +1,15 @@
-"""C-FIND matching for the Study Root Query/Retrieve Information Model (PS3.4 C.6.2).
+"""C-FIND matching for the Study Root and Patient Root Query/Retrieve Information Models
+(PS3.4 C.6.2 and C.6.1).
 
 :func:`find` turns a C-FIND request identifier into one SQL statement over the
 ``studies``/``series``/``instances`` tables and yields one response identifier per match.
+
+The node keeps no patient table: a patient is the studies sharing a Patient ID (Issuer of
+Patient ID is not considered). Patient Root adds the PATIENT level (one response per Patient
+ID, its name, birth date and sex taken from its matching studies, and the patient's study,
+series and instance counts) and makes Patient ID a unique key of every level below it; Study
+Root has no PATIENT level (such a request is refused) and answers the patient attributes at the
+STUDY level.
 
 Matching (PS3.4 C.2.2.2) is done in SQL:
 
@@ -13,8 +21,12 @@ Matching (PS3.4 C.2.2.2) is done in SQL:
   numbers), translated to SQL ``LIKE`` with ``%`` and ``_`` escaped. SQLite's ``LIKE`` ignores
   ASCII case, so on SQLite a ``GLOB`` keeps case-sensitive wildcards case-sensitive;
 * list of UID matching: backslash-separated UIDs for the UID keys;
-* range matching for dates (``a-``, ``-b``, ``a-b``) and times; several values (a backslash)
-  are alternatives only for UIDs and ModalitiesInStudy, elsewhere part of the one value.
+* range matching for dates (``a-``, ``-b``, ``a-b``) and times; an empty stored value never
+  matches a range, open or closed (a study without a date is neither "since 2020" nor "before
+  2022"; Orthanc 1.10 agrees for ``a-`` and ``a-b`` but lets it match ``-b``, where the empty
+  text sorts first: tests/test_find_orthanc.py); several values (a backslash) are alternatives
+  only for UIDs and ModalitiesInStudy, elsewhere part of the one value (Orthanc 1.10 reads a
+  backslash in a person name as a list of names).
 
 The model is treated relationally: at SERIES and IMAGE level, keys of the levels above are matched
 too (not only their unique keys). Keys of a level below the query level, and keys this node does not
@@ -58,9 +70,17 @@ _SEPARATOR = "\\"
 
 
 class Level(enum.IntEnum):
-    STUDY = 0
-    SERIES = 1
-    IMAGE = 2
+    PATIENT = 0
+    STUDY = 1
+    SERIES = 2
+    IMAGE = 3
+
+
+class Model(enum.Enum):
+    """The Query/Retrieve Information Model of the request (its presentation context)."""
+
+    STUDY_ROOT = "study"
+    PATIENT_ROOT = "patient"
 
 
 class Match(enum.Enum):
@@ -78,11 +98,15 @@ class Match(enum.Enum):
 
 @dataclass(frozen=True)
 class Key:
-    """A supported attribute: the level that owns it, its SQL value and how it is matched."""
+    """A supported attribute: the level that owns it, its SQL value and how it is matched.
+
+    ``per_patient``: a value over all of a patient's studies (the NumberOfPatientRelated*
+    counts), answered at the PATIENT level only."""
 
     level: Level
     value: SQLColumnExpression[Any]
     match: Match
+    per_patient: bool = False
 
 
 _STUDY_SERIES = (
@@ -122,14 +146,26 @@ _JOINS = {
     "NumberOfStudyRelatedInstances": (_STUDY_INSTANCES, Study.id),
     "NumberOfSeriesRelatedInstances": (_SERIES_INSTANCES, Series.id),
     "ModalitiesInStudy": (_STUDY_MODALITIES, Study.id),
+    "NumberOfPatientRelatedSeries": (_STUDY_SERIES, Study.id),
+    "NumberOfPatientRelatedInstances": (_STUDY_INSTANCES, Study.id),
 }
 
 KEYS: dict[str, Key] = {
-    # study level (the patient attributes live on the study in the Study Root model)
-    "PatientID": Key(Level.STUDY, Study.patient_id, Match.TEXT),
-    "PatientName": Key(Level.STUDY, Study.patient_name, Match.PN),
-    "PatientBirthDate": Key(Level.STUDY, Study.patient_birth_date, Match.DATE),
-    "PatientSex": Key(Level.STUDY, Study.patient_sex, Match.TEXT),
+    # patient level (kept on the study row; in the Study Root model they are study keys)
+    "PatientID": Key(Level.PATIENT, Study.patient_id, Match.TEXT),
+    "PatientName": Key(Level.PATIENT, Study.patient_name, Match.PN),
+    "PatientBirthDate": Key(Level.PATIENT, Study.patient_birth_date, Match.DATE),
+    "PatientSex": Key(Level.PATIENT, Study.patient_sex, Match.TEXT),
+    "NumberOfPatientRelatedStudies": Key(
+        Level.PATIENT, func.count(Study.id), Match.RETURN_ONLY, per_patient=True
+    ),
+    "NumberOfPatientRelatedSeries": Key(
+        Level.PATIENT, func.coalesce(func.sum(_STUDY_SERIES.c.n), 0), Match.RETURN_ONLY, True
+    ),
+    "NumberOfPatientRelatedInstances": Key(
+        Level.PATIENT, func.coalesce(func.sum(_STUDY_INSTANCES.c.n), 0), Match.RETURN_ONLY, True
+    ),
+    # study level
     "StudyInstanceUID": Key(Level.STUDY, Study.study_instance_uid, Match.UID),
     "StudyDate": Key(Level.STUDY, Study.study_date, Match.DATE),
     "StudyTime": Key(Level.STUDY, Study.study_time, Match.TIME),
@@ -168,6 +204,19 @@ UNIQUE_KEYS: dict[Level, tuple[str, ...]] = {
     Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
 
+
+def unique_keys(model: Model, level: Level) -> tuple[str, ...]:
+    """The unique keys of *level* and the levels above it, in *model* (PS3.4 C.6.1.1, C.6.2.1)."""
+    if model is Model.PATIENT_ROOT:
+        return ("PatientID",) + (UNIQUE_KEYS[level] if level is not Level.PATIENT else ())
+    return UNIQUE_KEYS[level]
+
+
+def _answers(key: Key, level: Level) -> bool:
+    """Whether *key* is answered (and matched) at *level*."""
+    return key.level <= level and (not key.per_patient or level is Level.PATIENT)
+
+
 _SKIPPED = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
 
 
@@ -182,15 +231,15 @@ class Search:
     unsupported: list[str]
 
 
-def search(session: Session, identifier: Dataset) -> Search:
-    """The answer to the C-FIND request *identifier*.
+def search(session: Session, identifier: Dataset, model: Model = Model.STUDY_ROOT) -> Search:
+    """The answer to the C-FIND request *identifier* in the information *model*.
 
     Raises :class:`QueryError` at once (not on first iteration) for an unsupported
     QueryRetrieveLevel or an unusable matching value.
     """
-    level = _level(identifier)
+    level = _level(identifier, model)
     elements = _elements(identifier)
-    answered = _answered_keys(elements, level)
+    answered = _answered_keys(elements, level, model)
     is_sqlite = session.get_bind().dialect.name == "sqlite"
     stmt = _statement(level, answered, _conditions(elements, level, is_sqlite))
     rows = session.execute(stmt)
@@ -200,19 +249,23 @@ def search(session: Session, identifier: Dataset) -> Search:
     )
 
 
-def find(session: Session, identifier: Dataset) -> Iterator[Dataset]:
+def find(
+    session: Session, identifier: Dataset, model: Model = Model.STUDY_ROOT
+) -> Iterator[Dataset]:
     """The response identifiers matching the C-FIND request *identifier* (see :func:`search`)."""
-    return search(session, identifier).matches
+    return search(session, identifier, model).matches
 
 
-def _level(identifier: Dataset) -> Level:
+def _level(identifier: Dataset, model: Model) -> Level:
     raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
-    try:
-        return Level[raw]
-    except KeyError:
+    levels = [lvl.name for lvl in Level if model is Model.PATIENT_ROOT or lvl is not Level.PATIENT]
+    if raw not in levels:
+        root = "Patient Root" if model is Model.PATIENT_ROOT else "Study Root"
         raise QueryError(
-            f"unsupported QueryRetrieveLevel {raw!r}: expected STUDY, SERIES or IMAGE"
-        ) from None
+            f"unsupported QueryRetrieveLevel {raw!r} in the {root} model: expected "
+            f"{', '.join(levels)}"
+        )
+    return Level[raw]
 
 
 def _elements(identifier: Dataset) -> list[DataElement]:
@@ -233,17 +286,17 @@ def _unsupported(elements: Sequence[DataElement], level: Level) -> list[str]:
         if elem.keyword in _SKIPPED or not _request_values(elem):
             continue
         key = KEYS.get(elem.keyword)
-        if key is None or key.level > level:
+        if key is None or not _answers(key, level):
             out.append(elem.keyword or str(elem.tag))
     return out
 
 
-def _answered_keys(elements: Sequence[DataElement], level: Level) -> list[str]:
+def _answered_keys(elements: Sequence[DataElement], level: Level, model: Model) -> list[str]:
     """The keys filled from the database: requested known keys at or above *level*, unique keys."""
-    keys = list(UNIQUE_KEYS[level])
+    keys = list(unique_keys(model, level))
     for elem in elements:
         key = KEYS.get(elem.keyword)
-        if key is not None and key.level <= level and elem.keyword not in keys:
+        if key is not None and _answers(key, level) and elem.keyword not in keys:
             keys.append(elem.keyword)
     return keys
 
@@ -259,11 +312,17 @@ def _statement(
         if keyword in _JOINS:
             subquery, owner_pk = _JOINS[keyword]
             stmt = stmt.outerjoin(subquery, subquery.c.pk == owner_pk)
-        stmt = stmt.add_columns(KEYS[keyword].value.label(keyword))
+        value = KEYS[keyword].value
+        if level is Level.PATIENT and not KEYS[keyword].per_patient and keyword != "PatientID":
+            value = func.max(value)  # one patient, many studies: a non-empty value of them
+        stmt = stmt.add_columns(value.label(keyword))
     return stmt.where(*conditions)
 
 
 def _base(level: Level) -> Select[tuple[object, ...]]:
+    if level is Level.PATIENT:
+        # the matching studies, grouped by patient, in the order their first study arrived
+        return select().select_from(Study).group_by(Study.patient_id).order_by(func.min(Study.id))
     if level is Level.STUDY:
         return select().select_from(Study).order_by(Study.id)
     if level is Level.SERIES:
@@ -291,7 +350,7 @@ def _conditions(
     conditions = []
     for elem in elements:
         key = KEYS.get(elem.keyword)
-        if key is None or key.level > level:
+        if key is None or not _answers(key, level):
             continue
         values = _request_values(elem)
         if not values:

@@ -10,9 +10,13 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+
+PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
+STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
 
 
 def _ae(title: str) -> AE:
@@ -62,18 +66,21 @@ def store(
 
 
 def find(
-    port: int, identifier: Dataset, *, calling: str = "TESTSCU", called: str = "AINODE"
+    port: int,
+    identifier: Dataset,
+    *,
+    calling: str = "TESTSCU",
+    called: str = "AINODE",
+    model: str = STUDY_ROOT,
 ) -> tuple[list[Dataset], Dataset]:
-    """C-FIND (Study Root); the matches and the final status."""
+    """C-FIND (Study Root unless *model* says otherwise); the matches and the final status."""
     ae = _ae(calling)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association refused"
     matches, final = [], Dataset()
     try:
-        for status, ident in assoc.send_c_find(
-            identifier, StudyRootQueryRetrieveInformationModelFind
-        ):
+        for status, ident in assoc.send_c_find(identifier, model):
             if status.Status in (0xFF00, 0xFF01):
                 matches.append(ident)
             else:

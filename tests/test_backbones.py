@@ -1,7 +1,7 @@
-"""EfficientNet-Lite0: the shipped ImageNet weights reproduce the original PyTorch model.
+"""EfficientNet-Lite0/1/2: the shipped ImageNet weights reproduce the original PyTorch models.
 
-The reference outputs in ai/weights/efficientnet_lite0_port_check.json were computed with
-PyTorch by scripts/port_efficientnet_lite0.py; torch is not needed here.
+The reference outputs in ai/weights/efficientnet_liteN_port_check.json were computed with
+PyTorch by scripts/port_efficientnet_lite.py; torch is not needed here.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import pytest
 from ai import backbones
 from ai.preprocess import read_image_file, to_model_input
 
-CHECK = json.loads((backbones.WEIGHTS_DIR / "efficientnet_lite0_port_check.json").read_text())
+SHIPPED = [name for name, v in backbones.VARIANTS.items() if v.weights.is_file()]
+CHECK = json.loads(backbones.VARIANTS["lite0"].port_check.read_text())
 
 
-def _images(shared_data: Path) -> np.ndarray:
+def _images(shared_data: Path, check: dict[str, Any] = CHECK) -> np.ndarray:
     return np.stack(
         [
-            to_model_input(read_image_file(shared_data / ref["file"]), CHECK["input_size"], 3)
-            for ref in CHECK["images"]
+            to_model_input(read_image_file(shared_data / ref["file"]), check["input_size"], 3)
+            for ref in check["images"]
         ]
     )
 
@@ -37,14 +38,28 @@ def imagenet_model() -> Any:
     return keras.Model(model.input, [model.get_layer("avg_pool").output, model.output])
 
 
-def test_imagenet_weights_match_pytorch_on_real_images(
-    imagenet_model: Any, shared_data: Path
-) -> None:
-    assert len(CHECK["images"]) == 3
-    features, logits = (np.asarray(t) for t in imagenet_model(_images(shared_data)))
+def test_every_shipped_variant_has_its_port_check() -> None:
+    assert "lite0" in SHIPPED
+    for name in SHIPPED:
+        v = backbones.VARIANTS[name]
+        assert v.top_weights.is_file() and v.port_check.is_file(), name
+        assert json.loads(v.port_check.read_text())["input_size"] == v.input_size
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_imagenet_weights_match_pytorch_on_real_images(name: str, shared_data: Path) -> None:
+    import keras
+
+    v = backbones.VARIANTS[name]
+    check = json.loads(v.port_check.read_text())
+    size = check["input_size"]
+    model = backbones.efficientnet_lite(name, (size, size, 3), include_top=True, weights="imagenet")
+    probe = keras.Model(model.input, [model.get_layer("avg_pool").output, model.output])
+    assert len(check["images"]) == 3
+    features, logits = (np.asarray(t) for t in probe(_images(shared_data, check)))
     assert features.shape == (3, backbones.HEAD_FILTERS)
     assert logits.shape == (3, backbones.NUM_CLASSES)
-    for i, ref in enumerate(CHECK["images"]):
+    for i, ref in enumerate(check["images"]):
         np.testing.assert_allclose(features[i, :16], ref["features_first16"], atol=1e-3, rtol=1e-3)
         assert features[i].mean() == pytest.approx(ref["features_mean"], rel=1e-3, abs=1e-4)
         assert np.linalg.norm(features[i]) == pytest.approx(ref["features_l2"], rel=1e-3)
@@ -69,7 +84,16 @@ def test_untrained_variants_build() -> None:
     fmap = backbones.efficientnet_lite0(input_shape=(96, 96, 3))
     assert fmap.output.shape == (None, 3, 3, backbones.HEAD_FILTERS)
     assert fmap.get_layer(backbones.FEATURE_LAYER) is fmap.layers[-1]
-    assert len(backbones.block_specs()) == 16
+    # The official Lite scaling: first and last stage keep their repeats, stem and head widths
+    # stay 32 and 1280 (Lite2's 352-wide last stage is the width multiplier at work).
+    assert [len(backbones.block_specs(n)) for n in ("lite0", "lite1", "lite2")] == [16, 21, 21]
+    assert [backbones.block_specs(n)[-1].filters_out for n in ("lite1", "lite2")] == [320, 352]
+    assert backbones.block_specs("lite2")[0].filters_in == backbones.STEM_FILTERS
+    assert backbones.round_filters(112, 1.1) == 120 and backbones.round_filters(40, 1.1) == 48
+    lite2 = backbones.efficientnet_lite("lite2", (64, 64, 3), pooling="avg")
+    assert lite2.output.shape == (None, backbones.HEAD_FILTERS)
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        backbones.efficientnet_lite("lite4")
 
 
 def test_bad_weights_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,8 +105,8 @@ def test_bad_weights_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.Mon
     not_hdf5.write_text("not weights")
     with pytest.raises(ValueError, match="not an HDF5 weights file"):
         backbones.efficientnet_lite0(weights=not_hdf5)
-    monkeypatch.setattr(backbones, "IMAGENET_WEIGHTS", tmp_path / "gone.weights.h5")
-    with pytest.raises(FileNotFoundError, match="port_efficientnet_lite0"):
+    monkeypatch.setattr(backbones, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="port_efficientnet_lite.py --variant lite0"):
         backbones.efficientnet_lite0(weights="imagenet")
     with pytest.raises(ValueError, match="pooling"):
         backbones.efficientnet_lite0(pooling="mean")
@@ -91,8 +115,9 @@ def test_bad_weights_are_refused_clearly(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_shipped_weights_stay_small() -> None:
-    files = (backbones.IMAGENET_WEIGHTS, backbones.IMAGENET_TOP_WEIGHTS)
-    assert sum(f.stat().st_size for f in files) < 20e6
+    for name in SHIPPED:
+        v = backbones.VARIANTS[name]
+        assert v.weights.stat().st_size + v.top_weights.stat().st_size < 25e6, name
 
 
 def test_shipped_models_fit_in_40_mb_with_their_cards() -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import event
 from storage.db import Database
 from storage.errors import StorageError
 from storage.models import Instance, Series, Study
-from storage.query import QueryError, _like_pattern, find
+from storage.query import Model, QueryError, _like_pattern, find, search
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -122,13 +122,13 @@ def _wire(ds: Dataset) -> Dataset:
     return decode(BytesIO(encoded), True, True)
 
 
-def query(db: Database, level: str, **keys: Any) -> list[Dataset]:
+def query(db: Database, level: str, model: Model = Model.STUDY_ROOT, **keys: Any) -> list[Dataset]:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         setattr(identifier, keyword, value)
     with db.session() as session:
-        responses = list(find(session, _wire(identifier)))
+        responses = list(find(session, _wire(identifier), model))
     for response in responses:
         _wire(response)  # every response must be encodable
     return responses
@@ -159,7 +159,72 @@ def test_unsupported_level_raises_at_call(db: Database, level: str) -> None:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     with db.session() as session, pytest.raises(QueryError, match="QueryRetrieveLevel"):
-        find(session, identifier)  # raised before iteration
+        find(session, identifier)  # raised before iteration; PATIENT is not in Study Root
+    if level != "PATIENT":
+        with db.session() as session, pytest.raises(QueryError, match="Patient Root"):
+            find(session, identifier, Model.PATIENT_ROOT)
+
+
+# --- Patient Root --------------------------------------------------------------------------------
+
+
+def test_patient_level_one_response_per_patient_with_counts(db: Database) -> None:
+    responses = query(
+        db,
+        "PATIENT",
+        Model.PATIENT_ROOT,
+        PatientID="",
+        PatientName="",
+        PatientSex="",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedSeries="",
+        NumberOfPatientRelatedInstances="",
+    )
+    by_id = {str(r.PatientID or ""): r for r in responses}
+    assert sorted(by_id) == ["", "PID001", "pid002"]  # 1.2.3.4 has no Patient ID
+    john = by_id["PID001"]
+    assert str(john.PatientName) == "Doe^John" and john.PatientSex == "M"
+    assert john.NumberOfPatientRelatedStudies == 2
+    assert john.NumberOfPatientRelatedSeries == 4  # CR, SR, SC and CT
+    assert john.NumberOfPatientRelatedInstances == 7
+    jane = by_id["pid002"]
+    assert (jane.NumberOfPatientRelatedStudies, jane.NumberOfPatientRelatedSeries) == (1, 2)
+    assert jane.NumberOfPatientRelatedInstances == 1
+    assert by_id[""].NumberOfPatientRelatedSeries == 0  # a study with no series
+    assert all(r.QueryRetrieveLevel == "PATIENT" and "StudyInstanceUID" not in r for r in responses)
+
+
+def test_patient_level_matching(db: Database) -> None:
+    def patients(**keys: Any) -> list[str]:
+        return uids(query(db, "PATIENT", Model.PATIENT_ROOT, **keys), "PatientID")
+
+    assert patients(PatientName="doe*") == ["PID001", "pid002"]
+    assert patients(PatientName="DOE^JOHN") == ["PID001"]
+    assert patients(PatientBirthDate="-19801231") == ["PID001"]
+    assert patients(PatientID="pid002") == ["pid002"]
+    assert patients(PatientSex="F", PatientID="PID001") == []
+
+
+def test_patient_root_study_level_returns_the_patient_id(db: Database) -> None:
+    responses = query(db, "STUDY", Model.PATIENT_ROOT, PatientID="PID001", StudyDate="")
+    assert uids(responses) == ["1.2.3.1", "1.2.3.2"]
+    assert all(r.PatientID == "PID001" for r in responses)
+    # a unique key of the level above comes back even when not asked for
+    image = query(db, "IMAGE", Model.PATIENT_ROOT, StudyInstanceUID="1.2.3.3")
+    assert [(r.PatientID, r.SOPInstanceUID) for r in image] == [("pid002", "1.2.3.3.1.1")]
+
+
+def test_patient_counts_are_patient_level_only(db: Database) -> None:
+    # at the STUDY level a patient count is not answered (empty) and does not constrain
+    responses = query(db, "STUDY", Model.PATIENT_ROOT, NumberOfPatientRelatedStudies="")
+    assert len(responses) == 4 and all(r.NumberOfPatientRelatedStudies is None for r in responses)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"
+    identifier.StudyDate = "20200115"  # a study key at the PATIENT level: cannot be matched
+    with db.session() as session:
+        answer = search(session, _wire(identifier), Model.PATIENT_ROOT)
+        assert answer.unsupported == ["StudyDate"]
+        assert len(list(answer.matches)) == 3
 
 
 def test_missing_level_raises(db: Database) -> None:

@@ -257,6 +257,52 @@ def test_a_known_peer_announcing_a_500_mb_pdu_is_aborted(start_node, tmp_path):
     assert _associate(node.port, "PACS")
 
 
+def _known_association(port: int):
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.dimse_timeout = 10
+    ae.network_timeout = 60  # the node, not this SCU, must be the one that gives up
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    return assoc
+
+
+def _wait_aborted(assoc, within_s: float) -> float:
+    start = time.monotonic()
+    while assoc.is_established and time.monotonic() - start < within_s:
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_known_peer_that_goes_silent_is_aborted_at_the_idle_deadline(start_node, tmp_path):
+    """Issue 10: idle deadline between PDUs (node.network_timeout_s) for known peers too; the
+    slot comes back."""
+    node = _guarded_node(start_node, tmp_path, network_timeout_s=1.5, max_connections_per_address=2)
+    silent = [_known_association(node.port) for _ in range(2)]  # every slot of this address
+    took = max(_wait_aborted(assoc, 10) for assoc in silent)
+    assert all(assoc.is_aborted for assoc in silent), "a silent association outlived its deadline"
+    assert 1.0 < took < 6
+    assert _associate(node.port, "PACS")  # the slots are free again
+
+
+def test_a_known_peer_dripping_a_pdu_is_aborted_at_the_pdu_deadline(start_node, tmp_path):
+    """A known peer starts a P-DATA PDU after its association and sends a byte a second: it
+    never goes idle, so the per-PDU deadline (node.pdu_timeout_s) is what ends it."""
+    node = _guarded_node(start_node, tmp_path, pdu_timeout_s=2.0, network_timeout_s=30)
+    assoc = _known_association(node.port)
+    sock = assoc.dul.socket.socket
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 4096))
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        while time.monotonic() - start < 10:
+            sock.sendall(b"\x00")
+            time.sleep(0.5)
+            if assoc.is_aborted:
+                raise OSError("aborted")
+    assert time.monotonic() - start < 6
+    assert _associate(node.port, "PACS")
+
+
 def test_strangers_get_a_real_association_reject_every_time(start_node, tmp_path):
     """Issue 10: the reject was lost in a race with the socket being closed (20 of 20)."""
     node = _guarded_node(start_node, tmp_path)

@@ -298,6 +298,9 @@ def test_a_source_with_an_empty_character_set_still_gets_results(strict_pydicom,
     source = pydicom.dcmread(CR_CHEST)
     source.SpecificCharacterSet = ""
     analysis = analyse_datasets([source], load_runtime_classifier("cxr"))
+    assert analysis.warnings == [
+        "empty Specific Character Set: text read in the default repertoire"
+    ]
     outputs = build_results(analysis, software_version="test")
     assert len(outputs) == 2
     for i, ds in enumerate(outputs):
@@ -333,6 +336,37 @@ def test_a_source_with_an_unknown_character_set_gets_results_in_utf8(tmp_path, c
         assert str(back.PatientName) == str(received.PatientName)
 
 
+@pytest.mark.slow
+def test_the_character_set_warning_is_on_the_task(start_node, tmp_path):
+    """Issue 10: an unknown character set is a warning on the job (and in `pacs-node status`),
+    not a failure: the job is done and the results are sent."""
+    from sqlalchemy import select
+
+    from pacs_node.status import render_status
+    from storage.models import Job, TaskState
+    from tests import scu
+    from tests.conftest import make_config
+
+    source = pydicom.dcmread(CR_CHEST)
+    source.SpecificCharacterSet = "ISO_IR 999"
+    written = tmp_path / "odd-charset.dcm"
+    source.save_as(written, enforce_file_format=True)
+    node = start_node(make_config(tmp_path))
+    assert scu.store(node.port, [written], raw=True)[0].Status == 0
+    with pytest.warns(UserWarning, match="Unknown encoding"):
+        assert node.run_pending() == 1
+    with node.db.read() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is TaskState.DONE and job.last_error == ""
+        assert job.warnings == (
+            "unknown Specific Character Set ISO_IR 999: text read in the default repertoire, "
+            "results written in UTF-8"
+        )
+    status = render_status(node.db)
+    assert "warning: unknown Specific Character Set ISO_IR 999" in status
+    assert {ds.Modality for ds in _node_results(node)} == {"SR", "OT"}
+
+
 def test_log_records_stay_one_line_whatever_a_peer_sends():
     """Issue 10: a calling AE title with a newline forged a log line; a NUL made the log binary."""
     import logging
@@ -354,3 +388,16 @@ def test_an_association_for_another_called_ae_title_is_refused(start_node, tmp_p
     node = start_node(make_config(tmp_path))
     assert scu.association_accepted(node.port, calling="ANYONE")
     assert not scu.association_accepted(node.port, calling="ANYONE", called="SOMEONEELSE")
+    # a configured list replaces the node's own title
+    other = start_node(make_config(tmp_path / "b", called_ae_titles=("AI_CXR", "AI_CT")))
+    assert scu.association_accepted(other.port, calling="ANYONE", called="AI_CT")
+    assert not scu.association_accepted(other.port, calling="ANYONE", called="AINODE")
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="ANYONE")
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", other.port, ae_title="ELSEWHERE")
+    assert assoc.is_rejected  # a real A-ASSOCIATE-RJ: "called AE title not recognised"
+    assert (assoc.acceptor.primitive.result_source, assoc.acceptor.primitive.diagnostic) == (1, 7)

