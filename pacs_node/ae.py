@@ -16,7 +16,11 @@ from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -101,15 +105,27 @@ def start_server(
 
 def build_scp(config: Config) -> AE:
     """The node's listening AE: C-ECHO, C-STORE of every storage class, Study Root and
-    Patient Root C-FIND."""
+    Patient Root C-FIND, C-GET and C-MOVE."""
     node = config.node
     ae = NodelayAE(ae_title=node.ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
+        # scu_role/scp_role: a C-GET requestor proposes to be the storage SCP on these
+        # contexts (SCP/SCU Role Selection) and the node accepts, so that it can send
+        # the retrieved instances back on the same association; storing keeps working
+        ae.add_supported_context(
+            str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
     for context in VerificationPresentationContexts:
         ae.add_supported_context(str(context.abstract_syntax))
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
+    for model in (
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        PatientRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelMove,
+    ):
+        ae.add_supported_context(model)
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.network_timeout = node.network_timeout_s
     ae.acse_timeout = node.acse_timeout_s

@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     roles = {
-        "receive": "the DICOM services only (C-ECHO, C-STORE, C-FIND); loads no model",
+        "receive": "the DICOM services only (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE); "
+        "loads no model",
         "work": "analysis only: claim queued jobs and run the models (run as many as you like)",
         "send": "delivery only: send the results to the peers they are owed to",
     }

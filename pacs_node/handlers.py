@@ -24,6 +24,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
 )
 from sqlalchemy.exc import IntegrityError
 
@@ -39,6 +41,13 @@ from storage.ingest import IndexCache, record_instance
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
+
+PATIENT_ROOT_CLASSES = {
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(PatientRootQueryRetrieveInformationModelGet),
+    str(PatientRootQueryRetrieveInformationModelMove),
+}
+MAX_MOVE_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -69,6 +78,8 @@ def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [config, files, db, cache]),
         (evt.EVT_C_FIND, handle_find, [db]),
+        (evt.EVT_C_GET, handle_get, [db, files]),
+        (evt.EVT_C_MOVE, handle_move, [config, db, files]),
     ]
 
 
@@ -209,9 +220,7 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
     sent = 0
     try:
         identifier = event.identifier
-        model = query.Model.STUDY_ROOT
-        if str(event.request.AffectedSOPClassUID) == PatientRootQueryRetrieveInformationModelFind:
-            model = query.Model.PATIENT_ROOT
+        model = _model(event)
         with db.read() as session:
             answer = query.search(session, identifier, model)  # a bad request raises here
             pending = statuses.PENDING_WARNING if answer.unsupported else statuses.PENDING
@@ -237,6 +246,102 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
         return
     log.info("C-FIND from %s: %d matches", calling, sent)
+
+
+def _model(event: Any) -> query.Model:
+    if str(event.request.AffectedSOPClassUID) in PATIENT_ROOT_CLASSES:
+        return query.Model.PATIENT_ROOT
+    return query.Model.STUDY_ROOT
+
+
+def _selected(event: Any, db: Database, what: str) -> list[query.Stored] | Dataset:
+    """The instances a C-GET/C-MOVE names, or the failure status that says why not."""
+    calling = _calling_ae(event)
+    try:
+        with db.read() as session:
+            found = query.retrieve(session, event.identifier, _model(event))
+    except QueryError as exc:
+        log.warning("%s from %s refused: %s", what, calling, exc)
+        return status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    except Exception as exc:
+        log_failure(log, "%s from %s failed", what, calling)
+        return status(statuses.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+    if len(found) > 65535:  # the sub-operation counts are US
+        return status(statuses.OUT_OF_RESOURCES_SUBOPERATIONS, f"{len(found)} instances: too many")
+    log.info("%s from %s: %d instances", what, calling, len(found))
+    return found
+
+
+def _sub_operations(
+    event: Any, found: list[query.Stored], files: FileStore, what: str
+) -> Iterator[tuple[int, Dataset | None]]:
+    """One (pending, data set) per instance, read from disk as it is sent; an unreadable file
+    counts as a failed sub-operation (pynetdicom counts a pending without a data set so)."""
+    for item in found:
+        if event.is_cancelled:
+            yield statuses.CANCEL, None
+            return
+        try:
+            ds = pydicom.dcmread(files.abspath(item.path))
+        except Exception as exc:
+            log.error("%s: instance %s unreadable: %s", what, item.sop_instance_uid, exc)
+            yield statuses.PENDING, None
+            continue
+        yield statuses.PENDING, ds
+
+
+def handle_get(event: Any, db: Database, files: FileStore) -> Iterator[Any]:
+    """C-GET SCP: the instances go back on the requestor's association, as C-STOREs on the
+    storage contexts it negotiated with the SCP role."""
+    found = _selected(event, db, "C-GET")
+    if isinstance(found, Dataset):
+        yield 1
+        yield found, None
+        return
+    yield len(found)
+    yield from _sub_operations(event, found, files, "C-GET")
+
+
+def handle_move(event: Any, config: Config, db: Database, files: FileStore) -> Iterator[Any]:
+    """C-MOVE SCP: only to a configured peer (its host and port from the config, never from
+    the request); an unknown Move Destination is 0xA801."""
+    destination = str(event.move_destination or "").strip()
+    peer = config.peer(destination)
+    if peer is None:
+        log.warning(
+            "C-MOVE from %s refused: move destination %r is not a configured peer",
+            _calling_ae(event),
+            destination,
+        )
+        yield None, None
+        return
+    found = _selected(event, db, f"C-MOVE to {destination}")
+    if isinstance(found, Dataset):
+        yield peer.host, peer.port
+        yield 1
+        yield found, None
+        return
+    from pynetdicom import build_context
+
+    syntaxes: dict[str, set[str]] = {}
+    for item in found:
+        wanted = syntaxes.setdefault(item.sop_class_uid, set())
+        wanted.add(item.transfer_syntax_uid or str(UID("1.2.840.10008.1.2.1")))
+    contexts = [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+    if len(contexts) > MAX_MOVE_CONTEXTS:
+        yield peer.host, peer.port
+        yield 1
+        yield (
+            status(
+                statuses.OUT_OF_RESOURCES_SUBOPERATIONS,
+                f"{len(contexts)} SOP classes: more than one association can carry",
+            ),
+            None,
+        )
+        return
+    yield peer.host, peer.port, {"contexts": contexts}
+    yield len(found)
+    yield from _sub_operations(event, found, files, f"C-MOVE to {destination}")
 
 
 def _too_big(calling: str, request: Any, size: int, maximum: int) -> Dataset:

@@ -1,4 +1,4 @@
-"""The receive role: the DICOM services (C-ECHO, C-STORE, C-FIND), and nothing heavier.
+"""The receive role: the DICOM services (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE), nothing more.
 
 ``pacs-node receive`` runs :func:`run`. It writes received files and their rows; the queue rows
 it adds are the only thing it hands to the other roles. It never imports TensorFlow, ONNX

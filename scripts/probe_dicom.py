@@ -19,10 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pydicom  # noqa: E402
 
-from ai.analysis import analyse_datasets  # noqa: E402
-from ai.model import Classifier  # noqa: E402
 from ai import DISCLAIMER  # noqa: E402
+from ai.analysis import analyse_datasets  # noqa: E402
 from ai.errors import UnusableInputError  # noqa: E402
+from ai.model import Classifier  # noqa: E402
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """C-FIND matching for the Study Root and Patient Root Query/Retrieve Information Models
-(PS3.4 C.6.2 and C.6.1).
+(PS3.4 C.6.2 and C.6.1), and what a C-GET or C-MOVE selects.
 
 :func:`find` turns a C-FIND request identifier into one SQL statement over the
-``studies``/``series``/``instances`` tables and yields one response identifier per match.
+``studies``/``series``/``instances`` tables and yields one response identifier per match;
+:func:`retrieve` lists the stored instances a retrieve request names.
 
 The node keeps no patient table: a patient is the studies sharing a Patient ID (Issuer of
 Patient ID is not considered). Patient Root adds the PATIENT level (one response per Patient
@@ -535,3 +536,52 @@ def _dicom_value(keyword: str, value: object) -> object:
     if value is None or value == "":
         return None
     return value
+
+
+# --- retrieve (C-GET, C-MOVE) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One instance a retrieve request selects, and where its file is."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    path: str  # relative to the storage directory
+
+
+def retrieve(
+    session: Session, identifier: Dataset, model: Model = Model.STUDY_ROOT
+) -> list[Stored]:
+    """The instances a C-GET or C-MOVE *identifier* selects (PS3.4 C.4.2.2.1, C.4.3.2.1).
+
+    The request names what to retrieve by the unique key of its level (a list of UIDs is
+    allowed), and may narrow it by the unique keys of the levels above; other keys are not
+    matched. A missing unique key is a :class:`QueryError` (0xA900), not "everything".
+    """
+    level = _level(identifier, model)
+    elements = {e.keyword: e for e in _elements(identifier)}
+    keys = unique_keys(model, level)
+    own = keys[-1]
+    if own not in elements or not _request_values(elements[own]):
+        raise QueryError(f"a retrieve at the {level.name} level needs a value for {own}")
+    conditions = []
+    for keyword in keys:
+        values = _request_values(elements[keyword]) if keyword in elements else []
+        if not values:
+            continue
+        if any(_has_wildcard(v) for v in values):
+            raise QueryError(f"{keyword}: wildcards are not allowed in a retrieve")
+        conditions.append(KEYS[keyword].value.in_(values))
+    stmt = (
+        _base(Level.IMAGE)
+        .add_columns(
+            Instance.sop_class_uid,
+            Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid,
+            Instance.path,
+        )
+        .where(*conditions)
+    )
+    return [Stored(*row) for row in session.execute(stmt)]

@@ -160,9 +160,7 @@ def test_results_wait_while_the_peer_is_down_and_arrive_when_it_is_back(tmp_path
             timeout_s=120,
             what="a few failed attempts",
         )
-        assert all(
-            d.state in (TaskState.QUEUED, TaskState.RUNNING) for d in _deliveries(node)
-        )
+        assert all(d.state in (TaskState.QUEUED, TaskState.RUNNING) for d in _deliveries(node))
         orthanc = _orthanc_back(tmp_path, node_port, orthanc_port)
         _wait_results_back(orthanc, node, study_uid, "results in Orthanc once it is back")
     finally:
