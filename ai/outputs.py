@@ -46,11 +46,13 @@ __all__ = [
     "CXR_PROCEDURE",
     "DISCLAIMER",
     "INDETERMINATE",
+    "NOT_ANALYSED",
     "PROBABILITY_UNIT",
     "SC_SERIES_DESCRIPTION",
     "SR_SERIES_DESCRIPTION",
     "ClassCode",
     "Prediction",
+    "build_not_analysed_sr",
     "build_sc",
     "build_sr",
     "overlay_lines",
@@ -87,6 +89,9 @@ _TASKS = ("cxr", "ct")
 
 # The finding when the model abstains (SNOMED CT qualifier value "Undetermined").
 INDETERMINATE = ClassCode("indeterminate", "SCT", "373068000", "Undetermined")
+# The finding when the node did not analyse a series at all (SNOMED CT qualifier value
+# "Not performed"): no model for it, not a chest, too small, undecodable.
+NOT_ANALYSED = ClassCode("not_analysed", "SCT", "262008008", "Not performed")
 
 
 @dataclass(frozen=True)
@@ -491,6 +496,100 @@ def build_sr(
     )
     if use_template:
         SR_TEMPLATES.put(key, SrTemplate.of(sr, srcs, header, series_instance_uid))
+    return sr
+
+
+# Procedure reported when nothing was analysed: SNOMED CT "Imaging (procedure)".
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
+NOT_ANALYSED_ALGORITHM = "pacs-node"  # the node decided, not a model
+
+
+def build_not_analysed_sr(
+    sources: Sequence[Dataset],
+    reason: str,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9901,
+    manufacturer: str = "pacs-node",
+    software_version: str,
+) -> Dataset:
+    """A TID 1500 SR saying the node did **not** analyse these images, and why.
+
+    So that a radiologist can tell "not analysed" from "not yet": the finding is
+    :data:`NOT_ANALYSED` ("Not performed"), the reason and the disclaimer are comments, the
+    images are referenced; no probabilities. Header-only *sources* are enough.
+    """
+    srcs = _check_sources(sources)
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("reason must be a non-empty string")
+    _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
+    header, person_names = _header(srcs[0])
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_name_uid("device", NOT_ANALYSED_ALGORITHM, software_version),
+            name=NOT_ANALYSED_ALGORITHM,
+            manufacturer_name=manufacturer,
+            model_name=f"{NOT_ANALYSED_ALGORITHM} {software_version}"[:64],
+        ),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_name_uid("tracking", sop_instance_uid), identifier="AI analysis not performed"
+        ),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=NOT_ANALYSED_ALGORITHM, version=software_version[:64]
+        ),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=NOT_ANALYSED.coded_concept())
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+            )
+            for ds in srcs
+        ],
+    )
+    for note in (DISCLAIMER, f"Not analysed: {reason}"[:1024]):
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[header] + [_uid_header(ds) for ds in srcs[1:]],
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[
+            hd.ContributingEquipment(
+                manufacturer=manufacturer,
+                purpose_of_reference=codes.DCM.ProcessingEquipment,
+                manufacturer_model_name=NOT_ANALYSED_ALGORITHM,
+                software_versions=software_version,
+                contribution_description=f"AI analysis not performed: {reason[:900]}. {DISCLAIMER}",
+            )
+        ],
+        series_description=f"AI NOT ANALYSED - {DISCLAIMER}"[:64],
+        manufacturer_model_name=NOT_ANALYSED_ALGORITHM,
+        software_versions=software_version,
+    )
+    for elem in person_names:
+        sr.add(elem)
     return sr
 
 

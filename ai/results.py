@@ -7,11 +7,12 @@ same input gives the same SR and secondary captures, with the same UIDs, whereve
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
 from ai.analysis import Analysis
-from ai.outputs import build_sc, build_sr, overlay_lines, render_overlay
+from ai.outputs import build_not_analysed_sr, build_sc, build_sr, overlay_lines, render_overlay
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -65,3 +66,23 @@ def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]
             )
         )
     return outputs
+
+
+def build_not_analysed(
+    sources: Sequence[Dataset], reason: str, *, model_name: str, software_version: str
+) -> Dataset:
+    """The SR that says the node did not analyse *sources* (one series), and why.
+
+    Its UIDs derive from the model that would have run (or "none"), the reason and the images,
+    so a retry makes the same SR, and an analysis after more images arrived a new one.
+    """
+    key = [model_name or "none", "not-analysed", reason,
+           *sorted(str(ds.SOPInstanceUID) for ds in sources)]  # fmt: skip
+    return build_not_analysed_sr(
+        sources,
+        reason,
+        series_instance_uid=derived_uid("sr-series", *key),
+        sop_instance_uid=derived_uid("sr", *key),
+        series_number=SR_SERIES_NUMBER,
+        software_version=software_version,
+    )

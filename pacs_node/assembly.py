@@ -2,8 +2,9 @@
 
 A CR or DX image is complete on arrival: its series is queued at once. A CT series arrives slice
 by slice, so its job waits for a quiet period with no new slice (each slice pushes the start
-back). Objects without pixels and modalities no model serves are stored and their series gets a
-``skipped`` job with the reason, so an operator sees why nothing came back.
+back). Objects without pixels are stored and their series gets a ``skipped`` job with the reason.
+A series of a modality no model serves is queued all the same (a job without a model), so that
+the work role reports it "not analysed" (``worker.report_not_analysed``; off: skipped here).
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def schedule(
         )
         return
     binding = config.model_for(indexed.modality)
-    if binding is None:
+    if binding is None and not config.worker.report_not_analysed:
         queue.skip(
             session, indexed.series_pk, f"no model for modality {modality}: stored, not analysed"
         )
         return
+    # no model: still a job (model_name ""), which the work role skips with an SR that says
+    # so; this role builds no DICOM objects
     if not indexed.is_new:
         latest = queue.latest_job(session, indexed.series_pk)
         if latest is not None and latest.state != TaskState.FAILED:
@@ -69,7 +72,7 @@ def schedule(
     job = queue.enqueue(
         session,
         indexed.series_pk,
-        model_name=binding.name,
+        model_name=binding.name if binding is not None else "",
         not_before=not_before,
         schedule=job_schedule(config, indexed.modality, indexed.source_ae),
     )

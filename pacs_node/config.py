@@ -90,6 +90,9 @@ class WorkerSettings:
     retry_backoff_s: float = 10.0
     ct_quiet_period_s: float = 5.0
     modality_priority: tuple[tuple[str, int], ...] = DEFAULT_MODALITY_PRIORITY
+    # a series the node stores but does not analyse (no model for its modality, not a chest
+    # radiograph, too small, undecodable) gets an SR back that says so and why
+    report_not_analysed: bool = True
 
     def priority(self, modality: str) -> int:
         return dict(self.modality_priority).get(modality, 0)
@@ -369,6 +372,9 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
         max_attempts=max_attempts,
         retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),
         ct_quiet_period_s=_number(table, "ct_quiet_period_s", "worker", d.ct_quiet_period_s),
+        report_not_analysed=_take(
+            table, "report_not_analysed", bool, "worker", d.report_not_analysed
+        ),
     )
 
 

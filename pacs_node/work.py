@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ai.errors import ModelError, UnusableInputError
-from ai.results import build_results
+from ai.results import build_not_analysed, build_results
 from ai.runtime import load_runtime_classifier
 from pacs_node import __version__
 from pacs_node.config import Config
@@ -46,11 +46,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SeriesWork:
     job_id: int
-    model_name: str
+    model_name: str  # "": no model serves the series' modality (it is reported, not analysed)
     series_uid: str
     source_ae: str
     priority: int
     paths: list[Path]
+    modality: str = ""
 
 
 def _write_bytes(data: bytes, fh: BinaryIO) -> None:
@@ -104,6 +105,7 @@ class Worker:
                 series.source_ae,
                 job.priority,
                 [self.files.abspath(p) for p in paths],
+                series.modality,
             )
             deadline_s = job.deadline_s
         if self.watchdog is not None:
@@ -116,12 +118,14 @@ class Worker:
         return True
 
     def _run(self, work: SeriesWork) -> None:
+        if not work.model_name:
+            modality = work.modality or "(none)"
+            self._skip(work, f"no model for modality {modality}: stored, not analysed")
+            return
         try:
             analysis = self._analyse(work)
         except UnusableInputError as exc:
-            reason = str(exc)
-            self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
-            log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
+            self._skip(work, str(exc))
             return
         except ModelError as exc:
             self._fail(work, f"model unavailable: {exc}", permanent=True)
@@ -199,10 +203,61 @@ class Worker:
             analysis.excluded.append(("?", f"unreadable file {reason}"))
         return analysis
 
-    def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
-        prediction = analysis.prediction
-        outputs = build_results(analysis, software_version=__version__)
-        sr = outputs[0]
+    def _skip(self, work: SeriesWork, reason: str) -> None:
+        """Skip the job with *reason*; with ``worker.report_not_analysed`` an SR that says so
+        goes back too (recorded with the skip, while the lease is still ours)."""
+        report = self._not_analysed_report(work, reason)
+        if report is None:
+            self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
+        else:
+            written = self._write_outputs([report])
+            destinations = self.destinations(work.source_ae)
+            try:
+                with self.db.session() as session:
+                    job = self._held_job(session, work)
+                    self._record_outputs(session, written, destinations, work.priority)
+                    session.add(
+                        Result(
+                            job_pk=job.id,
+                            series_pk=job.series_pk,
+                            model_name=work.model_name or "none",
+                            model_version="",
+                            label="not_analysed",
+                            probability=0.0,
+                            probabilities={},
+                            sr_sop_instance_uid=str(report.SOPInstanceUID),
+                            sc_sop_instance_uids=[],
+                        )
+                    )
+                    tasks.skip(session, job, reason, utcnow())
+            except LeaseLost:
+                log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
+                return
+        log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
+
+    def _not_analysed_report(self, work: SeriesWork, reason: str) -> Dataset | None:
+        if not self.config.worker.report_not_analysed:
+            return None
+        import pydicom
+
+        headers = []
+        for path in work.paths:
+            try:
+                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception as exc:
+                log.info("job %d: %s unreadable for the report: %s", work.job_id, path.name, exc)
+        if not headers:
+            log.warning("job %d: no readable header, no not-analysed report", work.job_id)
+            return None
+        try:
+            return build_not_analysed(
+                headers, reason, model_name=work.model_name, software_version=__version__
+            )
+        except Exception:
+            log_failure(log, "job %d: the not-analysed report could not be made", work.job_id)
+            return None
+
+    def _write_outputs(self, outputs: list[Dataset]) -> list[tuple[Dataset, Path, int]]:
         written = []
         for ds in outputs:
             relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -210,23 +265,38 @@ class Worker:
             ds.save_as(buffer, enforce_file_format=True)
             size = self.files.write_atomic(relpath, partial(_write_bytes, buffer.getvalue()))
             written.append((ds, relpath, size))
+        return written
+
+    def _record_outputs(
+        self,
+        session: Session,
+        written: list[tuple[Dataset, Path, int]],
+        destinations: list[str],
+        priority: int,
+    ) -> None:
+        """Index the written results and owe each to every destination."""
+        schedule = self.delivery_schedule(priority)
+        for ds, relpath, size in written:
+            indexed = record_instance(
+                session,
+                ds,
+                relpath=relpath.as_posix(),
+                size_bytes=size,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                generated=True,
+            )
+            for ae_title in destinations:
+                queue.add_delivery(session, indexed.instance_pk, ae_title, schedule)
+
+    def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
+        prediction = analysis.prediction
+        outputs = build_results(analysis, software_version=__version__)
+        sr = outputs[0]
+        written = self._write_outputs(outputs)
         destinations = self.destinations(work.source_ae)
         with self.db.session() as session:
             job = self._held_job(session, work)
-            schedule = self.delivery_schedule(work.priority)
-            pks = []
-            for ds, relpath, size in written:
-                indexed = record_instance(
-                    session,
-                    ds,
-                    relpath=relpath.as_posix(),
-                    size_bytes=size,
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    generated=True,
-                )
-                pks.append(indexed.instance_pk)
-                for ae_title in destinations:
-                    queue.add_delivery(session, indexed.instance_pk, ae_title, schedule)
+            self._record_outputs(session, written, destinations, work.priority)
             session.add(
                 Result(
                     job_pk=job.id,
