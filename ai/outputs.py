@@ -49,12 +49,14 @@ __all__ = [
     "NOT_ANALYSED",
     "PROBABILITY_UNIT",
     "SC_SERIES_DESCRIPTION",
+    "Region",
     "SR_SERIES_DESCRIPTION",
     "ClassCode",
     "Prediction",
     "build_not_analysed_sr",
     "build_sc",
     "build_sr",
+    "hot_spot",
     "overlay_lines",
     "render_overlay",
 ]
@@ -346,6 +348,45 @@ def _as_list(value: object) -> list[object]:
     return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
 
+_LIBRARY_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "Rows", "Columns", "ImageLaterality", "PixelSpacing", "ImagerPixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID", "PatientOrientation",
+    "SliceThickness", "ViewPosition", "StudyDate", "StudyTime", "ContentDate", "ContentTime",
+)  # fmt: skip
+
+
+# highdicom adds TID 1603/1604 descriptors by Modality and needs all of their attributes
+_PROJECTION = (
+    {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"},
+    ("PatientOrientation", "ImagerPixelSpacing"),
+)
+_CROSS_SECTIONAL = ({"CT", "MR", "PT"},
+                    ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                     "SliceThickness"))  # fmt: skip
+
+
+def _library_entry(ds: Dataset) -> Dataset:
+    """What the Image Library entry of *ds* is made from: its valid descriptive attributes.
+
+    The modality-specific descriptors (orientation, pixel spacing, position) are given only
+    when the image has all of them; otherwise the entry names the image without them (many
+    real radiographs have no Patient Orientation or Imager Pixel Spacing)."""
+    out = Dataset()
+    for kw in _LIBRARY_KEYWORDS:
+        if kw in ds and not ds[kw].is_empty and (kw.endswith("UID") or _value_is_valid(ds[kw])):
+            out.add(copy.deepcopy(ds[kw]))
+    if "PatientOrientation" in out and len(_as_list(out.PatientOrientation)) != 2:
+        del out.PatientOrientation
+    for modalities, needed in (_PROJECTION, _CROSS_SECTIONAL):
+        if out.get("Modality") in modalities and not all(kw in out for kw in needed):
+            # highdicom picks the descriptors by this attribute (the library's modality code
+            # comes from the SOP class): a neutral value leaves them out
+            out.Modality = "OT"
+    out.setdefault("Modality", "OT")
+    return out
+
+
 def _uid_header(ds: Dataset) -> Dataset:
     out = Dataset()
     for kw in _REQUIRED_UIDS:
@@ -432,6 +473,40 @@ def _ai_equipment(prediction: Prediction, manufacturer: str) -> hd.ContributingE
 # ------------------------------------------------------------------------------- SR
 
 
+HOT_SPOT_LEVEL = 0.5  # a Grad-CAM hot spot: where the map reaches this share of its maximum
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where an explained image's Grad-CAM map is hottest: a box in that image's pixel
+    coordinates (column, row of the top-left and bottom-right corners, PS3.3 C.18.6.1.1),
+    shown as a closed polyline (SCOORD) over the image by viewers that read TID 1500 regions."""
+
+    source: Dataset  # the image (its header is enough)
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+
+    def graphic_data(self) -> np.ndarray:
+        x0, y0, x1, y1 = self.box
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def hot_spot(
+    heatmap: np.ndarray, level: float = HOT_SPOT_LEVEL
+) -> tuple[float, float, float, float] | None:
+    """The box around the connected part of *heatmap* (image frame, [0, 1]) at or above
+    *level* times its maximum that holds the maximum; None for an empty map."""
+    heat = np.asarray(heatmap, dtype=np.float32)
+    peak = float(heat.max()) if heat.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return None
+    mask = (heat >= level * peak).astype(np.uint8)
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    rows, cols = np.nonzero(labels == labels[row, col])
+    # pixel (c, r) covers [c, c + 1) x [r, r + 1) in SCOORD's frame
+    return float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)
+
+
 def build_sr(
     sources: Sequence[Dataset],
     prediction: Prediction,
@@ -442,12 +517,16 @@ def build_sr(
     instance_number: int = 1,
     manufacturer: str = "pacs-node",
     software_version: str,
+    regions: Sequence[Region] = (),
     use_template: bool = True,
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500 Measurement Report) holding ``prediction``.
 
     ``sources`` are the (header-only is enough) datasets of every image the model saw, all
-    from one study; the SR joins that study in a new series and references every image.
+    from one study; the SR joins that study in a new series, references every image and lists
+    them in its Image Library. Each of ``regions`` (the Grad-CAM hot spot of an explained
+    image) adds a planar ROI measurement group (TID 1410): the box as a SCOORD on that image,
+    with the finding and the probabilities, which OHIF and other viewers draw over the image.
 
     Parameters
     ----------
@@ -472,21 +551,29 @@ def build_sr(
     )
     _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
     header, person_names = _header(srcs[0])
+    regions = list(regions)
+    uids = [str(ds.SOPInstanceUID) for ds in srcs]
+    for region in regions:
+        if str(region.source.SOPInstanceUID) not in uids:
+            raise ValueError("a region must be on one of the sources")
+    placed = tuple(uids.index(str(r.source.SOPInstanceUID)) for r in regions)
     key = SrTemplates.shape(
         srcs, header, person_names, prediction,
-        (series_number, instance_number, manufacturer, software_version),
+        (series_number, instance_number, manufacturer, software_version, placed),
     )  # fmt: skip
     if use_template:
         template = SR_TEMPLATES.get(key)
         if template is not None:
             return template.fill(
-                srcs, header, person_names, prediction, series_instance_uid, sop_instance_uid
-            )
+                srcs, header, person_names, prediction, series_instance_uid, sop_instance_uid,
+                regions,
+            )  # fmt: skip
     sr = _build_sr(
         srcs,
         header,
         person_names,
         prediction,
+        regions,
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
@@ -495,7 +582,7 @@ def build_sr(
         software_version=software_version,
     )
     if use_template:
-        SR_TEMPLATES.put(key, SrTemplate.of(sr, srcs, header, series_instance_uid))
+        SR_TEMPLATES.put(key, SrTemplate.of(sr, srcs, header, series_instance_uid, len(regions)))
     return sr
 
 
@@ -598,6 +685,7 @@ def _build_sr(
     header: Dataset,
     person_names: list[DataElement],
     prediction: Prediction,
+    regions: Sequence[Region],
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -668,10 +756,45 @@ def _build_sr(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    groups: list[Any] = [group]
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model_name, version=prediction.model_version
+    )
+    for number, region in enumerate(regions, start=1):
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_name_uid("tracking", sop_instance_uid, str(number)),
+                    identifier=f"Grad-CAM hot spot {number}",
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=region.graphic_data(),
+                    source_image=hd.sr.SourceImageForRegion(
+                        referenced_sop_class_uid=region.source.SOPClassUID,
+                        referenced_sop_instance_uid=region.source.SOPInstanceUID,
+                    ),
+                ),
+                finding_type=prediction.label.coded_concept(),
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=cls.coded_concept(), value=round(prob, 6), unit=PROBABILITY_UNIT
+                    )
+                    for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True)
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=codes.DCM.Finding, value=prediction.label.coded_concept()
+                    )
+                ],
+            )
+        )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=_PROCEDURES[prediction.task],
-        imaging_measurements=[group],
+        imaging_measurements=groups,
+        referenced_images=[_library_entry(ds) for ds in srcs],
     )
 
     evidence = [header] + [_uid_header(ds) for ds in srcs[1:]]
@@ -717,15 +840,22 @@ class SrTemplate:
         source_uids: list[tuple[str, str, str]],
         own_uids: tuple[str, str, str],
         copied: tuple[str, ...],
+        n_regions: int = 0,
     ) -> None:
         self.encoded = encoded
         self.source_uids = source_uids
         self.own_uids = own_uids  # series, SOP instance, tracking identifier
         self.copied = copied
+        self.n_regions = n_regions
 
     @classmethod
     def of(
-        cls, sr: Dataset, srcs: Sequence[Dataset], header: Dataset, series_instance_uid: str
+        cls,
+        sr: Dataset,
+        srcs: Sequence[Dataset],
+        header: Dataset,
+        series_instance_uid: str,
+        n_regions: int = 0,
     ) -> SrTemplate:
         buffer = io.BytesIO()
         sr.save_as(buffer, enforce_file_format=True)
@@ -740,6 +870,7 @@ class SrTemplate:
             [_uids_of(ds) for ds in srcs],
             (series_instance_uid, sop_uid, _name_uid("tracking", sop_uid)),
             copied,
+            n_regions,
         )
 
     def fill(
@@ -750,6 +881,7 @@ class SrTemplate:
         prediction: Prediction,
         series_instance_uid: str,
         sop_instance_uid: str,
+        regions: Sequence[Region] = (),
     ) -> Dataset:
         sr = pydicom.dcmread(io.BytesIO(self.encoded))
         # by the attribute a UID sits in: a study and a series may share a UID (seen in real
@@ -759,13 +891,20 @@ class SrTemplate:
         uids["series"][own_series] = series_instance_uid
         uids["instance"][own_sop] = sop_instance_uid
         uids[""][own_tracking] = _name_uid("tracking", sop_instance_uid)
+        for number in range(1, self.n_regions + 1):
+            uids[""][_name_uid("tracking", own_sop, str(number))] = _name_uid(
+                "tracking", sop_instance_uid, str(number)
+            )
         for old, new in zip(self.source_uids, (_uids_of(ds) for ds in srcs), strict=True):
             for kind, before, after in zip(("study", "series", "instance"), old, new, strict=True):
                 uids[kind][before] = after
-        values = iter([_probability_ds(p) for p in prediction.probabilities])
+        # every measurement group holds the probabilities: the study group, then each region's
+        probabilities = [_probability_ds(p) for p in prediction.probabilities]
+        values = iter(probabilities * (1 + self.n_regions))
+        graphics = iter([[float(v) for v in r.graphic_data().ravel()] for r in regions])
         reason = f"Not determined: {prediction.indeterminate}"[:1024]
-        _substitute(sr.file_meta, uids, values, reason)
-        _substitute(sr, uids, values, reason)
+        _substitute(sr.file_meta, uids, values, reason, graphics)
+        _substitute(sr, uids, values, reason, graphics)
         for kw in self.copied:
             sr[kw] = copy.deepcopy(header[kw])
         for elem in person_names:
@@ -848,9 +987,11 @@ _UID_KIND = {
 }
 
 
-def _substitute(ds: Dataset, uids: dict[str, dict[str, str]], values: Any, reason: str) -> None:
-    """Replace, depth first in document order, the template's UIDs, probabilities and
-    indeterminate reason with this input's."""
+def _substitute(
+    ds: Dataset, uids: dict[str, dict[str, str]], values: Any, reason: str, graphics: Any
+) -> None:
+    """Replace, depth first in document order, the template's UIDs, probabilities, region
+    coordinates and indeterminate reason with this input's."""
     for elem in ds:
         if elem.keyword == "MeasuredValueSequence":  # a NUM item's value, both encodings
             for item in elem.value:
@@ -858,15 +999,39 @@ def _substitute(ds: Dataset, uids: dict[str, dict[str, str]], values: Any, reaso
                 for kw in ("NumericValue", "FloatingPointValue"):
                     if kw in item or kw in new:
                         setattr(item, kw, new.get(kw))
+        elif elem.keyword == "GraphicData":  # a region's SCOORD
+            elem.value = next(graphics)
         elif elem.VR == "SQ":
             for item in elem.value:
-                _substitute(item, uids, values, reason)
+                if _is_image_library(item):
+                    _substitute_uids(item, uids)  # its numbers describe the images: kept
+                else:
+                    _substitute(item, uids, values, reason, graphics)
         elif elem.VR == "UI" and isinstance(elem.value, str):
             kind = uids[_UID_KIND.get(elem.keyword, "")]
             if elem.value in kind:
                 elem.value = kind[elem.value]
         elif elem.keyword == "TextValue" and str(elem.value).startswith("Not determined: "):
             elem.value = reason
+
+
+def _is_image_library(item: Dataset) -> bool:
+    names = item.get("ConceptNameCodeSequence")
+    return bool(names) and (names[0].get("CodingSchemeDesignator"), names[0].get("CodeValue")) == (
+        "DCM",
+        "111028",
+    )
+
+
+def _substitute_uids(ds: Dataset, uids: dict[str, dict[str, str]]) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _substitute_uids(item, uids)
+        elif elem.VR == "UI" and isinstance(elem.value, str):
+            kind = uids[_UID_KIND.get(elem.keyword, "")]
+            if elem.value in kind:
+                elem.value = kind[elem.value]
 
 
 @functools.cache

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from ai.analysis import Analysis
-from ai.outputs import build_not_analysed_sr, build_sc, build_sr, overlay_lines, render_overlay
+from ai.outputs import (
+    Region,
+    build_not_analysed_sr,
+    build_sc,
+    build_sr,
+    hot_spot,
+    overlay_lines,
+    render_overlay,
+)
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -37,9 +45,15 @@ def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]
         raise ValueError("build_results needs an analysis of DICOM datasets")
     sources = sorted(str(ds.SOPInstanceUID) for ds in analysis.used)
     key = [prediction.model_name, prediction.model_version, *sources]
+    regions = []
+    for item in analysis.explained:
+        box = hot_spot(item.heatmap) if item.dataset is not None else None
+        if box is not None and item.dataset is not None:
+            regions.append(Region(item.dataset, box))
     sr = build_sr(
         analysis.used,
         prediction,
+        regions=regions,
         series_instance_uid=derived_uid("sr-series", *key),
         sop_instance_uid=derived_uid("sr", *key),
         series_number=SR_SERIES_NUMBER,

@@ -93,13 +93,14 @@ def case(request) -> tuple[str, list[Dataset], Prediction]:
     return request.param, _headers(paths()), prediction
 
 
-def _sr(sources: list[Dataset], prediction: Prediction) -> Dataset:
+def _sr(sources: list[Dataset], prediction: Prediction, regions: tuple = ()) -> Dataset:
     return build_sr(
         sources,
         prediction,
         series_instance_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
         software_version="0.1.0",
+        regions=regions,
     )
 
 
@@ -294,7 +295,14 @@ def test_sr_content(case):
         prediction.label.meaning,
     )
 
-    nums = {_concept(i): i for i in items if i.ValueType == "NUM"}
+    library = [i for i in items if i.ValueType == "CONTAINER" and _concept(i) == ("DCM", "111028")]
+    assert len(library) == 1  # the Image Library, which OHIF reads
+    entries = list(_items(library[0].ContentSequence))
+    listed = {str(e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+              for e in entries if e.ValueType == "IMAGE"}  # fmt: skip
+    assert listed == {str(s.SOPInstanceUID) for s in sources}
+    classes = {(c.scheme, c.value) for c in prediction.classes}
+    nums = {_concept(i): i for i in items if i.ValueType == "NUM" and _concept(i) in classes}
     assert len(nums) == len(prediction.classes)
     for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True):
         num = nums[(cls.scheme, cls.value)]
@@ -335,10 +343,47 @@ def test_sr_content(case):
 
 
 def test_sr_passes_dciodvfy(case, tmp_path):
+    from ai.outputs import Region
+
     name, sources, prediction = case
     out = _dciodvfy(_sr(sources, prediction), tmp_path, f"{name}_sr")
     errors = [line for line in out.splitlines() if "Error" in line]
     assert not errors, out
+    with_region = _sr(sources, prediction, (Region(sources[-1], (10.0, 12.0, 50.0, 64.0)),))
+    out = _dciodvfy(with_region, tmp_path, f"{name}_sr_region")
+    assert not [line for line in out.splitlines() if "Error" in line], out
+
+
+def test_the_grad_cam_hot_spot_is_a_region_over_its_image(case):
+    """Issue 11: what OHIF v3 shows over the image: a planar ROI group (TID 1410) whose SCOORD
+    is a closed polyline on the source image, with the finding and the probabilities."""
+    from ai.outputs import Region, hot_spot
+
+    name, sources, prediction = case
+    heat = np.zeros((int(sources[0].Rows), int(sources[0].Columns)), np.float32)
+    heat[20:30, 40:61] = 0.9
+    heat[25, 50] = 1.0
+    heat[2:4, 2:4] = 0.8  # a second, separate warm spot: not part of the box
+    box = hot_spot(heat)
+    assert box == (40.0, 20.0, 61.0, 30.0)
+    assert hot_spot(np.zeros((4, 4))) is None
+    sr = _roundtrip(_sr(sources, prediction, (Region(sources[0], box),)))
+    items = list(_items(sr.ContentSequence))
+    rois = [i for i in items if i.ValueType == "CONTAINER" and _concept(i) == ("DCM", "125007")]
+    assert len(rois) == 2  # the study-level group and the region's group
+    region = rois[1]
+    inner = list(_items(region.ContentSequence))
+    [scoord] = [i for i in inner if i.ValueType == "SCOORD"]
+    assert scoord.GraphicType == "POLYLINE"
+    assert [float(v) for v in scoord.GraphicData] == [40, 20, 61, 20, 61, 30, 40, 30, 40, 20]
+    [image] = [i for i in _items(scoord.ContentSequence) if i.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    classes = {(c.scheme, c.value) for c in prediction.classes}
+    assert {_concept(i) for i in inner if i.ValueType == "NUM"} == classes
+    finding = [i for i in inner if i.ValueType == "CODE" and _concept(i) == ("DCM", "121071")]
+    assert finding[0].ConceptCodeSequence[0].CodeValue == prediction.label.value
+    tracking = [str(i.TextValue) for i in inner if "TextValue" in i]
+    assert "Grad-CAM hot spot 1" in tracking
 
 
 def test_sr_renders_with_dsrdump(case, tmp_path):
@@ -419,7 +464,8 @@ def test_sr_ignores_duplicate_sources():
         for i in _items(sr.ContentSequence)
         if i.ValueType == "IMAGE"
     ]
-    assert sorted(referenced) == sorted(s.SOPInstanceUID for s in ct)
+    # once in the Image Library and once as a source of the measurement group, never thrice
+    assert sorted(referenced) == sorted(2 * [s.SOPInstanceUID for s in ct])
 
 
 # ------------------------------------------------------------------------------ SC
@@ -526,11 +572,13 @@ def _encoded_like(fast: Dataset, slow: Dataset) -> tuple[bytes, bytes]:
     return encoded[0], encoded[1]
 
 
+@pytest.mark.parametrize("with_region", [False, True], ids=["", "region"])
 @pytest.mark.parametrize("indeterminate", ["", "every image is unlike the model's training data"])
-def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indeterminate):
+def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indeterminate, with_region):
     """The fast path (an earlier SR of the same shape, filled in) gives byte for byte the SR
-    that highdicom builds for the new input, except its creation times."""
-    from ai.outputs import SR_TEMPLATES, SrTemplates, _header
+    that highdicom builds for the new input, except its creation times; with a Grad-CAM
+    region, its box is filled in too."""
+    from ai.outputs import SR_TEMPLATES, Region, SrTemplates, _header
 
     name, sources, prediction = case
     first = Prediction(**{**prediction.__dict__, "indeterminate": indeterminate})
@@ -540,14 +588,17 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     )
     if second.label != first.label:  # a different label is a different shape: keep the label
         second = first
-    _sr(sources, first)  # made with highdicom, kept as the template
+    _sr(sources, first, (Region(sources[0], (1, 2, 30, 40)),) if with_region else ())
     others = _as_another_study(sources, "Other^Patient")
     header, names = _header(others[0])
-    settings = (9901, 1, "pacs-node", "0.1.0")
+    settings = (9901, 1, "pacs-node", "0.1.0", (0,) if with_region else ())
     assert SR_TEMPLATES.get(SrTemplates.shape(others, header, names, second, settings))
     series_uid, sop_uid = generate_uid(), generate_uid()
     kwargs = dict(
-        series_instance_uid=series_uid, sop_instance_uid=sop_uid, software_version="0.1.0"
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        software_version="0.1.0",
+        regions=(Region(others[0], (5.0, 6.0, 70.5, 80.0)),) if with_region else (),
     )
     fast = build_sr(others, second, **kwargs)
     slow = build_sr(others, second, use_template=False, **kwargs)
