@@ -1279,3 +1279,115 @@ def build_sc(
             if kw in src:
                 setattr(sc, kw, copy.deepcopy(src[kw].value))
     return sc
+
+
+# ------------------------------------------------------------------------------- PM
+
+PM_SERIES_DESCRIPTION = f"AI HEATMAP MAP - {DISCLAIMER}"[:64]
+PM_SCALE = 1000  # stored value = round(relevance * PM_SCALE); 16 bits (the IOD allows 16 or 32)
+_GEOMETRY = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient")
+_NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+
+def _spacing(ds: Dataset) -> list[float]:
+    """The image's pixel spacing in mm (Pixel Spacing, else Imager Pixel Spacing), 1 mm when
+    it states none or a value that is not a positive number."""
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            values = [float(str(v)) for v in _as_list(ds.get(kw))]
+        except (TypeError, ValueError):
+            continue
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            return values
+    return [1.0, 1.0]
+
+
+def build_pm(
+    source: Dataset,
+    heatmap: np.ndarray,
+    prediction: Prediction,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9903,
+    instance_number: int = 1,
+    manufacturer: str = "pacs-node",
+    software_version: str,
+) -> Dataset:
+    """The Grad-CAM map of one source image as a DICOM Parametric Map, on the source's pixel
+    grid, that viewers overlay on the image and switch on and off.
+
+    Stored as 16-bit integers (relevance x 1000), uncompressed (Explicit VR Little Endian, which
+    every peer accepts: the sender cannot transcode), with a Real World Value Mapping back to
+    relevance in [0, 1]. A source without patient geometry (a projection
+    radiograph has no Frame of Reference) gets the map in a new frame of reference of its own,
+    with the image's pixel spacing (1 mm when it states none), as the Parametric Map IOD
+    requires one; the map still lies pixel for pixel on its source (Spatial Locations
+    Preserved), which is how viewers relate the two.
+    """  # noqa: D401
+    src = _check_source(source, "source")
+    _check_common(
+        prediction, series_instance_uid, sop_instance_uid, series_number, instance_number,
+        manufacturer, software_version,
+    )  # fmt: skip
+    _check_new_uids([src], series_instance_uid, sop_instance_uid)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.shape != (int(src.Rows), int(src.Columns)):
+        raise ValueError(f"heatmap must have the source's shape, got {heat.shape}")
+    if not np.all(np.isfinite(heat)):
+        raise ValueError("heatmap must be finite")
+    stored = np.round(np.clip(heat, 0.0, 1.0) * PM_SCALE).astype(np.uint16)
+
+    header, person_names = _header(src)
+    for kw in ("Rows", "Columns", *_GEOMETRY, "PixelSpacing", "SliceThickness"):
+        if kw in src and not src[kw].is_empty:
+            header[kw] = copy.deepcopy(src[kw])
+    spacing = _spacing(src)
+    if not all(kw in header for kw in _GEOMETRY):
+        # the map's own frame of reference: the image plane at the origin, the source's pixel
+        # spacing; given to highdicom as if the source had it (the source is not changed)
+        header.FrameOfReferenceUID = _name_uid("frame-of-reference", sop_instance_uid)
+        header.ImagePositionPatient = [0.0, 0.0, 0.0]
+        header.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        header.SliceThickness = 1.0
+    header.PixelSpacing = spacing
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="GRADCAM",
+        lut_explanation=f"Grad-CAM relevance for {prediction.label.meaning}"[:64],
+        unit=_NO_UNITS,
+        value_range=(0, PM_SCALE),
+        slope=1.0 / PM_SCALE,
+        intercept=0.0,
+    )
+    kwargs: dict[str, Any] = dict(
+        source_images=[header],
+        pixel_array=stored,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=prediction.model_name,
+        software_versions=software_version,
+        device_serial_number=prediction.model_version,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(window_center=PM_SCALE / 2, window_width=PM_SCALE)
+        ],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        content_label="GRADCAM",
+        content_description=f"Grad-CAM heatmap, {DISCLAIMER}"[:64],
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        contributing_equipment=[_ai_equipment(prediction, manufacturer)],
+        series_description=PM_SERIES_DESCRIPTION,
+    )
+    pm = hd.pm.ParametricMap(**kwargs)
+    pm.copy_patient_and_study_information(header)
+    for elem in person_names:
+        pm.add(elem)
+    pm.BodyPartExamined = header.get("BodyPartExamined") or "CHEST"
+    if src.get("Laterality") in ("R", "L"):
+        pm.Laterality = src.Laterality
+    pm.ImageComments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM relevance map."
+    return pm

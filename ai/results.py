@@ -15,6 +15,7 @@ from ai.analysis import Analysis
 from ai.outputs import (
     Region,
     build_not_analysed_sr,
+    build_pm,
     build_sc,
     build_sr,
     hot_spot,
@@ -24,6 +25,7 @@ from ai.outputs import (
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+PM_SERIES_NUMBER = 9903
 
 
 def derived_uid(*parts: str) -> str:
@@ -35,8 +37,12 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
-def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]:
-    """The SR (first) and one secondary capture per explained image, for a DICOM analysis.
+def build_results(
+    analysis: Analysis, *, software_version: str, parametric_maps: bool = True
+) -> list[Dataset]:
+    """The SR (first), then per explained image a secondary capture (the heatmap burned in,
+    for viewers that show only images) and, with *parametric_maps*, a Parametric Map (the
+    heatmap as data, which viewers overlay and toggle), for a DICOM analysis.
 
     UIDs derive from the model name and version and the SOP Instance UIDs of the images used.
     """
@@ -61,6 +67,7 @@ def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]
     )
     outputs = [sr]
     sc_series_uid = derived_uid("sc-series", *key)
+    pm_series_uid = derived_uid("pm-series", *key)
     for number, item in enumerate(analysis.explained, start=1):
         if item.dataset is None:
             raise ValueError(f"explained image {item.name} has no dataset")
@@ -79,6 +86,19 @@ def build_results(analysis: Analysis, *, software_version: str) -> list[Dataset]
                 software_version=software_version,
             )
         )
+        if parametric_maps:
+            outputs.append(
+                build_pm(
+                    item.dataset,
+                    item.heatmap,
+                    prediction,
+                    series_instance_uid=pm_series_uid,
+                    sop_instance_uid=derived_uid("pm", item.name, *key),
+                    series_number=PM_SERIES_NUMBER,
+                    instance_number=number,
+                    software_version=software_version,
+                )
+            )
     return outputs
 
 

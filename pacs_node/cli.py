@@ -260,14 +260,22 @@ def _describe(r: dict[str, Any]) -> str:
 
 
 def _write_dicom_outputs(out_dir: Path, analysis: Any) -> list[str]:
-    """The SR and secondary captures the node would send back (ai.results.build_results)."""
+    """The SR, secondary captures and parametric maps the node would send back
+    (ai.results.build_results)."""
+    from pydicom.uid import ParametricMapStorage
+
     from ai.results import build_results
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     stem = Path(str(getattr(analysis.used[0], "filename", "") or "series")).stem
     for ds in build_results(analysis, software_version=__version__):
-        kind = "sr" if ds.Modality == "SR" else f"sc{int(ds.InstanceNumber)}"
+        if ds.Modality == "SR":
+            kind = "sr"
+        elif ds.SOPClassUID == ParametricMapStorage:
+            kind = f"pm{int(ds.InstanceNumber)}"
+        else:
+            kind = f"sc{int(ds.InstanceNumber)}"
         target = out_dir / f"{stem}_{kind}.dcm"
         ds.save_as(target, enforce_file_format=True)
         written.append(str(target))

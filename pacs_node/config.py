@@ -93,6 +93,9 @@ class WorkerSettings:
     # a series the node stores but does not analyse (no model for its modality, not a chest
     # radiograph, too small, undecodable) gets an SR back that says so and why
     report_not_analysed: bool = True
+    # the heatmap also as a DICOM Parametric Map (besides the secondary capture); off for a
+    # PACS that refuses Parametric Map Storage
+    parametric_map: bool = True
 
     def priority(self, modality: str) -> int:
         return dict(self.modality_priority).get(modality, 0)
@@ -375,6 +378,7 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
         report_not_analysed=_take(
             table, "report_not_analysed", bool, "worker", d.report_not_analysed
         ),
+        parametric_map=_take(table, "parametric_map", bool, "worker", d.parametric_map),
     )
 
 

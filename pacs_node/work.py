@@ -290,7 +290,11 @@ class Worker:
 
     def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
         prediction = analysis.prediction
-        outputs = build_results(analysis, software_version=__version__)
+        outputs = build_results(
+            analysis,
+            software_version=__version__,
+            parametric_maps=self.config.worker.parametric_map,
+        )
         sr = outputs[0]
         written = self._write_outputs(outputs)
         destinations = self.destinations(work.source_ae)

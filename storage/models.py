@@ -159,6 +159,7 @@ class Result(Base):
     probability: Mapped[float] = mapped_column(Float)
     probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # the heatmap objects: the secondary captures and parametric maps (the name predates PMs)
     sc_sop_instance_uids: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

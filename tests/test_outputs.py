@@ -506,6 +506,41 @@ def test_sc_passes_dciodvfy(case, tmp_path):
     assert not errors, out
 
 
+def test_the_heatmap_as_a_parametric_map(case, tmp_path):
+    """Issue 11: the Grad-CAM map as data, on the source's pixel grid, that viewers overlay and
+    toggle; valid for a CT slice (its own frame of reference) and for radiographs (which have
+    none: the map gets one of its own)."""
+    from pydicom.uid import ParametricMapStorage
+
+    from ai.outputs import PM_SCALE, build_pm
+
+    name, sources, prediction = case
+    src = sources[0]
+    rows, cols = int(src.Rows), int(src.Columns)
+    heat = np.linspace(0.0, 1.0, rows * cols, dtype=np.float32).reshape(rows, cols)
+    pm = build_pm(src, heat, prediction, series_instance_uid=generate_uid(),
+                  sop_instance_uid=generate_uid(), software_version="0.1.0")  # fmt: skip
+    out = _dciodvfy(pm, tmp_path, f"{name}_pm")
+    assert not [line for line in out.splitlines() if "Error" in line], out
+    back = _roundtrip(pm)
+    assert back.SOPClassUID == ParametricMapStorage
+    assert back.StudyInstanceUID == src.StudyInstanceUID
+    assert DISCLAIMER in back.SeriesDescription
+    mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    stored = back.pixel_array.astype(np.float64)
+    relevance = stored * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept)
+    np.testing.assert_allclose(relevance, heat, atol=0.6 / PM_SCALE)
+    derivation = back.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    if "FrameOfReferenceUID" in src:
+        assert back.FrameOfReferenceUID == src.FrameOfReferenceUID
+    else:
+        assert back.FrameOfReferenceUID  # its own
+    with pytest.raises(ValueError, match="shape"):
+        build_pm(src, heat[:-1], prediction, series_instance_uid=generate_uid(),
+                 sop_instance_uid=generate_uid(), software_version="0.1.0")  # fmt: skip
+
+
 def test_sc_patient_orientation():
     ct = _headers(_ct_paths()[:1])[0]
     sc, _ = _sc(ct, CT_PRED)

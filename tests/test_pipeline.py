@@ -18,7 +18,7 @@ from sqlalchemy import select
 from pacs_node.config import Peer
 from pacs_node.process import owner_id
 from storage import tasks
-from storage.models import Delivery, Job, Result, Series, TaskState, utcnow
+from storage.models import Delivery, Instance, Job, Result, Series, TaskState, utcnow
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
 from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
@@ -62,6 +62,13 @@ def test_cr_gets_sr_and_sc_delivered_to_its_sender(start_node, tmp_path, storesc
     assert result.label in {"covid", "pneumonia", "normal"}
     assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     expected = {result.sr_sop_instance_uid, *result.sc_sop_instance_uids}
+    with node.db.read() as session:  # the heatmap as a secondary capture and a parametric map
+        classes = session.scalars(
+            select(Instance.sop_class_uid).where(Instance.sop_instance_uid.in_(expected))
+        ).all()
+    assert sorted(classes) == sorted(
+        ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"]
+    )
     files = wait_for(
         lambda: (
             list(received.iterdir()) if len(list(received.iterdir())) == len(expected) else None
@@ -110,7 +117,7 @@ def test_ct_series_gives_one_sr_over_all_slices_and_few_heatmaps(start_node):
     # the shipped CT model is no better than chance on real DICOM, so it says so on every scan
     assert result.label == "indeterminate"
     assert set(result.probabilities) == {"covid", "noncovid"}
-    assert 1 <= len(result.sc_sop_instance_uids) <= 3
+    assert 2 <= len(result.sc_sop_instance_uids) <= 6  # an SC and a PM per explained slice
     with node.db.read() as session:
         from storage.models import Instance
 

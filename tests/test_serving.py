@@ -302,7 +302,7 @@ def test_a_source_with_an_empty_character_set_still_gets_results(strict_pydicom,
         "empty Specific Character Set: text read in the default repertoire"
     ]
     outputs = build_results(analysis, software_version="test")
-    assert len(outputs) == 2
+    assert len(outputs) == 3  # SR, SC, Parametric Map
     for i, ds in enumerate(outputs):
         ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
         back = pydicom.dcmread(tmp_path / f"{i}.dcm")
@@ -327,7 +327,7 @@ def test_a_source_with_an_unknown_character_set_gets_results_in_utf8(tmp_path, c
         received = pydicom.dcmread(written)
         analysis = analyse_datasets([received], load_runtime_classifier("cxr"))
         outputs = build_results(analysis, software_version="test")
-    assert len(outputs) == 2
+    assert len(outputs) == 3  # SR, SC, Parametric Map
     assert "unknown character set ISO_IR 999" in caplog.text
     for i, ds in enumerate(outputs):
         ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
