@@ -474,6 +474,10 @@ def _ai_equipment(prediction: Prediction, manufacturer: str) -> hd.ContributingE
 
 
 HOT_SPOT_LEVEL = 0.5  # a Grad-CAM hot spot: where the map reaches this share of its maximum
+# The tracking identifier viewers built on cornerstone3D (OHIF v3) read a closed 5-point
+# polyline under as a rectangle: with it OHIF loads the region as a measurement it can show
+# (labelled by the group's Finding) instead of leaving the SR blank.
+OHIF_RECTANGLE = "Cornerstone3DTools@^0.1.0:RectangleROI"
 
 
 @dataclass(frozen=True)
@@ -520,7 +524,11 @@ def build_sr(
     regions: Sequence[Region] = (),
     use_template: bool = True,
 ) -> Dataset:
-    """Build a Comprehensive 3D SR (TID 1500 Measurement Report) holding ``prediction``.
+    """Build a Comprehensive SR (TID 1500 Measurement Report) holding ``prediction``.
+
+    Comprehensive, not Comprehensive 3D: every coordinate is a 2-D SCOORD on an image, and
+    OHIF v3 hands Comprehensive 3D SRs to its microscopy extension, which shows nothing for
+    a radiograph or CT.
 
     ``sources`` are the (header-only is enough) datasets of every image the model saw, all
     from one study; the SR joins that study in a new series, references every image and lists
@@ -650,7 +658,7 @@ def build_not_analysed_sr(
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[group],
     )
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=[header] + [_uid_header(ds) for ds in srcs[1:]],
         content=report,
         series_instance_uid=series_instance_uid,
@@ -745,18 +753,27 @@ def _build_sr(
     # The disclaimer as content: a TEXT item (DCM 121106 "Comment") in the measurement
     # group, next to the CODE qualitative evaluation (TID 1501 has TEXT as well as CODE
     # qualitative evaluations; dciodvfy and highdicom's reader accept it).
-    notes = [DISCLAIMER, prediction.rule_text()[:1024]]
+    notes = [f"AI finding: {prediction.label.meaning}", DISCLAIMER, prediction.rule_text()[:1024]]
     if prediction.indeterminate:
         notes.append(f"Not determined: {prediction.indeterminate}"[:1024])
-    for note in notes:
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=_COMMENT,
-                value=note,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+
+    def add_notes(container: Any) -> None:
+        for note in notes:
+            container[0].ContentSequence.append(
+                hd.sr.TextContentItem(
+                    name=_COMMENT,
+                    value=note,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
             )
-        )
-    groups: list[Any] = [group]
+
+    # With regions, the finding, probabilities and notes are given in each region's group and
+    # there is no group without a region: OHIF v3 (3.13) fails on an SR that mixes the two
+    # (it takes every group to have coordinates) and shows a group's comments as its labels.
+    groups: list[Any] = []
+    if not regions:
+        add_notes(group)
+        groups.append(group)
     algorithm = hd.sr.AlgorithmIdentification(
         name=prediction.model_name, version=prediction.model_version
     )
@@ -765,7 +782,7 @@ def _build_sr(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=_name_uid("tracking", sop_instance_uid, str(number)),
-                    identifier=f"Grad-CAM hot spot {number}",
+                    identifier=OHIF_RECTANGLE,
                 ),
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -790,6 +807,7 @@ def _build_sr(
                 ],
             )
         )
+        add_notes(groups[-1])
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=_PROCEDURES[prediction.task],
@@ -798,7 +816,7 @@ def _build_sr(
     )
 
     evidence = [header] + [_uid_header(ds) for ds in srcs[1:]]
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid,
@@ -898,9 +916,9 @@ class SrTemplate:
         for old, new in zip(self.source_uids, (_uids_of(ds) for ds in srcs), strict=True):
             for kind, before, after in zip(("study", "series", "instance"), old, new, strict=True):
                 uids[kind][before] = after
-        # every measurement group holds the probabilities: the study group, then each region's
+        # every measurement group holds the probabilities: each region's, or the one group's
         probabilities = [_probability_ds(p) for p in prediction.probabilities]
-        values = iter(probabilities * (1 + self.n_regions))
+        values = iter(probabilities * max(1, self.n_regions))
         graphics = iter([[float(v) for v in r.graphic_data().ravel()] for r in regions])
         reason = f"Not determined: {prediction.indeterminate}"[:1024]
         _substitute(sr.file_meta, uids, values, reason, graphics)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # what the node makes (ai.results): proposed on every association, so a stream of results
 # never needs a second association for a class it has not seen yet
 GENERATED_SOP_CLASSES = (
-    UID("1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR
+    UID("1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR
+    UID("1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR (results made by 0.3.0)
     UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image
     UID("1.2.840.10008.5.1.4.1.1.30"),  # Parametric Map
 )

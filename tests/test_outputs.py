@@ -15,7 +15,7 @@ import pydicom
 import pydicom.config
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from ai.outputs import (
     DISCLAIMER,
@@ -263,7 +263,7 @@ def test_sr_content(case):
     sr = _roundtrip(_sr(sources, prediction))
     src = sources[0]
 
-    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    assert sr.SOPClassUID == ComprehensiveSRStorage
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == src.StudyInstanceUID
     assert _opt(sr, "PatientID") == _opt(src, "PatientID")
@@ -370,8 +370,8 @@ def test_the_grad_cam_hot_spot_is_a_region_over_its_image(case):
     sr = _roundtrip(_sr(sources, prediction, (Region(sources[0], box),)))
     items = list(_items(sr.ContentSequence))
     rois = [i for i in items if i.ValueType == "CONTAINER" and _concept(i) == ("DCM", "125007")]
-    assert len(rois) == 2  # the study-level group and the region's group
-    region = rois[1]
+    assert len(rois) == 1  # the region's group holds the result (OHIF needs every group placed)
+    region = rois[0]
     inner = list(_items(region.ContentSequence))
     [scoord] = [i for i in inner if i.ValueType == "SCOORD"]
     assert scoord.GraphicType == "POLYLINE"
@@ -382,8 +382,9 @@ def test_the_grad_cam_hot_spot_is_a_region_over_its_image(case):
     assert {_concept(i) for i in inner if i.ValueType == "NUM"} == classes
     finding = [i for i in inner if i.ValueType == "CODE" and _concept(i) == ("DCM", "121071")]
     assert finding[0].ConceptCodeSequence[0].CodeValue == prediction.label.value
-    tracking = [str(i.TextValue) for i in inner if "TextValue" in i]
-    assert "Grad-CAM hot spot 1" in tracking
+    texts = [str(i.TextValue) for i in inner if "TextValue" in i]
+    assert f"AI finding: {prediction.label.meaning}" in texts  # what OHIF labels it with
+    assert DISCLAIMER in texts
 
 
 def test_sr_renders_with_dsrdump(case, tmp_path):

@@ -67,7 +67,7 @@ def test_cr_gets_sr_and_sc_delivered_to_its_sender(start_node, tmp_path, storesc
             select(Instance.sop_class_uid).where(Instance.sop_instance_uid.in_(expected))
         ).all()
     assert sorted(classes) == sorted(
-        ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"]
+        ["1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"]
     )
     files = wait_for(
         lambda: (

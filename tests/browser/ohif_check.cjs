@@ -1,0 +1,73 @@
+// Open a study in a real OHIF viewer (headless Chromium, driven by playwright-core) and report
+// what the page shows, as one JSON line on stdout. Used by tests/test_ohif.py.
+//
+//   node ohif_check.cjs URL SCREENSHOT SR_TEXT FINDING_TEXT [TIMEOUT_MS]
+//
+// URL: the viewer page of the study; SR_TEXT: text of the SR's series in the study browser;
+// FINDING_TEXT: the finding the SR carries. The script waits for the series list, records
+// its text, double-clicks the SR's thumbnail to open it, waits for the finding, and keeps a
+// screenshot. It never decides pass or fail itself: the test reads the JSON.
+const { chromium } = require('playwright-core');
+
+async function main() {
+  const [url, screenshot, srText, findingText, timeoutArg] = process.argv.slice(2);
+  const timeout = Number(timeoutArg || 120000);
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--disable-dev-shm-usage',
+    ],
+  });
+  const out = { url, errors: [], seriesText: '', opened: false, findingShown: false };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+    page.on('pageerror', e => out.errors.push(String(e).slice(0, 300)));
+    out.console = [];
+    out.http = [];
+    page.on('response', r => { if (r.status() >= 400) out.http.push(`${r.status()} ${r.url().slice(0, 200)}`); });
+    page.on('requestfailed', r => out.http.push(`failed ${r.url().slice(0, 200)}`));
+    page.on('console', m => {
+      out.console.push(`${m.type()}: ${m.text().slice(0, 300)}`);
+    });
+    await page.goto(url, { timeout });
+    await page.getByText(srText, { exact: false }).first().waitFor({ timeout });
+    out.seriesText = await page.evaluate(() => document.body.innerText);
+    // OHIF's own "investigational use only" notice covers the page until it is confirmed
+    const notice = page.getByText('Confirm and hide', { exact: false });
+    if (await notice.count()) await notice.first().click({ timeout: 10000 });
+    await page.waitForTimeout(2000);
+    // ... and its first-visit tour
+    const tour = page.getByText('Skip all', { exact: true });
+    if (await tour.count()) await tour.first().click({ timeout: 10000 }).catch(() => {});
+    // the SR's entry in the study browser (a row without an image): double-click opens it
+    const label = page.getByText(srText, { exact: false }).first();
+    const entry = label.locator('xpath=ancestor::*[@data-cy][1]');
+    const target = (await entry.count()) ? entry.first() : label;
+    out.entry = await target.evaluate(e => e.getAttribute('data-cy') || e.tagName);
+    // the entry is draggable and playwright may never see it "stable": force the clicks
+    await target.dblclick({ timeout: 30000, force: true });
+    out.opened = true;
+    try {
+      await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: Number(process.env.OHIF_FINDING_MS || 60000) });
+      out.findingShown = true;
+    } catch (e) {
+      out.errors.push(`finding not shown: ${String(e).slice(0, 200)}`);
+    }
+    await page.waitForTimeout(3000);  // let the viewport draw before the screenshot
+    out.svgText = await page.evaluate(() =>
+      Array.from(document.querySelectorAll('svg text')).map(t => t.textContent).join(' | '));
+    out.viewports = await page.evaluate(() =>
+      Array.from(document.querySelectorAll('[data-viewportid]')).map(v =>
+        `${v.getAttribute('data-viewportid')}: ${v.innerText.slice(0, 200)}`));
+    out.pageText = (await page.evaluate(() => document.body.innerText)).slice(0, 4000);
+    await page.screenshot({ path: screenshot, fullPage: false });
+  } catch (e) {
+    out.errors.push(String(e).slice(0, 500));
+  } finally {
+    await browser.close();
+  }
+  process.stdout.write(JSON.stringify(out) + '\n');
+}
+
+main();
