@@ -279,8 +279,36 @@ def _check_source(ds: object, argname: str) -> Dataset:
     return ds
 
 
+# sequences of SOP Instance References (PS3.3 Table 10-11): both UIDs are Type 1 in each item
+_SOP_REFERENCE_SEQUENCES = frozenset(
+    {
+        "ReferencedStudySequence",
+        "ReferencedPatientSequence",
+        "ReferencedVisitSequence",
+        "ReferencedPerformedProcedureStepSequence",
+        "ReferencedImageSequence",
+    }
+)
+
+
 def _value_is_valid(elem: DataElement) -> bool:
-    """Whether a (non-sequence) element's value(s) are valid for its VR."""
+    """Whether an element's value(s) are valid for its VR; a sequence when every item's
+    elements are, and, for a sequence of SOP Instance References, each item has both UIDs
+    (a source's malformed sequence is not copied into the results)."""
+    if elem.VR == "SQ":
+        for item in elem.value or []:
+            if elem.keyword in _SOP_REFERENCE_SEQUENCES and not (
+                item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
+            ):
+                return False
+            for tag in list(item.keys()):
+                try:
+                    inner = item[tag]
+                except (ValueError, TypeError):
+                    return False
+                if not _value_is_valid(inner):
+                    return False
+        return True
     if elem.VR not in _TEXT_VRS or elem.value is None:
         return True
     values = elem.value if isinstance(elem.value, MultiValue | list | tuple) else [elem.value]

@@ -354,6 +354,30 @@ def test_sr_passes_dciodvfy(case, tmp_path):
     assert not [line for line in out.splitlines() if "Error" in line], out
 
 
+def test_a_malformed_sequence_of_the_source_is_not_copied(tmp_path):
+    """Issue 11: a CT whose ReferencedStudySequence lacks ReferencedSOPClassUID got results that
+    failed dciodvfy, because the node copied the sequence; now only what validates is copied."""
+    from ai.outputs import Region, build_pm
+
+    src = _headers([CT_SLICE])[0]
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = generate_uid()  # no ReferencedSOPClassUID: malformed
+    src.ReferencedStudySequence = [item]
+    heat = np.zeros((int(src.Rows), int(src.Columns)), np.float32)
+    heat[10:20, 10:20] = 1.0
+    kwargs = dict(series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                  software_version="0.1.0")  # fmt: skip
+    outputs = {
+        "sr": build_sr([src], CT_PRED, regions=(Region(src, (10, 10, 20, 20)),), **kwargs),
+        "sc": _sc(src, CT_PRED)[0],
+        "pm": build_pm(src, heat, CT_PRED, **kwargs),
+    }
+    for name, ds in outputs.items():
+        assert "ReferencedStudySequence" not in ds, name
+        out = _dciodvfy(ds, tmp_path, f"malformed_{name}")
+        assert not [line for line in out.splitlines() if "Error" in line], (name, out)
+
+
 def test_the_grad_cam_hot_spot_is_a_region_over_its_image(case):
     """Issue 11: what OHIF v3 shows over the image: a planar ROI group (TID 1410) whose SCOORD
     is a closed polyline on the source image, with the finding and the probabilities."""
