@@ -185,7 +185,7 @@ def test_the_same_instance_twice_is_stored_once_and_analysed_once(start_node):
     again = scu.store(node.port, [CR_CHEST])
     node.run_pending()
     assert first[0].Status == again[0].Status == statuses.SUCCESS
-    assert _instance_count(node) == 3  # the CR, its SR and its heatmap
+    assert _instance_count(node) == 4  # the CR, its SR, its heatmap as SC and as PM
     with node.db.read() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
 
