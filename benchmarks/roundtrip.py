@@ -58,7 +58,13 @@ def main() -> int:
         default=64,
         help="slices of the CT series (the 30 real ones, repeated)",
     )
+    parser.add_argument(
+        "--no-parametric-map",
+        action="store_true",
+        help="worker.parametric_map = false (the heatmap as a secondary capture only)",
+    )
     args = parser.parse_args()
+    pm = "false" if args.no_parametric_map else "true"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         node_port = free_port()
@@ -71,7 +77,8 @@ def main() -> int:
                 f'[node]\nport = {node_port}\nstorage_dir = "data"\naccept_unknown_peers = false\n'
                 f'[[peers]]\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\n'
                 f"port = {orthanc.dicom_port}\n"
-                f"[worker]\npoll_interval_s = 0.05\nct_quiet_period_s = {QUIET_S}\n",
+                f"[worker]\npoll_interval_s = 0.05\nct_quiet_period_s = {QUIET_S}\n"
+                f"parametric_map = {pm}\n",
             )
             node.start()
             wait_for(lambda: "work role" in node.log(), timeout_s=120, what="models loaded")
