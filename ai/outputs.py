@@ -20,7 +20,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -840,7 +840,12 @@ def _build_sr(
         observation_context=observation_context,
         procedure_reported=_PROCEDURES[prediction.task],
         imaging_measurements=groups,
-        referenced_images=[_library_entry(ds) for ds in srcs],
+        # the Image Library lists the images the groups reference: the regions' images, or
+        # every image when the one group references them all (a CT's 300 slices need not be
+        # described when three carry the result; every image is in the evidence either way)
+        referenced_images=[
+            _library_entry(ds) for ds in ([r.source for r in regions] if regions else srcs)
+        ],
     )
 
     evidence = [header] + [_uid_header(ds) for ds in srcs[1:]]
@@ -1038,7 +1043,7 @@ def _substitute(
 ) -> None:
     """Replace, depth first in document order, the template's UIDs, probabilities, region
     coordinates and indeterminate reason with this input's."""
-    for elem in ds:
+    for elem in _elements_of(ds, _SUBSTITUTED_VRS):
         if elem.keyword == "MeasuredValueSequence":  # a NUM item's value, both encodings
             for item in elem.value:
                 new = next(values)
@@ -1069,8 +1074,20 @@ def _is_image_library(item: Dataset) -> bool:
     )
 
 
+_SUBSTITUTED_VRS = frozenset({"SQ", "UI", "FL", "UT"})  # sequences, UIDs, GraphicData, TextValue
+
+
+def _elements_of(ds: Dataset, vrs: frozenset[str]) -> Iterator[DataElement]:
+    """The elements of *ds* whose VR is one of *vrs*, in order, decoding only those (a template
+    read from bytes holds raw elements; decoding every one cost most of a fill)."""
+    for tag in list(ds.keys()):
+        raw = ds._dict[tag]  # raw or decoded, both carry the VR of an explicit-VR file
+        if raw.VR in vrs or raw.VR is None:
+            yield ds[tag]
+
+
 def _substitute_uids(ds: Dataset, uids: dict[str, dict[str, str]]) -> None:
-    for elem in ds:
+    for elem in _elements_of(ds, frozenset({"SQ", "UI"})):
         if elem.VR == "SQ":
             for item in elem.value:
                 _substitute_uids(item, uids)
