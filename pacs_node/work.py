@@ -210,26 +210,19 @@ class Worker:
         if report is None:
             self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
         else:
-            written = self._write_outputs([report])
-            destinations = self.destinations(work.source_ae)
+            result = dict(
+                model_name=work.model_name or "none",
+                model_version="",
+                label="not_analysed",
+                probability=0.0,
+                probabilities={},
+                sr_sop_instance_uid=str(report.SOPInstanceUID),
+                sc_sop_instance_uids=[],
+            )
             try:
-                with self.db.session() as session:
-                    job = self._held_job(session, work)
-                    self._record_outputs(session, written, destinations, work.priority)
-                    session.add(
-                        Result(
-                            job_pk=job.id,
-                            series_pk=job.series_pk,
-                            model_name=work.model_name or "none",
-                            model_version="",
-                            label="not_analysed",
-                            probability=0.0,
-                            probabilities={},
-                            sr_sop_instance_uid=str(report.SOPInstanceUID),
-                            sc_sop_instance_uids=[],
-                        )
-                    )
-                    tasks.skip(session, job, reason, utcnow())
+                self._commit(
+                    work, [report], result, lambda s, j: tasks.skip(s, j, reason, utcnow())
+                )
             except LeaseLost:
                 log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
                 return
@@ -256,6 +249,25 @@ class Worker:
         except Exception:
             log_failure(log, "job %d: the not-analysed report could not be made", work.job_id)
             return None
+
+    def _commit(
+        self,
+        work: SeriesWork,
+        outputs: list[Dataset],
+        result: dict[str, object],
+        transition: Callable[[Session, Job], object],
+    ) -> list[str]:
+        """Write *outputs*, then in one transaction, while the lease is still this process's:
+        index them, owe them to the destinations, record the Result and apply *transition*.
+        Returns the destinations; :class:`LeaseLost` when the job was taken back."""
+        written = self._write_outputs(outputs)
+        destinations = self.destinations(work.source_ae)
+        with self.db.session() as session:
+            job = self._held_job(session, work)
+            self._record_outputs(session, written, destinations, work.priority)
+            session.add(Result(job_pk=job.id, series_pk=job.series_pk, **result))
+            transition(session, job)
+        return destinations
 
     def _write_outputs(self, outputs: list[Dataset]) -> list[tuple[Dataset, Path, int]]:
         written = []
@@ -296,29 +308,23 @@ class Worker:
             parametric_maps=self.config.worker.parametric_map,
         )
         sr = outputs[0]
-        written = self._write_outputs(outputs)
-        destinations = self.destinations(work.source_ae)
-        with self.db.session() as session:
-            job = self._held_job(session, work)
-            self._record_outputs(session, written, destinations, work.priority)
-            session.add(
-                Result(
-                    job_pk=job.id,
-                    series_pk=job.series_pk,
-                    model_name=prediction.model_name,
-                    model_version=prediction.model_version,
-                    label=prediction.label.name,
-                    probability=prediction.probability,
-                    probabilities={
-                        c.name: p
-                        for c, p in zip(prediction.classes, prediction.probabilities, strict=True)
-                    },
-                    sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                    sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
-                )
-            )
+        result = dict(
+            model_name=prediction.model_name,
+            model_version=prediction.model_version,
+            label=prediction.label.name,
+            probability=prediction.probability,
+            probabilities={
+                c.name: p for c, p in zip(prediction.classes, prediction.probabilities, strict=True)
+            },
+            sr_sop_instance_uid=str(sr.SOPInstanceUID),
+            sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
+        )
+
+        def done(session: Session, job: Job) -> None:
             job.warnings = "\n".join(analysis.warnings)
             tasks.succeed(session, job, utcnow())
+
+        destinations = self._commit(work, outputs, result, done)
         for warning in analysis.warnings:
             log.warning("job %d (series %s): %s", work.job_id, work.series_uid, warning)
         log.info(
