@@ -442,3 +442,64 @@ def test_a_malformed_dimse_command_is_aborted_at_once(start_node, tmp_path):
         time.sleep(0.02)
     assert assoc.is_aborted and time.monotonic() - start < 3
     assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
+
+
+def _rss_of_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_the_attacks_against_a_real_pacs_node_serve(tmp_path):
+    """Issue 10, against ``pacs-node serve`` itself (supervisor and role processes): a
+    stranger's 4 GiB association request is aborted unread (the receive process does not
+    grow), the stranger gets a real A-ASSOCIATE-RJ with the reason logged, and the known PACS
+    is served throughout. (Log escaping: test_serving's OneLineFormatter test.)"""
+    from tests.orthanc import free_port
+    from tests.processes import NodeProcess
+
+    port = free_port()
+    (tmp_path / "node").mkdir()
+    node = NodeProcess(
+        tmp_path / "node",
+        f'[node]\nport = {port}\nstorage_dir = "data"\naccept_unknown_peers = false\n'
+        '[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n',
+    )
+    node.start()
+    try:
+        [receive] = node.role_pids("receive[0]")
+        assert _associate(port, "PACS")
+        before = _rss_of_kib(receive)
+        sock = _raw(port)
+        sent = 0
+        try:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
+            zeros = bytes(1 << 20)
+            start = time.monotonic()
+            while time.monotonic() - start < 5 and sent < 300 * 2**20:
+                try:
+                    sock.sendall(zeros)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += len(zeros)
+            else:
+                raise AssertionError(f"serve was still reading after {sent >> 20} MiB")
+        finally:
+            sock.close()
+        grown_mib = (_rss_of_kib(receive) - before) / 1024
+        assert sent < 64 * 2**20 and grown_mib < 40, (sent, grown_mib)
+
+        ae = AE(ae_title="STRANGER")
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_rejected  # a real A-ASSOCIATE-RJ, not a dropped connection
+        assert _associate(port, "PACS")  # served throughout
+        deadline = time.monotonic() + 10
+        while "STRANGER" not in node.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "calling AE title 'STRANGER' is not a configured peer" in node.log()
+    finally:
+        node.stop()
