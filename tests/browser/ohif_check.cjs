@@ -5,8 +5,10 @@
 //
 // URL: the viewer page of the study; SR_TEXT: text of the SR's series in the study browser;
 // FINDING_TEXT: the finding the SR carries. The script waits for the series list, records
-// its text, double-clicks the SR's thumbnail to open it, waits for the finding, and keeps a
-// screenshot. It never decides pass or fail itself: the test reads the JSON.
+// its text, dismisses OHIF's notice and tour, double-clicks the SR's entry to open it, waits
+// for the finding, and keeps a screenshot; console messages, failed requests and the text of
+// the drawn annotations go into the JSON for diagnosis. It never decides pass or fail itself:
+// the test reads the JSON.
 const { chromium } = require('playwright-core');
 
 async function main() {
@@ -49,7 +51,7 @@ async function main() {
     await target.dblclick({ timeout: 30000, force: true });
     out.opened = true;
     try {
-      await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: Number(process.env.OHIF_FINDING_MS || 60000) });
+      await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: 60000 });
       out.findingShown = true;
     } catch (e) {
       out.errors.push(`finding not shown: ${String(e).slice(0, 200)}`);
