@@ -29,7 +29,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom import config
-from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -38,6 +37,7 @@ from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from ai import DISCLAIMER
+from ai.eligibility import charset_terms
 
 log = logging.getLogger(__name__)
 
@@ -348,9 +348,9 @@ def _header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
             setattr(out, kw, None)
     if out.PatientSex not in ("M", "F", "O", "", None):
         out.PatientSex = None
-    if "SpecificCharacterSet" in out:
-        terms = [str(v).strip() for v in _as_list(out.SpecificCharacterSet)]
-        unknown = [t for t in terms if t and t not in python_encoding]
+    charset = charset_terms(out)
+    if charset is not None:
+        terms, unknown = charset
         if not any(terms):
             del out.SpecificCharacterSet  # empty means the default repertoire: say nothing
         elif unknown:
@@ -559,10 +559,12 @@ def build_sr(
     a radiograph or CT.
 
     ``sources`` are the (header-only is enough) datasets of every image the model saw, all
-    from one study; the SR joins that study in a new series, references every image and lists
-    them in its Image Library. Each of ``regions`` (the Grad-CAM hot spot of an explained
-    image) adds a planar ROI measurement group (TID 1410): the box as a SCOORD on that image,
-    with the finding and the probabilities, which OHIF and other viewers draw over the image.
+    from one study; the SR joins that study in a new series and references every image. Without
+    ``regions`` one measurement group (TID 1501) holds the finding and the probabilities for all
+    of them, and the Image Library lists them all. Each of ``regions`` (the Grad-CAM hot spot of
+    an explained image) instead gives a planar ROI group (TID 1410): the box as a SCOORD on that
+    image, with the finding and the probabilities, which OHIF and other viewers draw over the
+    image; the Image Library then lists those images.
 
     Parameters
     ----------
@@ -648,15 +650,6 @@ def build_not_analysed_sr(
         raise ValueError("reason must be a non-empty string")
     _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
     header, person_names = _header(srcs[0])
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_name_uid("device", NOT_ANALYSED_ALGORITHM, software_version),
-            name=NOT_ANALYSED_ALGORITHM,
-            manufacturer_name=manufacturer,
-            model_name=f"{NOT_ANALYSED_ALGORITHM} {software_version}"[:64],
-        ),
-    )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=_name_uid("tracking", sop_instance_uid), identifier="AI analysis not performed"
@@ -675,45 +668,37 @@ def build_not_analysed_sr(
             for ds in srcs
         ],
     )
-    for note in (DISCLAIMER, f"Not analysed: {reason}"[:1024]):
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=_COMMENT, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-        )
+    _add_comments(group, (DISCLAIMER, f"Not analysed: {reason}"[:1024]))
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_device_context(
+                NOT_ANALYSED_ALGORITHM, software_version, manufacturer
+            )
+        ),
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[group],
     )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[header] + [_uid_header(ds) for ds in srcs[1:]],
-        content=report,
+    return _sr_document(
+        srcs,
+        header,
+        person_names,
+        report,
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
         sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
         instance_number=1,
         manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=manufacturer,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name=NOT_ANALYSED_ALGORITHM,
-                software_versions=software_version,
-                contribution_description=f"AI analysis not performed: {reason[:900]}. {DISCLAIMER}",
-            )
-        ],
+        equipment=hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=NOT_ANALYSED_ALGORITHM,
+            software_versions=software_version,
+            contribution_description=f"AI analysis not performed: {reason[:900]}. {DISCLAIMER}",
+        ),
         series_description=f"AI NOT ANALYSED - {DISCLAIMER}"[:64],
-        manufacturer_model_name=NOT_ANALYSED_ALGORITHM,
-        software_versions=software_version,
+        model_name=NOT_ANALYSED_ALGORITHM,
+        software_version=software_version,
     )
-    for elem in person_names:
-        sr.add(elem)
-    return sr
 
 
 def _build_sr(
@@ -731,80 +716,62 @@ def _build_sr(
     software_version: str,
 ) -> Dataset:
     """The SR as highdicom builds it (checked arguments)."""
-
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_name_uid("device", prediction.model_name, prediction.model_version),
-            name=prediction.model_name,
-            manufacturer_name=manufacturer,
-            model_name=f"{prediction.model_name} {prediction.model_version}"[:64],
-        ),
-    )
-    observation_context = hd.sr.ObservationContext(observer_device_context=device)
-
-    finding = hd.sr.QualitativeEvaluation(
-        name=codes.DCM.Finding, value=prediction.label.coded_concept()
-    )
-    # One NUM item per class. The concept name is the class's own code: the value is the
-    # model's probability that this code applies to the study, and the unit
-    # "{probability}" (UCUM unity, see PROBABILITY_UNIT) says so. DICOM has no generic
-    # "probability of <X>" concept, and post-coordinating the class as a finding site or
-    # modifier would misuse those rows, so naming the number by the class is the most
-    # direct defensible encoding (and matches the Finding value for the winning class).
-    measurements = [
-        hd.sr.Measurement(
-            name=cls.coded_concept(),
-            value=round(prob, 6),
-            unit=PROBABILITY_UNIT,
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=_device_context(
+            prediction.model_name, prediction.model_version, manufacturer
         )
-        for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True)
-    ]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_name_uid("tracking", sop_instance_uid),
-            identifier=f"{prediction.model_name} {prediction.task} classification"[:64],
-        ),
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=prediction.model_name, version=prediction.model_version
-        ),
-        measurements=measurements,
-        qualitative_evaluations=[finding],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-            )
-            for ds in srcs
-        ],
     )
-    # The disclaimer as content: a TEXT item (DCM 121106 "Comment") in the measurement
-    # group, next to the CODE qualitative evaluation (TID 1501 has TEXT as well as CODE
-    # qualitative evaluations; dciodvfy and highdicom's reader accept it).
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model_name, version=prediction.model_version
+    )
+
+    def measurements() -> list[Any]:
+        # One NUM item per class. The concept name is the class's own code: the value is the
+        # model's probability that this code applies to the study, and the unit
+        # "{probability}" (UCUM unity, see PROBABILITY_UNIT) says so. DICOM has no generic
+        # "probability of <X>" concept, and post-coordinating the class as a finding site or
+        # modifier would misuse those rows, so naming the number by the class is the most
+        # direct defensible encoding (and matches the Finding value for the winning class).
+        return [
+            hd.sr.Measurement(name=cls.coded_concept(), value=round(prob, 6), unit=PROBABILITY_UNIT)
+            for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True)
+        ]
+
+    def finding() -> Any:
+        return hd.sr.QualitativeEvaluation(
+            name=codes.DCM.Finding, value=prediction.label.coded_concept()
+        )
+
+    # The disclaimer as content: TEXT items (DCM 121106 "Comment") in each measurement group,
+    # next to the CODE qualitative evaluation (TID 1501 has TEXT as well as CODE qualitative
+    # evaluations; dciodvfy and highdicom's reader accept it).
     notes = [f"AI finding: {prediction.label.meaning}", DISCLAIMER, prediction.rule_text()[:1024]]
     if prediction.indeterminate:
         notes.append(f"Not determined: {prediction.indeterminate}"[:1024])
-
-    def add_notes(container: Any) -> None:
-        for note in notes:
-            container[0].ContentSequence.append(
-                hd.sr.TextContentItem(
-                    name=_COMMENT,
-                    value=note,
-                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-                )
-            )
 
     # With regions, the finding, probabilities and notes are given in each region's group and
     # there is no group without a region: OHIF v3 (3.13) fails on an SR that mixes the two
     # (it takes every group to have coordinates) and shows a group's comments as its labels.
     groups: list[Any] = []
     if not regions:
-        add_notes(group)
-        groups.append(group)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=prediction.model_name, version=prediction.model_version
-    )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_name_uid("tracking", sop_instance_uid),
+                    identifier=f"{prediction.model_name} {prediction.task} classification"[:64],
+                ),
+                algorithm_id=algorithm,
+                measurements=measurements(),
+                qualitative_evaluations=[finding()],
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup(
+                        referenced_sop_class_uid=ds.SOPClassUID,
+                        referenced_sop_instance_uid=ds.SOPInstanceUID,
+                    )
+                    for ds in srcs
+                ],
+            )
+        )
     for number, region in enumerate(regions, start=1):
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -822,20 +789,12 @@ def _build_sr(
                 ),
                 finding_type=prediction.label.coded_concept(),
                 algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=cls.coded_concept(), value=round(prob, 6), unit=PROBABILITY_UNIT
-                    )
-                    for cls, prob in zip(prediction.classes, prediction.probabilities, strict=True)
-                ],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=codes.DCM.Finding, value=prediction.label.coded_concept()
-                    )
-                ],
+                measurements=measurements(),
+                qualitative_evaluations=[finding()],
             )
         )
-        add_notes(groups[-1])
+    for group in groups:
+        _add_comments(group, notes)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=_PROCEDURES[prediction.task],
@@ -847,10 +806,66 @@ def _build_sr(
             _library_entry(ds) for ds in ([r.source for r in regions] if regions else srcs)
         ],
     )
+    return _sr_document(
+        srcs,
+        header,
+        person_names,
+        report,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        equipment=_ai_equipment(prediction, manufacturer),
+        series_description=SR_SERIES_DESCRIPTION,
+        model_name=prediction.model_name,
+        software_version=software_version,
+    )
 
-    evidence = [header] + [_uid_header(ds) for ds in srcs[1:]]
+
+def _device_context(name: str, version: str, manufacturer: str) -> Any:
+    """The observer of an SR: the device (a model, or the node) that made it."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_name_uid("device", name, version),
+            name=name,
+            manufacturer_name=manufacturer,
+            model_name=f"{name} {version}"[:64],
+        ),
+    )
+
+
+def _add_comments(group: Any, notes: Sequence[str]) -> None:
+    """Each note as a TEXT "Comment" item at the end of a measurement group."""
+    for note in notes:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=_COMMENT, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+
+
+def _sr_document(
+    srcs: Sequence[Dataset],
+    header: Dataset,
+    person_names: Sequence[DataElement],
+    report: Any,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str,
+    equipment: hd.ContributingEquipment,
+    series_description: str,
+    model_name: str,
+    software_version: str,
+) -> Dataset:
+    """The Comprehensive SR around *report*, in the study of *srcs*: PRELIMINARY (nobody has
+    verified an AI result), UNVERIFIED, the source's person names added back."""
     sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
+        evidence=[header] + [_uid_header(ds) for ds in srcs[1:]],
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -858,12 +873,12 @@ def _build_sr(
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=True,
-        is_final=False,  # PRELIMINARY: nobody has verified an AI result
+        is_final=False,
         is_verified=False,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_ai_equipment(prediction, manufacturer)],
-        series_description=SR_SERIES_DESCRIPTION,
-        manufacturer_model_name=prediction.model_name,
+        contributing_equipment=[equipment],
+        series_description=series_description,
+        manufacturer_model_name=model_name,
         software_versions=software_version,
     )
     for elem in person_names:
