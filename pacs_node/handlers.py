@@ -21,7 +21,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -83,38 +83,37 @@ def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
     ]
 
 
-def refusal(config: Config, calling: str, address: str) -> str | None:
-    """Why an association from *calling* at *address* is refused, or None to accept."""
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4, service-user source)
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+def refusal(config: Config, calling: str, called: str, address: str) -> tuple[str, int] | None:
+    """Why an association from *calling* at *address* to *called* is refused, with the
+    A-ASSOCIATE-RJ diagnostic to send; None to accept."""
+    if called not in config.node.accepted_called_ae_titles:
+        return f"called AE title {called!r} is not this node's", CALLED_AE_NOT_RECOGNISED
     peer = config.peer(calling)
     if peer is None:
         if config.node.accept_unknown_peers:
             return None
-        return f"calling AE title {calling!r} is not a configured peer"
+        return f"calling AE title {calling!r} is not a configured peer", CALLING_AE_NOT_RECOGNISED
     if peer.check_host and address not in resolve(peer.host):
-        return f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
+        why = f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
+        return why, CALLING_AE_NOT_RECOGNISED
     return None
 
 
 def handle_requested(event: Any, config: Config) -> None:
-    calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-    called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+    primitive = event.assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title).strip()
+    called = str(primitive.called_ae_title).strip()
     address = str(event.assoc.requestor.address)
-    if called not in config.node.accepted_called_ae_titles:
-        log.warning(
-            "association from %s (%s) refused: called AE title %r is not this node's",
-            address,
-            calling,
-            called,
-        )
-        # rejected-permanent, DUL service-user, called AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
-        _wait_until_sent(event.assoc)
-        return
-    reason = refusal(config, calling, address)
-    if reason is not None:
+    refused = refusal(config, calling, called, address)
+    if refused is not None:
+        reason, diagnostic = refused
         log.warning("association from %s refused: %s", address, reason)
-        # rejected-permanent, DUL service-user, calling AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, service-user
         _wait_until_sent(event.assoc)
 
 
@@ -317,31 +316,41 @@ def handle_move(event: Any, config: Config, db: Database, files: FileStore) -> I
         return
     found = _selected(event, db, f"C-MOVE to {destination}")
     if isinstance(found, Dataset):
-        yield peer.host, peer.port
-        yield 1
-        yield found, None
+        yield from _move_refused(peer, found)
         return
-    from pynetdicom import build_context
-
-    syntaxes: dict[str, set[str]] = {}
-    for item in found:
-        wanted = syntaxes.setdefault(item.sop_class_uid, set())
-        wanted.add(item.transfer_syntax_uid or str(UID("1.2.840.10008.1.2.1")))
-    contexts = [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+    contexts = _move_contexts(found)
     if len(contexts) > MAX_MOVE_CONTEXTS:
-        yield peer.host, peer.port
-        yield 1
-        yield (
+        yield from _move_refused(
+            peer,
             status(
                 statuses.OUT_OF_RESOURCES_SUBOPERATIONS,
                 f"{len(contexts)} SOP classes: more than one association can carry",
             ),
-            None,
         )
         return
     yield peer.host, peer.port, {"contexts": contexts}
     yield len(found)
     yield from _sub_operations(event, found, files, f"C-MOVE to {destination}")
+
+
+def _move_refused(peer: Any, failure: Dataset) -> Iterator[Any]:
+    """What pynetdicom needs to answer a C-MOVE with *failure*: the destination, one
+    sub-operation, then the failure status."""
+    yield peer.host, peer.port
+    yield 1
+    yield failure, None
+
+
+def _move_contexts(found: list[query.Stored]) -> list[Any]:
+    """One presentation context per SOP class, in the transfer syntaxes it is stored in."""
+    from pynetdicom import build_context
+
+    syntaxes: dict[str, set[str]] = {}
+    for item in found:
+        syntaxes.setdefault(item.sop_class_uid, set()).add(
+            item.transfer_syntax_uid or ExplicitVRLittleEndian
+        )
+    return [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
 
 
 def _too_big(calling: str, request: Any, size: int, maximum: int) -> Dataset:
