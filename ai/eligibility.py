@@ -111,10 +111,9 @@ def ct_reason(ds: Dataset) -> str | None:
     return _species_reason(ds)
 
 
-def charset_warning(ds: Dataset) -> str | None:
-    """What is wrong with the data set's Specific Character Set, if anything: an empty value or
-    a term pydicom does not know. Its text was then read in the default repertoire (and the
-    results are written in UTF-8): the analysis goes on, and the job says so."""
+def charset_terms(ds: Dataset) -> tuple[list[str], list[str]] | None:
+    """The data set's Specific Character Set terms and those pydicom does not know; None when
+    it has no Specific Character Set."""
     if "SpecificCharacterSet" not in ds:
         return None
     raw = ds["SpecificCharacterSet"].value
@@ -123,9 +122,19 @@ def charset_warning(ds: Dataset) -> str | None:
         (t.decode("ascii", "replace") if isinstance(t, bytes) else str(t or "")).strip()
         for t in values
     ]
+    return terms, [t for t in terms if t and t not in python_encoding]
+
+
+def charset_warning(ds: Dataset) -> str | None:
+    """What is wrong with the data set's Specific Character Set, if anything: an empty value or
+    a term pydicom does not know. Its text was then read in the default repertoire (and the
+    results are written in UTF-8): the analysis goes on, and the job says so."""
+    found = charset_terms(ds)
+    if found is None:
+        return None
+    terms, unknown = found
     if not any(terms):
         return "empty Specific Character Set: text read in the default repertoire"
-    unknown = [t for t in terms if t and t not in python_encoding]
     if unknown:
         return (
             f"unknown Specific Character Set {chr(92).join(unknown)}: text read in the default "

@@ -51,11 +51,13 @@ def build_results(
         raise ValueError("build_results needs an analysis of DICOM datasets")
     sources = sorted(str(ds.SOPInstanceUID) for ds in analysis.used)
     key = [prediction.model_name, prediction.model_version, *sources]
-    regions = []
+    explained = []
     for item in analysis.explained:
-        box = hot_spot(item.heatmap) if item.dataset is not None else None
-        if box is not None and item.dataset is not None:
-            regions.append(Region(item.dataset, box))
+        if item.dataset is None:
+            raise ValueError(f"explained image {item.name} has no dataset")
+        explained.append((item, item.dataset))
+    boxes = [(ds, hot_spot(item.heatmap)) for item, ds in explained]
+    regions = [Region(ds, box) for ds, box in boxes if box is not None]
     sr = build_sr(
         analysis.used,
         prediction,
@@ -68,15 +70,13 @@ def build_results(
     outputs = [sr]
     sc_series_uid = derived_uid("sc-series", *key)
     pm_series_uid = derived_uid("pm-series", *key)
-    for number, item in enumerate(analysis.explained, start=1):
-        if item.dataset is None:
-            raise ValueError(f"explained image {item.name} has no dataset")
+    for number, (item, source) in enumerate(explained, start=1):
         overlay = render_overlay(
             item.image, item.heatmap, overlay_lines(prediction, analysis.caption(item))
         )
         outputs.append(
             build_sc(
-                item.dataset,
+                source,
                 overlay,
                 prediction,
                 series_instance_uid=sc_series_uid,
@@ -89,7 +89,7 @@ def build_results(
         if parametric_maps:
             outputs.append(
                 build_pm(
-                    item.dataset,
+                    source,
                     item.heatmap,
                     prediction,
                     series_instance_uid=pm_series_uid,

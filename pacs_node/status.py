@@ -37,10 +37,11 @@ def render_status(db: Database, limit: int = 20) -> str:
             lines.append("")
             lines.append("jobs failed, skipped, retried or with warnings (newest first):")
             for job, series_uid, modality in problem_jobs:
-                lines.append(
+                line = (
                     f"  job {job.id} {job.state.value} {modality or '-'} series {series_uid} "
-                    f"attempts {job.attempts}: {job.last_error}".rstrip(": ")
+                    f"attempts {job.attempts}"
                 )
+                lines.append(f"{line}: {job.last_error}" if job.last_error else line)
                 lines += [f"    warning: {w}" for w in job.warnings.splitlines()]
         failed = session.execute(
             select(Delivery, Instance.sop_instance_uid)

@@ -231,12 +231,12 @@ class Worker:
     def _not_analysed_report(self, work: SeriesWork, reason: str) -> Dataset | None:
         if not self.config.worker.report_not_analysed:
             return None
-        import pydicom
+        from ai.analysis import read_dicom  # headers; Pixel Data stays on disk
 
         headers = []
         for path in work.paths:
             try:
-                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+                headers.append(read_dicom(path))
             except Exception as exc:
                 log.info("job %d: %s unreadable for the report: %s", work.job_id, path.name, exc)
         if not headers:
