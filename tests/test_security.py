@@ -149,11 +149,31 @@ def test_tls_port_accepts_only_clients_with_a_trusted_certificate(start_node, tm
 # -- what a stranger may make the node read (issue 10) ----------------------------------------
 
 
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _rss_kib(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def _announce_4_gib_and_stream_zeros(port: int) -> int:
+    """A stranger's A-ASSOCIATE-RQ header announcing 4 GiB, then zeros for up to 5 s or
+    300 MiB; the bytes sent before the node closed the connection."""
+    sock = _raw(port)
+    sent = 0
+    try:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
+        zeros = bytes(1 << 20)
+        start = time.monotonic()
+        while time.monotonic() - start < 5 and sent < 300 * 2**20:
+            try:
+                sock.sendall(zeros)
+            except (BrokenPipeError, ConnectionResetError):
+                return sent
+            sent += len(zeros)
+    finally:
+        sock.close()
+    raise AssertionError(f"the node was still reading after {sent >> 20} MiB")
 
 
 def _raw(port: int) -> socket.socket:
@@ -191,22 +211,7 @@ def test_a_4_gib_association_request_is_aborted_unread(start_node, tmp_path):
     6-byte header, reads nothing more, and the known PACS is served meanwhile."""
     node = _guarded_node(start_node, tmp_path)
     before = _rss_kib()
-    sock = _raw(node.port)
-    sent = 0
-    try:
-        sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
-        zeros = bytes(1 << 20)
-        start = time.monotonic()
-        while time.monotonic() - start < 5 and sent < 300 * 2**20:
-            try:
-                sock.sendall(zeros)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(zeros)
-        else:
-            raise AssertionError(f"the node was still reading after {sent >> 20} MiB")
-    finally:
-        sock.close()
+    sent = _announce_4_gib_and_stream_zeros(node.port)
     grown_mib = (_rss_kib() - before) / 1024
     assert sent < 64 * 2**20, f"{sent >> 20} MiB accepted before the abort"
     assert grown_mib < 40, f"the node grew by {grown_mib:.0f} MiB"
@@ -444,13 +449,6 @@ def test_a_malformed_dimse_command_is_aborted_at_once(start_node, tmp_path):
     assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
 
 
-def _rss_of_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.slow
 def test_the_attacks_against_a_real_pacs_node_serve(tmp_path):
     """Issue 10, against ``pacs-node serve`` itself (supervisor and role processes): a
@@ -471,24 +469,9 @@ def test_the_attacks_against_a_real_pacs_node_serve(tmp_path):
     try:
         [receive] = node.role_pids("receive[0]")
         assert _associate(port, "PACS")
-        before = _rss_of_kib(receive)
-        sock = _raw(port)
-        sent = 0
-        try:
-            sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
-            zeros = bytes(1 << 20)
-            start = time.monotonic()
-            while time.monotonic() - start < 5 and sent < 300 * 2**20:
-                try:
-                    sock.sendall(zeros)
-                except (BrokenPipeError, ConnectionResetError):
-                    break
-                sent += len(zeros)
-            else:
-                raise AssertionError(f"serve was still reading after {sent >> 20} MiB")
-        finally:
-            sock.close()
-        grown_mib = (_rss_of_kib(receive) - before) / 1024
+        before = _rss_kib(receive)
+        sent = _announce_4_gib_and_stream_zeros(port)
+        grown_mib = (_rss_kib(receive) - before) / 1024
         assert sent < 64 * 2**20 and grown_mib < 40, (sent, grown_mib)
 
         ae = AE(ae_title="STRANGER")

@@ -37,7 +37,8 @@ async function main() {
     out.seriesText = await page.evaluate(() => document.body.innerText);
     // OHIF's own "investigational use only" notice covers the page until it is confirmed
     const notice = page.getByText('Confirm and hide', { exact: false });
-    if (await notice.count()) await notice.first().click({ timeout: 10000 });
+    // (it slides in: under load playwright may not see it "stable" in time, so force the click)
+    if (await notice.count()) await notice.first().click({ timeout: 10000, force: true });
     await page.waitForTimeout(2000);
     // ... and its first-visit tour
     const tour = page.getByText('Skip all', { exact: true });
