@@ -15,10 +15,12 @@ a CT series is complete).
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
@@ -47,6 +49,55 @@ def fresh_copy(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
         ds.save_as(target)
         files.append(target)
     return study, files
+
+
+STAGES = (
+    "first received",
+    "last received",
+    "job queued",
+    "job started",
+    "job done",
+    "delivery queued",
+    "delivery started",
+    "delivered",
+)
+
+
+def stage_times(db_path: Path, study_uid: str, epoch: float) -> list[float]:
+    """Seconds after *epoch* (a ``time.time()``) of each of STAGES, from the node's database."""
+    sql = """
+        SELECT min(i.received_at), max(i.received_at), min(j.created_at), min(j.started_at),
+               max(j.finished_at), min(d.created_at), min(d.started_at), max(d.finished_at)
+        FROM studies s JOIN series se ON se.study_pk = s.id
+        LEFT JOIN instances i ON i.series_pk = se.id AND NOT se.generated
+        LEFT JOIN jobs j ON j.series_pk = se.id
+        LEFT JOIN results r ON r.series_pk = se.id
+        LEFT JOIN deliveries d ON d.instance_pk IN (
+            SELECT i2.id FROM instances i2 JOIN series s2 ON i2.series_pk = s2.id
+            WHERE s2.study_pk = s.id AND s2.generated)
+        WHERE s.study_instance_uid = ?
+    """
+    with sqlite3.connect(db_path) as con:
+        row = con.execute(sql, (study_uid,)).fetchone()
+    return [
+        datetime.fromisoformat(v).replace(tzinfo=timezone.utc).timestamp() - epoch
+        if v
+        else float("nan")
+        for v in row
+    ]
+
+
+def deliveries_pending(db_path: Path, study_uid: str) -> int:
+    """Deliveries of *study_uid*'s results not yet finished (or not yet queued: -1)."""
+    sql = """
+        SELECT count(d.id), count(d.id) - count(d.finished_at)
+        FROM deliveries d JOIN instances i ON d.instance_pk = i.id
+        JOIN series se ON i.series_pk = se.id JOIN studies s ON se.study_pk = s.id
+        WHERE s.study_instance_uid = ?
+    """
+    with sqlite3.connect(db_path) as con:
+        total, pending = con.execute(sql, (study_uid,)).fetchone()
+    return pending if total else -1
 
 
 def main() -> int:
@@ -83,6 +134,7 @@ def main() -> int:
             node.start()
             wait_for(lambda: "work role" in node.log(), timeout_s=120, what="models loaded")
             rows: dict[str, list[tuple[float, float]]] = {"CR": [], "CT": []}
+            stages: dict[str, list[list[float]]] = {"CR": [], "CT": []}
             try:
                 for r in range(args.rounds):
                     ct = [CT_SERIES[i % len(CT_SERIES)] for i in range(args.ct_slices)]
@@ -90,7 +142,7 @@ def main() -> int:
                         uid, files = fresh_copy(paths, tmp / f"{kind}{r}")
                         orthanc.upload_many(files)
                         study_id = orthanc.find_study_id(uid)
-                        start = time.monotonic()
+                        epoch, start = time.time(), time.monotonic()
                         orthanc.send_to_modality("AINODE", [study_id])
                         sent = time.monotonic() - start
                         wait_for(
@@ -100,6 +152,13 @@ def main() -> int:
                             what=f"{kind} results",
                         )
                         rows[kind].append((time.monotonic() - start, sent))
+                        db_path = tmp / "node" / "data" / "node.sqlite3"
+                        wait_for(
+                            lambda u=uid: deliveries_pending(db_path, u) == 0,
+                            timeout_s=60,
+                            what="every delivery finished",
+                        )
+                        stages[kind].append(stage_times(db_path, uid, epoch))
             finally:
                 node.stop()
     print(
@@ -110,6 +169,11 @@ def main() -> int:
         total = statistics.median(v[0] for v in values)
         send = statistics.median(v[1] for v in values)
         print(f"{kind:6} {total:13.2f} {send:10.2f} {total / send:7.1f}")
+    print("\nstages, seconds after Orthanc began sending (median):")
+    print(f"{'':18}" + "".join(f"{kind:>8}" for kind in stages))
+    for i, name in enumerate(STAGES):
+        cells = "".join(f"{statistics.median(r[i] for r in rows_):8.3f}" for rows_ in stages.values())
+        print(f"{name:18}{cells}")
     after = statistics.median(v[0] - v[1] - QUIET_S for v in rows["CT"])
     print(
         f"CT: results in Orthanc {after:.2f} s after the series counted as complete (its last "
