@@ -539,6 +539,32 @@ def hot_spot(
     return float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)
 
 
+@dataclass(frozen=True)
+class SrReference:
+    """An SR the node made earlier, as the Hierarchical SOP Instance Reference Macro names it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def add_predecessor(sr: Dataset, earlier: SrReference) -> None:
+    """Record in *sr* that it replaces *earlier* (a report of the same series made before all
+    of it had arrived): the Predecessor Documents Sequence of the SR Document General module
+    (PS3.3 C.17.2), which viewers and PACS follow to the version it supersedes."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = earlier.sop_class_uid
+    sop.ReferencedSOPInstanceUID = earlier.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = earlier.series_instance_uid
+    series.ReferencedSOPSequence = [sop]
+    item = Dataset()
+    item.StudyInstanceUID = earlier.study_instance_uid
+    item.ReferencedSeriesSequence = [series]
+    sr.PredecessorDocumentsSequence = [item]
+
+
 def build_sr(
     sources: Sequence[Dataset],
     prediction: Prediction,

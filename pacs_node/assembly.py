@@ -1,8 +1,11 @@
 """When a series is ready for analysis, decided as each instance is stored.
 
 A CR or DX image is complete on arrival: its series is queued at once. A CT series arrives slice
-by slice, so its job waits for a quiet period with no new slice (each slice pushes the start
-back). Objects without pixels are stored and their series gets a ``skipped`` job with the reason.
+by slice, so its job waits until no new slice has come for a while (each slice pushes the start
+back): ``worker.completeness_settle_s`` when its sender answers C-FIND, after which the work role
+asks the sender how many slices the series has (:mod:`pacs_node.completeness`), else the quiet
+period ``worker.ct_quiet_period_s``. Objects without pixels are stored and their series gets
+a ``skipped`` job with the reason.
 A series of a modality no model serves is queued all the same (a job without a model), so that
 the work role reports it "not analysed" (``worker.report_not_analysed``; off: skipped here).
 """
@@ -42,9 +45,7 @@ def schedule(
     series whose job is still queued only moves that job's start (one statement)."""
     if indexed.generated:
         return
-    single = indexed.modality in SINGLE_IMAGE_MODALITIES
-    delay = 0.0 if single else config.worker.ct_quiet_period_s
-    not_before = now + timedelta(seconds=delay)
+    not_before = now + timedelta(seconds=start_delay_s(config, indexed.modality, indexed.source_ae))
     if cache is not None and indexed.is_new:
         job_id = cache.queued_job(indexed.series_pk)
         if job_id is not None and queue.postpone(session, job_id, not_before):
@@ -78,6 +79,17 @@ def schedule(
     )
     if cache is not None:
         cache.put_queued_job(indexed.series_pk, job.id)
+
+
+def start_delay_s(config: Config, modality: str, source_ae: str) -> float:
+    """How long after its newest instance a series is first looked at by the work role."""
+    if modality in SINGLE_IMAGE_MODALITIES:
+        return 0.0
+    peer = config.peer(source_ae) if source_ae else None
+    quiet = config.worker.ct_quiet_period_s
+    if peer is not None and peer.ask_completeness:  # never later than without asking
+        return min(config.worker.completeness_settle_s, quiet)
+    return quiet
 
 
 def job_schedule(config: Config, modality: str, source_ae: str) -> Schedule:

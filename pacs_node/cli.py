@@ -161,6 +161,63 @@ def _group_files(paths: list[Path], config: Any) -> tuple[dict[Any, list[Any]], 
     return groups, others
 
 
+def _decisions(groups: dict[Any, list[Any]]) -> dict[str, dict[str, Any]]:
+    """The selection rules of each model applied to its series among the files, as the work
+    role applies them (ai.selection)."""
+    from ai.selection import decide
+
+    by_model: dict[str, tuple[Any, dict[str, list[Any]]]] = {}
+    for (binding, series), members in groups.items():
+        by_model.setdefault(binding.name, (binding, {}))[1][series] = [ds for _, ds in members]
+    return {
+        name: decide(series, binding.rules, binding.one_series_per_study)
+        for name, (binding, series) in by_model.items()
+    }
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Which model and which rule each DICOM file meets, without running a model."""
+    from ai.selection import preference, skip_rule
+    from pacs_node.config import load
+
+    config = load(args.config)
+    groups, others = _group_files([Path(f) for f in args.files], config)
+    decisions = _decisions(groups)
+    records: list[dict[str, Any]] = []
+    for (binding, series), members in groups.items():
+        decision = decisions[binding.name][series]
+        for path, ds in members:
+            found = skip_rule(ds, binding.rules)
+            _, prefers = preference(ds, binding.rules)
+            if found is not None:
+                outcome = f"skipped by rule {found.describe()}"
+            elif decision.reason:
+                outcome = f"series not analysed: {decision.reason}"
+            else:
+                outcome = "analysed"
+            records.append(
+                {
+                    "file": str(path),
+                    "modality": str(ds.get("Modality", "")),
+                    "model": binding.name,
+                    "series": series,
+                    "rule": found.name if found is not None else "",
+                    "prefers": prefers,
+                    "outcome": outcome,
+                }
+            )
+    for path, reason in others:
+        records.append({"file": str(path), "outcome": reason or "not DICOM (see classify --task)"})
+    if args.json:
+        print(json.dumps({"files": records}, indent=2))
+    else:
+        for r in records:
+            to = f" -> {r['model']}" if r.get("model") else ""
+            liked = f" (prefers: {', '.join(r['prefers'])})" if r.get("prefers") else ""
+            print(f"{r['file']}: {r.get('modality', '')}{to}: {r['outcome']}{liked}")
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     """DICOM files go to the model the node would use for their Modality, one result per
     series; PNG/JPEG files to --model or the --task model, one result per file."""
@@ -175,6 +232,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     config = load(args.config)
     out_dir = Path(args.output) if args.output else None
     groups, others = _group_files([Path(f) for f in args.files], config)
+    decisions = _decisions(groups)
     records: list[dict[str, Any]] = []
     failures = 0
     for (binding, series), members in groups.items():
@@ -182,17 +240,23 @@ def cmd_classify(args: argparse.Namespace) -> int:
         record: dict[str, Any] = {
             "series": series,
             "files": [str(path) for path, _ in members],
+            "modality": str(datasets[0].get("Modality", "")),
         }
+        decision = decisions[binding.name][series]
+        if decision.reason:  # the node's selection rules: not for this model, no failure
+            record.update(model=binding.name, skipped=decision.reason)
+            records.append(record)
+            continue
         try:
             classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
             record.update(model=classifier.spec.name, version=classifier.spec.version)
-            record["modality"] = str(datasets[0].get("Modality", ""))
-            analysis = analyse_datasets(datasets, classifier)
+            analysis = analyse_datasets(decision.kept, classifier)
         except (UnusableInputError, OSError, ValueError) as exc:
             record["error"] = str(exc)
             failures += 1
             records.append(record)
             continue
+        analysis.excluded[:0] = decision.skipped
         record.update(_prediction_record(analysis))
         if analysis.prediction.task == "ct":
             record["slices"] = [
@@ -244,6 +308,8 @@ def _describe(r: dict[str, Any]) -> str:
     )
     if "error" in r:
         return f"{what}: cannot classify: {r['error']}"
+    if "skipped" in r:
+        return f"{what}: not for {r['model']} by the selection rules: {r['skipped']}"
     probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
     lines = [f"{what}: {r['label']} ({probs})  [{r['model']} {r['version']}]"]
     lines.append(f"  {r['decision_rule']}")
@@ -536,6 +602,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--config", metavar="PATH", help="TOML config file (see config.toml)")
     migrate.set_defaults(func=cmd_migrate)
+
+    select_cmd = sub.add_parser(
+        "select",
+        help="dry run of the selection rules: which model and rule each DICOM file meets",
+        description="Read the headers of DICOM files and say, for each, which model the node "
+        "would give it (by Modality), which of that model's rules it matches (skip: stored "
+        "and not analysed; prefer: how a study's series are chosen between) and whether its "
+        "series would be analysed. No model is run. Rules: [[models]] rules in the config "
+        "(config.toml documents the defaults).",
+        epilog=EPILOG,
+    )
+    select_cmd.add_argument("files", nargs="+", metavar="FILE")
+    select_cmd.add_argument("--json", action="store_true", help="print JSON")
+    select_cmd.add_argument(
+        "--config", metavar="PATH", help="TOML config file (default: the built-in rules)"
+    )
+    select_cmd.set_defaults(func=cmd_select)
 
     classify = sub.add_parser(
         "classify",

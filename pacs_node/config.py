@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ai.selection import DEFAULT_RULES, Rule, RuleError, rule_from_table
 from pacs_node.errors import ConfigError
 
 AE_TITLE_MAX = 16
@@ -63,6 +64,9 @@ class Peer:
     send_results: bool = True
     check_host: bool = True  # refuse this AE title when it calls from another address
     priority: int = 0  # added to the modality's priority for this peer's studies
+    # before a multi-image series (CT) is analysed, ask this peer by C-FIND how many instances
+    # it holds for the series and wait for them; off for a peer that does not answer C-FIND
+    ask_completeness: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,12 @@ class WorkerSettings:
     deadline_s: float = 300.0  # one analysis attempt, at most; then it is stopped
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
-    ct_quiet_period_s: float = 5.0
+    ct_quiet_period_s: float = 5.0  # without an answer from the sender: wait this long
+    # for a peer that answers C-FIND: the series is checked this long after its last instance,
+    # and again as often while the peer holds more than the node
+    completeness_settle_s: float = 1.0
+    completeness_wait_s: float = 600.0  # no new instance for this long: analyse what is here
+    completeness_timeout_s: float = 10.0  # the C-FIND to the peer, at most
     modality_priority: tuple[tuple[str, int], ...] = DEFAULT_MODALITY_PRIORITY
     # a series the node stores but does not analyse (no model for its modality, not a chest
     # radiograph, too small, undecodable) gets an SR back that says so and why
@@ -118,11 +127,14 @@ class ModelBinding:
     path: str = ""  # empty: the model shipped inside the package under this name
     enabled: bool = True
     runtime: str = "onnx"  # "onnx" (ONNX Runtime, the faster on CPU) or "keras"
+    # which images and series it reads (ai.selection): skip and prefer rules over headers
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+    one_series_per_study: bool = False  # several series in a study: the prefer rules pick one
 
 
 DEFAULT_MODELS = (
     ModelBinding(name="cxr", modalities=("CR", "DX")),
-    ModelBinding(name="ct", modalities=("CT",)),
+    ModelBinding(name="ct", modalities=("CT",), one_series_per_study=True),
 )
 
 
@@ -330,8 +342,11 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"{path}: expected a table")
         _reject_unknown(
-            item, {"ae_title", "host", "port", "send_results", "check_host", "priority"}, path
-        )
+            item,
+            {"ae_title", "host", "port", "send_results", "check_host", "priority",
+             "ask_completeness"},
+            path,
+        )  # fmt: skip
         for key in ("ae_title", "host", "port"):
             if key not in item:
                 raise ConfigError(f"{path}.{key}: required")
@@ -342,6 +357,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
             send_results=_take(item, "send_results", bool, path, True),
             check_host=_take(item, "check_host", bool, path, True),
             priority=_take(item, "priority", int, path, 0),
+            ask_completeness=_take(item, "ask_completeness", bool, path, True),
         )
         if any(p.ae_title == peer.ae_title for p in peers):
             raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")
@@ -375,6 +391,13 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
         max_attempts=max_attempts,
         retry_backoff_s=_number(table, "retry_backoff_s", "worker", d.retry_backoff_s),
         ct_quiet_period_s=_number(table, "ct_quiet_period_s", "worker", d.ct_quiet_period_s),
+        completeness_settle_s=_number(
+            table, "completeness_settle_s", "worker", d.completeness_settle_s, minimum=0.05
+        ),
+        completeness_wait_s=_number(table, "completeness_wait_s", "worker", d.completeness_wait_s),
+        completeness_timeout_s=_number(
+            table, "completeness_timeout_s", "worker", d.completeness_timeout_s, minimum=0.5
+        ),
         report_not_analysed=_take(
             table, "report_not_analysed", bool, "worker", d.report_not_analysed
         ),
@@ -432,6 +455,19 @@ def _parse_tls(table: Mapping[str, Any], base_dir: Path) -> TlsSettings:
     )
 
 
+def _parse_rules(item: Mapping[str, Any], path: str) -> tuple[Rule, ...]:
+    """A model's ``rules`` (they replace the defaults, ai.selection.DEFAULT_RULES)."""
+    if "rules" not in item:
+        return DEFAULT_RULES
+    tables = item["rules"]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}.rules: expected a list of tables")
+    try:
+        return tuple(rule_from_table(t, f"{path}.rules[{i}]") for i, t in enumerate(tables))
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
     if not isinstance(items, list):
         raise ConfigError("models: expected [[models]] tables")
@@ -441,7 +477,11 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
         path = f"models[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{path}: expected a table")
-        _reject_unknown(item, {"name", "modalities", "path", "enabled", "runtime"}, path)
+        _reject_unknown(
+            item,
+            {"name", "modalities", "path", "enabled", "runtime", "rules", "one_series_per_study"},
+            path,
+        )
         name = _take(item, "name", str, path, None)
         if not name:
             raise ConfigError(f"{path}.name: required")
@@ -469,7 +509,13 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
             )
         bindings.append(
             ModelBinding(
-                name=name, modalities=mods, path=model_path, enabled=enabled, runtime=runtime
+                name=name,
+                modalities=mods,
+                path=model_path,
+                enabled=enabled,
+                runtime=runtime,
+                rules=_parse_rules(item, path),
+                one_series_per_study=_take(item, "one_series_per_study", bool, path, "CT" in mods),
             )
         )
     return tuple(bindings)

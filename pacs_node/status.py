@@ -68,8 +68,11 @@ def render_status(db: Database, limit: int = 20) -> str:
             lines.append("")
             lines.append("latest results (AI-generated, not for diagnostic use):")
             for result, series_uid in results:
+                replaced = (
+                    f"; superseded by SR {result.superseded_by}" if result.superseded_by else ""
+                )
                 lines.append(
                     f"  series {series_uid}: {result.label} {result.probability:.3f} "
-                    f"({result.model_name} {result.model_version})"
+                    f"({result.model_name} {result.model_version}{replaced})"
                 )
     return "\n".join(lines)

@@ -14,27 +14,32 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ai.errors import ModelError, UnusableInputError
+from ai.outputs import SrReference, add_predecessor
 from ai.results import build_not_analysed, build_results
 from ai.runtime import load_runtime_classifier
+from ai.selection import Candidate, RuleSkip, choose_series, not_chosen_reason, select_images
 from pacs_node import __version__
-from pacs_node.config import Config
+from pacs_node.assembly import SINGLE_IMAGE_MODALITIES
+from pacs_node.completeness import judge
+from pacs_node.config import Config, ModelBinding
 from pacs_node.logs import log_failure
 from pacs_node.process import Stop, Watchdog, file_store, owner_id, run_loop
 from storage import queue, tasks
 from storage.db import Database
 from storage.files import FileStore, instance_relpath
 from storage.ingest import record_instance
-from storage.models import Instance, Job, Result, Series, TaskState, utcnow
+from storage.models import Instance, Job, Result, Series, Study, TaskState, utcnow
 from storage.queue import Schedule
 
 if TYPE_CHECKING:
@@ -52,6 +57,11 @@ class SeriesWork:
     priority: int
     paths: list[Path]
     modality: str = ""
+    study_uid: str = ""
+    last_received_at: datetime | None = None  # of the series' newest instance
+    # the SR of the series' current result, which this job's SR replaces (PS3.3 C.17.2.3)
+    predecessor: SrReference | None = None
+    warning: str = ""  # analysed although its sender holds more of the series
 
 
 def _write_bytes(data: bytes, fh: BinaryIO) -> None:
@@ -91,23 +101,14 @@ class Worker:
             if not claimed:
                 return False
             job = claimed[0]
-            series = session.get(Series, job.series_pk)
-            assert series is not None
-            paths = session.scalars(
-                select(Instance.path)
-                .where(Instance.series_pk == series.id)
-                .order_by(Instance.instance_number, Instance.id)
-            ).all()
-            work = SeriesWork(
-                job.id,
-                job.model_name,
-                series.series_instance_uid,
-                series.source_ae,
-                job.priority,
-                [self.files.abspath(p) for p in paths],
-                series.modality,
-            )
+            work = self._series_work(session, job)
             deadline_s = job.deadline_s
+        if work.modality not in SINGLE_IMAGE_MODALITIES:
+            warning = self._complete_or_defer(work)
+            if warning is None:
+                return True
+            if warning:
+                work = replace(work, warning=warning)
         if self.watchdog is not None:
             self.watchdog.hold([work.job_id], deadline_s)
         try:
@@ -117,6 +118,89 @@ class Worker:
                 self.watchdog.release()
         return True
 
+    def _series_work(self, session: Session, job: Job) -> SeriesWork:
+        series = session.get(Series, job.series_pk)
+        assert series is not None
+        rows = session.execute(
+            select(Instance.path, Instance.received_at)
+            .where(Instance.series_pk == series.id)
+            .order_by(Instance.instance_number, Instance.id)
+        ).all()
+        return SeriesWork(
+            job.id,
+            job.model_name,
+            series.series_instance_uid,
+            series.source_ae,
+            job.priority,
+            [self.files.abspath(path) for path, _ in rows],
+            series.modality,
+            study_uid=series.study.study_instance_uid,
+            last_received_at=max((t for _, t in rows), default=None),
+            predecessor=self._current_sr(session, series.id),
+        )
+
+    def _current_sr(self, session: Session, series_pk: int) -> SrReference | None:
+        """The SR of the series' result that has not been replaced, if any."""
+        row = session.execute(
+            select(Result.sr_sop_instance_uid, Instance.sop_class_uid, Series.series_instance_uid)
+            .join(Instance, Instance.sop_instance_uid == Result.sr_sop_instance_uid)
+            .join(Series, Series.id == Instance.series_pk)
+            .where(Result.series_pk == series_pk, Result.superseded_by == "")
+            .order_by(Result.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        study_uid = session.scalar(
+            select(Study.study_instance_uid)
+            .join(Series, Series.study_pk == Study.id)
+            .where(Series.id == series_pk)
+        )
+        return SrReference(str(study_uid), row[2], row[1], row[0])
+
+    def _complete_or_defer(self, work: SeriesWork) -> str | None:
+        """Whether the series is all here (:mod:`pacs_node.completeness`): "" to analyse it,
+        a warning to analyse it although the sender holds more, None when the job was put
+        back to wait (or dropped for a newer job of the same series)."""
+        now = utcnow()
+        verdict = judge(
+            self.config,
+            self.config.peer(work.source_ae) if work.source_ae else None,
+            held=len(work.paths),
+            study_uid=work.study_uid,
+            series_uid=work.series_uid,
+            last_received_at=work.last_received_at or now,
+            now=now,
+        )
+        if verdict.ready:
+            log.debug("job %d (series %s): %s", work.job_id, work.series_uid, verdict.note)
+            return verdict.warning
+        try:
+            with self.db.session() as session:
+                job = self._held_job(session, work)
+                newer = session.scalar(
+                    select(Job.id).where(
+                        Job.series_pk == job.series_pk,
+                        Job.id > job.id,
+                        Job.state == TaskState.QUEUED,
+                    )
+                )
+                if newer is not None:  # more instances came while this job was claimed
+                    tasks.skip(session, job, f"replaced by job {newer}: more instances", now)
+                else:
+                    tasks.defer(job, now + timedelta(seconds=verdict.wait_s), now)
+        except LeaseLost:
+            log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
+            return None
+        log.info(
+            "job %d (series %s) waits %.1f s: %s",
+            work.job_id,
+            work.series_uid,
+            verdict.wait_s,
+            verdict.note,
+        )
+        return None
+
     def _run(self, work: SeriesWork) -> None:
         if not work.model_name:
             modality = work.modality or "(none)"
@@ -124,6 +208,9 @@ class Worker:
             return
         try:
             analysis = self._analyse(work)
+        except RuleSkip as exc:  # the configured rules: recorded, no "not analysed" report
+            self._skip(work, f"not for {work.model_name} by the selection rules: {exc}", False)
+            return
         except UnusableInputError as exc:
             self._skip(work, str(exc))
             return
@@ -188,7 +275,6 @@ class Worker:
         binding = next((m for m in self.config.models if m.name == work.model_name), None)
         if binding is None:
             raise ModelError(f"model {work.model_name!r} is no longer configured")
-        classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
         datasets: list[Dataset] = []
         unreadable: list[str] = []
         for path in work.paths:
@@ -198,15 +284,56 @@ class Worker:
                 unreadable.append(f"{path.name}: {type(exc).__name__}")
         if not datasets:
             raise UnusableInputError("no readable instance: " + ", ".join(unreadable)[:400])
-        analysis = analyse_datasets(datasets, classifier)
+        kept, by_rule = select_images(datasets, binding.rules)
+        if binding.one_series_per_study:
+            self._check_chosen(work, binding, kept)
+        classifier = load_runtime_classifier(binding.path or binding.name, binding.runtime)
+        analysis = analyse_datasets(kept, classifier)
+        analysis.excluded[:0] = by_rule
         for reason in unreadable:
             analysis.excluded.append(("?", f"unreadable file {reason}"))
         return analysis
 
-    def _skip(self, work: SeriesWork, reason: str) -> None:
-        """Skip the job with *reason*; with ``worker.report_not_analysed`` an SR that says so
-        goes back too (recorded with the skip, while the lease is still ours)."""
-        report = self._not_analysed_report(work, reason)
+    def _check_chosen(self, work: SeriesWork, binding: ModelBinding, kept: list[Dataset]) -> None:
+        """:class:`RuleSkip` when the model reads one series per study and the prefer rules
+        choose another series of this study that the node holds."""
+        from ai.analysis import read_dicom
+
+        candidates = [Candidate(work.series_uid, kept[0], len(kept))]
+        with self.db.session() as session:
+            others = session.execute(
+                select(Series.id, Series.series_instance_uid)
+                .join(Study, Series.study_pk == Study.id)
+                .where(
+                    Study.study_instance_uid == work.study_uid,
+                    Series.series_instance_uid != work.series_uid,
+                    Series.modality.in_(binding.modalities),
+                    Series.generated.is_(False),
+                )
+            ).all()
+            firsts = []
+            for series_pk, series_uid in others:
+                paths = session.scalars(
+                    select(Instance.path)
+                    .where(Instance.series_pk == series_pk)
+                    .order_by(Instance.instance_number, Instance.id)
+                ).all()
+                if paths:
+                    firsts.append((series_uid, paths[0], len(paths)))
+        for series_uid, path, count in firsts:
+            try:
+                header = read_dicom(self.files.abspath(path))
+            except Exception:
+                continue  # an unreadable series is no candidate
+            candidates.append(Candidate(series_uid, header, count))
+        chosen = choose_series(candidates, binding.rules)
+        if chosen is not None and chosen.series_uid != work.series_uid:
+            raise RuleSkip(not_chosen_reason(chosen, binding.rules))
+
+    def _skip(self, work: SeriesWork, reason: str, report_it: bool = True) -> None:
+        """Skip the job with *reason*; with ``worker.report_not_analysed`` (and *report_it*) an
+        SR that says so goes back too (recorded with the skip, while the lease is still ours)."""
+        report = self._not_analysed_report(work, reason) if report_it else None
         if report is None:
             self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
         else:
@@ -257,16 +384,38 @@ class Worker:
         result: dict[str, object],
         transition: Callable[[Session, Job], object],
     ) -> list[str]:
-        """Write *outputs*, then in one transaction, while the lease is still this process's:
-        index them, owe them to the destinations, record the Result and apply *transition*.
-        Returns the destinations; :class:`LeaseLost` when the job was taken back."""
+        """Write *outputs* (the SR first), then in one transaction, while the lease is still
+        this process's: index them, owe them to the destinations, record the Result (the one
+        it replaces marked so; the SR says which in its Predecessor Documents Sequence) and
+        apply *transition*. Returns the destinations; :class:`LeaseLost` when the job was
+        taken back."""
+        sr = outputs[0]
+        replaces = work.predecessor
+        if replaces is not None and replaces.sop_instance_uid != sr.SOPInstanceUID:
+            add_predecessor(sr, replaces)
+        else:
+            replaces = None
         written = self._write_outputs(outputs)
         destinations = self.destinations(work.source_ae)
         with self.db.session() as session:
             job = self._held_job(session, work)
             self._record_outputs(session, written, destinations, work.priority)
+            if replaces is not None:
+                session.execute(
+                    update(Result)
+                    .where(Result.series_pk == job.series_pk, Result.superseded_by == "")
+                    .values(superseded_by=str(sr.SOPInstanceUID))
+                    .execution_options(synchronize_session=False)
+                )
             session.add(Result(job_pk=job.id, series_pk=job.series_pk, **result))
             transition(session, job)
+        if replaces is not None:
+            log.info(
+                "job %d (series %s): its SR supersedes %s",
+                work.job_id,
+                work.series_uid,
+                replaces.sop_instance_uid,
+            )
         return destinations
 
     def _write_outputs(self, outputs: list[Dataset]) -> list[tuple[Dataset, Path, int]]:
@@ -319,6 +468,9 @@ class Worker:
             sr_sop_instance_uid=str(sr.SOPInstanceUID),
             sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
         )
+
+        if work.warning:
+            analysis.warnings.append(work.warning)
 
         def done(session: Session, job: Job) -> None:
             job.warnings = "\n".join(analysis.warnings)

@@ -161,6 +161,9 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
     # the heatmap objects: the secondary captures and parametric maps (the name predates PMs)
     sc_sop_instance_uids: Mapped[list[str]] = mapped_column(JSON)
+    # the SR SOP Instance UID of the result that replaced this one (a new analysis of the
+    # series after more of its instances arrived); "" while this is the series' current result
+    superseded_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

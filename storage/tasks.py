@@ -3,7 +3,8 @@
 ::
 
     queued --claim--> running --succeed--> done
-       ^                 |  \\--skip-----> skipped
+       ^  ^              |  \\--skip-----> skipped
+       |  \\--defer------|  (not an attempt: the input is not all there yet)
        |                 |---fail, attempts left (backoff)--> queued
        |                 |---fail, permanent or out of attempts--> failed
        \\--lease expired, attempts left (backoff)--/  (out of attempts: failed, "abandoned")
@@ -127,6 +128,17 @@ def fail(
         task.not_before = now + timedelta(seconds=backoff_s(task))
         task.updated_at = now
     return task.state
+
+
+def defer(task: TaskColumns, not_before: datetime, now: datetime) -> None:
+    """Back to ``queued`` until *not_before*, the attempt its claim counted given back: the
+    holder found the task not ready (a series still arriving), which is no failure."""
+    task.state = TaskState.QUEUED
+    task.attempts = max(0, task.attempts - 1)
+    task.claimed_by = ""
+    task.lease_expires_at = None
+    task.not_before = not_before
+    task.updated_at = now
 
 
 def expire(
