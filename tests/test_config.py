@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ai.selection import DEFAULT_RULES
 from pacs_node.config import Config, load
 from pacs_node.errors import ConfigError
 
@@ -33,6 +34,12 @@ def test_documented_example_loads_with_every_key():
     assert config.node.storage_dir == ROOT / "var"
     assert config.worker.ct_quiet_period_s == 5
     assert [m.name for m in config.models] == ["cxr", "ct"]
+    assert config.peers[0].ask_completeness and config.worker.completeness_wait_s == 600
+    # the rules written out in config.toml are the built-in defaults (the file documents them)
+    cxr, ct = config.models
+    assert ct.rules == DEFAULT_RULES and cxr.rules == DEFAULT_RULES
+    assert ct.one_series_per_study and not cxr.one_series_per_study
+    assert load(None).models == config.models
 
 
 @pytest.mark.parametrize(
