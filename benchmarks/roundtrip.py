@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -80,9 +80,7 @@ def stage_times(db_path: Path, study_uid: str, epoch: float) -> list[float]:
     with sqlite3.connect(db_path) as con:
         row = con.execute(sql, (study_uid,)).fetchone()
     return [
-        datetime.fromisoformat(v).replace(tzinfo=timezone.utc).timestamp() - epoch
-        if v
-        else float("nan")
+        datetime.fromisoformat(v).replace(tzinfo=UTC).timestamp() - epoch if v else float("nan")
         for v in row
     ]
 
@@ -132,6 +130,7 @@ def main() -> int:
                 f"parametric_map = {pm}\n",
             )
             node.start()
+            db_path = tmp / "node" / "data" / "node.sqlite3"
             wait_for(lambda: "work role" in node.log(), timeout_s=120, what="models loaded")
             rows: dict[str, list[tuple[float, float]]] = {"CR": [], "CT": []}
             stages: dict[str, list[list[float]]] = {"CR": [], "CT": []}
@@ -152,7 +151,6 @@ def main() -> int:
                             what=f"{kind} results",
                         )
                         rows[kind].append((time.monotonic() - start, sent))
-                        db_path = tmp / "node" / "data" / "node.sqlite3"
                         wait_for(
                             lambda u=uid: deliveries_pending(db_path, u) == 0,
                             timeout_s=60,
@@ -172,7 +170,7 @@ def main() -> int:
     print("\nstages, seconds after Orthanc began sending (median):")
     print(f"{'':18}" + "".join(f"{kind:>8}" for kind in stages))
     for i, name in enumerate(STAGES):
-        cells = "".join(f"{statistics.median(r[i] for r in rows_):8.3f}" for rows_ in stages.values())
+        cells = "".join(f"{statistics.median(r[i] for r in v):8.3f}" for v in stages.values())
         print(f"{name:18}{cells}")
     after = statistics.median(v[0] - v[1] - QUIET_S for v in rows["CT"])
     print(

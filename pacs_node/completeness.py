@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
-from pacs_node import statuses
-from pacs_node.ae import build_scu
 from pacs_node.config import Config, Peer
+from pacs_node.query_scu import find_at_peer
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +44,19 @@ def peer_instance_count(
     config: Config, peer: Peer, study_uid: str, series_uid: str
 ) -> tuple[int | None, str]:
     """The number of instances *peer* holds for the series, or None and why it cannot tell."""
-    timeout = config.worker.completeness_timeout_s
-    ae = build_scu(config, [str(StudyRootQueryRetrieveInformationModelFind)])
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(
-        timeout, config.node.dimse_timeout_s
-    )
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_uid
     query.SeriesInstanceUID = series_uid
     query.NumberOfSeriesRelatedInstances = None
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    except Exception as exc:  # e.g. a bad host name
-        return None, f"cannot connect to {where}: {type(exc).__name__}"
-    if not assoc.is_established:
-        how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        return None, f"C-FIND association with {where} {how}"
-    counts: list[int] = []
-    failure = ""
-    try:
-        for status, identifier in assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind
-        ):
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                failure = "no C-FIND answer (timeout or abort)"
-                break
-            if statuses.is_failure(code):
-                failure = f"C-FIND status 0x{code:04X}"
-                break
-            if identifier is not None and code in (0xFF00, 0xFF01):
-                value = identifier.get("NumberOfSeriesRelatedInstances")
-                if value not in (None, ""):
-                    counts.append(int(value))
-    except Exception as exc:
-        failure = f"C-FIND failed: {type(exc).__name__}: {exc}"
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    if failure:
-        return None, f"{where}: {failure}"
+    found, where = find_at_peer(config, peer, query, config.worker.completeness_timeout_s)
+    if found is None:
+        return None, where
+    counts = [
+        int(ds.NumberOfSeriesRelatedInstances)
+        for ds in found
+        if ds.get("NumberOfSeriesRelatedInstances") not in (None, "")
+    ]
     if not counts:
         return None, f"{where} does not hold the series or gave no NumberOfSeriesRelatedInstances"
     return max(counts), f"{where} holds {max(counts)}"

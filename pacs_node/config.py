@@ -67,6 +67,9 @@ class Peer:
     # before a multi-image series (CT) is analysed, ask this peer by C-FIND how many instances
     # it holds for the series and wait for them; off for a peer that does not answer C-FIND
     ask_completeness: bool = True
+    # after sending results, ask this peer by C-FIND whether it holds them; one that answered
+    # Success but does not is sent them again
+    confirm_deliveries: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
         _reject_unknown(
             item,
             {"ae_title", "host", "port", "send_results", "check_host", "priority",
-             "ask_completeness"},
+             "ask_completeness", "confirm_deliveries"},
             path,
         )  # fmt: skip
         for key in ("ae_title", "host", "port"):
@@ -358,6 +361,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
             check_host=_take(item, "check_host", bool, path, True),
             priority=_take(item, "priority", int, path, 0),
             ask_completeness=_take(item, "ask_completeness", bool, path, True),
+            confirm_deliveries=_take(item, "confirm_deliveries", bool, path, True),
         )
         if any(p.ae_title == peer.ae_title for p in peers):
             raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")

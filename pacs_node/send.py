@@ -4,7 +4,11 @@
 time; the association to a destination stays open while more deliveries for it are due, so a
 burst of results streams over one association instead of one association per poll. Each
 outcome is recorded (``done``, a retry after backoff, or ``failed``) as soon as its batch is
-answered.
+answered. With ``peers[].confirm_deliveries`` (on by default) a batch the peer answered with
+Success is checked first: a C-FIND (IMAGE level) for the instances sent. One the peer does not
+hold is a failed attempt, sent again after the backoff; when the peer cannot be asked (it does
+not answer C-FIND) the delivery is done and marked "unconfirmed" with the reason, for
+``pacs-node status``. Storage Commitment (N-ACTION) is not implemented.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacs_node import sender
-from pacs_node.config import Config
+from pacs_node.config import Config, Peer
 from pacs_node.process import Stop, file_store, owner_id, run_loop
+from pacs_node.query_scu import find_at_peer
 from storage import tasks
 from storage.db import Database
 from storage.files import FileStore
-from storage.models import Delivery, utcnow
+from storage.models import Delivery, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +88,78 @@ class Sender:
 
         sent = tried = 0
         for outcomes in sender.stream(self.config, peer, items, more):
-            self._record(destination, outcomes)
+            confirmations: dict[int, str] = {}
+            if peer.confirm_deliveries and any(o.ok for o in outcomes):
+                outcomes, confirmations = self._confirm(peer, outcomes)
+            self._record(destination, outcomes, confirmations)
             tried += len(outcomes)
             sent += sum(o.ok for o in outcomes)
         log.info("sent %d of %d results to %s", sent, tried, destination)
         return tried
 
-    def _record(self, destination: str, outcomes: Sequence[sender.Outcome]) -> None:
+    def _confirm(
+        self, peer: Peer, outcomes: Sequence[sender.Outcome]
+    ) -> tuple[list[sender.Outcome], dict[int, str]]:
+        """Ask *peer* whether it holds what it accepted: outcomes it does not hold become
+        failures; the others get their confirmation text."""
+        ok = [o.key for o in outcomes if o.ok]
+        with self.db.read() as session:
+            rows = session.execute(
+                select(
+                    Delivery.id,
+                    Study.study_instance_uid,
+                    Series.series_instance_uid,
+                    Instance.sop_instance_uid,
+                )
+                .join(Instance, Delivery.instance_pk == Instance.id)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .where(Delivery.id.in_(ok))
+            ).all()
+        by_series: dict[tuple[str, str], dict[str, int]] = {}
+        for key, study, series, sop in rows:
+            by_series.setdefault((study, series), {})[sop] = key
+        held: set[int] = set()
+        unasked = ""
+        for (study, series), keys in by_series.items():
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = study
+            query.SeriesInstanceUID = series
+            query.SOPInstanceUID = list(keys) if len(keys) > 1 else next(iter(keys))
+            found, why = find_at_peer(
+                self.config, peer, query, self.config.worker.completeness_timeout_s
+            )
+            if found is None:
+                unasked = why
+                break
+            held.update(keys[str(ds.SOPInstanceUID)] for ds in found if ds.get("SOPInstanceUID")
+                        in keys)  # fmt: skip
+        result: list[sender.Outcome] = []
+        confirmations: dict[int, str] = {}
+        for o in outcomes:
+            if not o.ok:
+                result.append(o)
+            elif unasked:
+                confirmations[o.key] = f"unconfirmed: {unasked}"
+                result.append(o)
+            elif o.key in held:
+                confirmations[o.key] = "confirmed by C-FIND"
+                result.append(o)
+            else:
+                error = (
+                    f"{peer.ae_title} answered 0x{o.status or 0:04X} but does not hold the "
+                    "instance (C-FIND): sent again"
+                )
+                result.append(sender.Outcome(o.key, o.status, error))
+        return result, confirmations
+
+    def _record(
+        self,
+        destination: str,
+        outcomes: Sequence[sender.Outcome],
+        confirmations: dict[int, str] | None = None,
+    ) -> None:
         settings = self.config.delivery
         now = utcnow()
         with self.db.session() as session:
@@ -104,6 +175,10 @@ class Sender:
                     continue  # taken back meanwhile; whoever holds it now records it
                 delivery.last_status = outcome.status
                 if outcome.ok:
+                    confirmation = (confirmations or {}).get(outcome.key, "")
+                    delivery.confirmation = confirmation
+                    if confirmation.startswith("confirmed"):
+                        delivery.confirmed_at = now
                     tasks.succeed(session, delivery, now)
                     continue
                 state = tasks.fail(

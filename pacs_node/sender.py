@@ -43,7 +43,9 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and not statuses.is_failure(self.status)
+        """Accepted, with nothing found wrong since (an error with a Success status: the
+        peer did not keep what it accepted)."""
+        return self.status is not None and not statuses.is_failure(self.status) and not self.error
 
 
 def send(config: Config, peer: Peer, items: Sequence[tuple[int, Path]]) -> list[Outcome]:

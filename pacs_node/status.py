@@ -22,6 +22,22 @@ def render_status(db: Database, limit: int = 20) -> str:
                 f"{s.value} {deliveries.get(s, 0)}" for s in TaskState if s != TaskState.SKIPPED
             )
         )
+        if deliveries.get(TaskState.DONE):
+            confirmed = session.scalar(
+                select(func.count()).where(
+                    Delivery.state == TaskState.DONE, Delivery.confirmed_at.is_not(None)
+                )
+            )
+            unconfirmed = session.execute(
+                select(Delivery.destination_ae, Delivery.confirmation, func.count())
+                .where(Delivery.state == TaskState.DONE, Delivery.confirmation.like("unconfirmed%"))
+                .group_by(Delivery.destination_ae, Delivery.confirmation)
+            ).all()
+            lines.append(
+                f"delivered: confirmed at the destination {confirmed}, unconfirmed "
+                f"{sum(n for _, _, n in unconfirmed)}"
+            )
+            lines += [f"  {n} to {ae} {why}" for ae, why, n in unconfirmed]
         problem_jobs = session.execute(
             select(Job, Series.series_instance_uid, Series.modality)
             .join(Series, Job.series_pk == Series.id)

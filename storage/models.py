@@ -180,5 +180,9 @@ class Delivery(TaskColumns, Base):
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination_ae: Mapped[str] = mapped_column(String(16))
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # DIMSE status
+    # after Success: "confirmed by C-FIND" once the destination was seen to hold the instance,
+    # "unconfirmed: <why>" when it could not be asked; "" not checked (or not yet sent)
+    confirmation: Mapped[str] = mapped_column(Text, default="", server_default="")
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     instance: Mapped[Instance] = relationship()
