@@ -103,6 +103,9 @@ def start_server(
     return server
 
 
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+
+
 def build_scp(config: Config) -> AE:
     """The node's listening AE: C-ECHO, C-STORE of every storage class, Study Root and
     Patient Root C-FIND, C-GET and C-MOVE."""
@@ -117,6 +120,9 @@ def build_scp(config: Config) -> AE:
         )
     for context in VerificationPresentationContexts:
         ae.add_supported_context(str(context.abstract_syntax))
+    # a destination's Storage Commitment result (N-EVENT-REPORT) comes on an association it
+    # opens, taking the SCP role by Role Selection (PS3.4 J.3.3): accepted
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
     for model in (
         StudyRootQueryRetrieveInformationModelFind,
         PatientRootQueryRetrieveInformationModelFind,

@@ -70,6 +70,7 @@ class Peer:
     # after sending results, ask this peer by C-FIND whether it holds them; one that answered
     # Success but does not is sent them again
     confirm_deliveries: bool = True
+    storage_commitment: bool = True  # confirm by Storage Commitment first, where it offers it
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class DeliverySettings:
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
     also_send_to: tuple[str, ...] = ()
+    commitment_wait_s: float = 60.0  # no Storage Commitment report by then: checked by C-FIND
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
         _reject_unknown(
             item,
             {"ae_title", "host", "port", "send_results", "check_host", "priority",
-             "ask_completeness", "confirm_deliveries"},
+             "ask_completeness", "confirm_deliveries", "storage_commitment"},
             path,
         )  # fmt: skip
         for key in ("ae_title", "host", "port"):
@@ -362,6 +364,7 @@ def _parse_peers(items: Any) -> tuple[Peer, ...]:
             priority=_take(item, "priority", int, path, 0),
             ask_completeness=_take(item, "ask_completeness", bool, path, True),
             confirm_deliveries=_take(item, "confirm_deliveries", bool, path, True),
+            storage_commitment=_take(item, "storage_commitment", bool, path, True),
         )
         if any(p.ae_title == peer.ae_title for p in peers):
             raise ConfigError(f"{path}.ae_title: {peer.ae_title!r} is listed twice")
@@ -428,7 +431,15 @@ def _parse_delivery(table: Mapping[str, Any], peers: tuple[Peer, ...]) -> Delive
         raise ConfigError(
             "delivery.backoff_max_s: must not be less than delivery.backoff_initial_s"
         )
-    return DeliverySettings(max_attempts, initial, maximum, tuple(titles))
+    return DeliverySettings(
+        max_attempts,
+        initial,
+        maximum,
+        tuple(titles),
+        commitment_wait_s=_number(
+            table, "commitment_wait_s", "delivery", d.commitment_wait_s, minimum=0.1
+        ),
+    )
 
 
 def _parse_tls(table: Mapping[str, Any], base_dir: Path) -> TlsSettings:

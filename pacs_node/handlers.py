@@ -31,9 +31,10 @@ from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
 from pacs_node import assembly, statuses
+from pacs_node.ae import STORAGE_COMMITMENT_PUSH
 from pacs_node.config import Config
 from pacs_node.logs import log_failure
-from storage import query
+from storage import query, queue
 from storage.db import Database
 from storage.errors import InvalidInstanceError, OutOfSpaceError, QueryError
 from storage.files import FileStore, check_uid, instance_relpath
@@ -80,6 +81,7 @@ def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
         (evt.EVT_C_FIND, handle_find, [db]),
         (evt.EVT_C_GET, handle_get, [db, files]),
         (evt.EVT_C_MOVE, handle_move, [config, db, files]),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [db]),
     ]
 
 
@@ -137,6 +139,43 @@ def _wait_until_sent(assoc: Any) -> None:
 
 def handle_echo(event: Any) -> int:
     return statuses.SUCCESS
+
+
+def handle_event_report(event: Any, db: Database) -> tuple[int, Dataset | None]:
+    """A destination's Storage Commitment result (PS3.4 J.3.3): event type 1, all committed;
+    2, some failed. Recorded on the deliveries of its transaction; anything else refused."""
+    request = event.request
+    if str(request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
+        return statuses.NO_SUCH_SOP_CLASS, None
+    if request.EventTypeID not in (1, 2):
+        return statuses.NO_SUCH_EVENT_TYPE, None
+    try:
+        info = event.event_information
+        transaction = str(info.TransactionUID)
+        committed = [str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])]
+        failed = [
+            (
+                str(i.ReferencedSOPInstanceUID),
+                int(i.FailureReason) if "FailureReason" in i else None,
+            )
+            for i in info.get("FailedSOPSequence", [])
+        ]
+    except Exception:
+        log.warning("N-EVENT-REPORT from %s: unreadable event information", _calling_ae(event))
+        return statuses.INVALID_ARGUMENT_VALUE, None
+    with db.session() as session:
+        changed = queue.record_commitment(
+            session, transaction, committed, failed, peer=_calling_ae(event), now=utcnow()
+        )
+    log.info(
+        "storage commitment %s from %s: %d committed, %d failed, %d deliveries recorded",
+        transaction,
+        _calling_ae(event),
+        len(committed),
+        len(failed),
+        changed,
+    )
+    return statuses.SUCCESS, None
 
 
 def handle_store(

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from pacs_node import sender
+from pacs_node import confirm, sender
 from pacs_node.config import Config, Peer
 from pacs_node.process import Stop, file_store, owner_id, run_loop
-from pacs_node.query_scu import find_at_peer
 from storage import tasks
 from storage.db import Database
 from storage.files import FileStore
-from storage.models import Delivery, Instance, Series, Study, utcnow
+from storage.models import Delivery, TaskState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -86,80 +85,66 @@ class Sender:
         def more() -> list[tuple[int, Path]]:
             return [(k, p) for k, _, p in self._claim(destination)]
 
-        sent = tried = 0
+        tried = 0
+        delivered: list[int] = []
         for outcomes in sender.stream(self.config, peer, items, more):
-            confirmations: dict[int, str] = {}
-            if peer.confirm_deliveries and any(o.ok for o in outcomes):
-                outcomes, confirmations = self._confirm(peer, outcomes)
-            self._record(destination, outcomes, confirmations)
+            self._record(destination, outcomes)
             tried += len(outcomes)
-            sent += sum(o.ok for o in outcomes)
+            delivered += [o.key for o in outcomes if o.ok]
+        sent = len(delivered)
         log.info("sent %d of %d results to %s", sent, tried, destination)
+        if peer.confirm_deliveries and delivered:
+            # after the store association is released: a peer that serves one association
+            # at a time (dcmtk's storescp) could not answer while it was open
+            self._confirm(peer, delivered)
         return tried
 
-    def _confirm(
-        self, peer: Peer, outcomes: Sequence[sender.Outcome]
-    ) -> tuple[list[sender.Outcome], dict[int, str]]:
-        """Ask *peer* whether it holds what it accepted: outcomes it does not hold become
-        failures; the others get their confirmation text."""
-        ok = [o.key for o in outcomes if o.ok]
-        with self.db.read() as session:
-            rows = session.execute(
-                select(
-                    Delivery.id,
-                    Study.study_instance_uid,
-                    Series.series_instance_uid,
-                    Instance.sop_instance_uid,
-                )
-                .join(Instance, Delivery.instance_pk == Instance.id)
-                .join(Series, Instance.series_pk == Series.id)
-                .join(Study, Series.study_pk == Study.id)
-                .where(Delivery.id.in_(ok))
-            ).all()
-        by_series: dict[tuple[str, str], dict[str, int]] = {}
-        for key, study, series, sop in rows:
-            by_series.setdefault((study, series), {})[sop] = key
-        held: set[int] = set()
-        unasked = ""
-        for (study, series), keys in by_series.items():
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID = study
-            query.SeriesInstanceUID = series
-            query.SOPInstanceUID = list(keys) if len(keys) > 1 else next(iter(keys))
-            found, why = find_at_peer(
-                self.config, peer, query, self.config.worker.completeness_timeout_s
-            )
-            if found is None:
-                unasked = why
-                break
-            held.update(keys[str(ds.SOPInstanceUID)] for ds in found if ds.get("SOPInstanceUID")
-                        in keys)  # fmt: skip
-        result: list[sender.Outcome] = []
-        confirmations: dict[int, str] = {}
-        for o in outcomes:
-            if not o.ok:
-                result.append(o)
-            elif unasked:
-                confirmations[o.key] = f"unconfirmed: {unasked}"
-                result.append(o)
-            elif o.key in held:
-                confirmations[o.key] = "confirmed by C-FIND"
-                result.append(o)
-            else:
-                error = (
-                    f"{peer.ae_title} answered 0x{o.status or 0:04X} but does not hold the "
-                    "instance (C-FIND): sent again"
-                )
-                result.append(sender.Outcome(o.key, o.status, error))
-        return result, confirmations
+    def _confirm(self, peer: Peer, keys: Sequence[int]) -> None:
+        """Ask *peer* to confirm the deliveries it accepted (:mod:`pacs_node.confirm`): by
+        Storage Commitment where it offers it (the answer comes later, to the receive role),
+        else by C-FIND; what it does not hold is sent again (done -> queued)."""
+        items = confirm.sent_items(self.db, keys)
+        why_not = (
+            confirm.request_commitment(self.config, self.db, peer, items)
+            if peer.storage_commitment
+            else "storage commitment off for this peer"
+        )
+        now = utcnow()
+        if not why_not:
+            self._confirmed(keys, confirm.REQUESTED, now, stamp=False)
+            return
+        held, unasked = confirm.held_by_peer(self.config, peer, items)
+        if held is None:
+            self._confirmed(keys, f"unconfirmed: {unasked}", now, stamp=False)
+            return
+        self._confirmed(sorted(held), confirm.FOUND, now, stamp=True)
+        self._not_held(peer, [k for k in keys if k not in held], "", now)
 
-    def _record(
-        self,
-        destination: str,
-        outcomes: Sequence[sender.Outcome],
-        confirmations: dict[int, str] | None = None,
-    ) -> None:
+    def _confirmed(self, keys: Sequence[int], text: str, now: datetime, *, stamp: bool) -> None:
+        """Write *text* on the deliveries that no commitment report has answered yet."""
+        with self.db.session() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(keys), Delivery.confirmed_at.is_(None))
+                .where(Delivery.confirmation.in_(["", confirm.REQUESTED]))
+                .values(confirmation=text, confirmed_at=now if stamp else None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def _not_held(self, peer: Peer, keys: Sequence[int], why: str, now: datetime) -> None:
+        """Deliveries *peer* accepted and does not hold: failed attempts, sent again."""
+        if not keys:
+            return
+        with self.db.session() as session:
+            for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(keys))):
+                if delivery.state != TaskState.DONE:
+                    continue
+                error = confirm.not_held_error(peer, delivery.last_status)
+                delivery.confirmation = ""
+                state = tasks.fail(session, delivery, f"{why}{error}", now=now)
+                log.warning("delivery %d to %s: %s (%s)", delivery.id, peer.ae_title, error, state)
+
+    def _record(self, destination: str, outcomes: Sequence[sender.Outcome]) -> None:
         settings = self.config.delivery
         now = utcnow()
         with self.db.session() as session:
@@ -175,10 +160,6 @@ class Sender:
                     continue  # taken back meanwhile; whoever holds it now records it
                 delivery.last_status = outcome.status
                 if outcome.ok:
-                    confirmation = (confirmations or {}).get(outcome.key, "")
-                    delivery.confirmation = confirmation
-                    if confirmation.startswith("confirmed"):
-                        delivery.confirmed_at = now
                     tasks.succeed(session, delivery, now)
                     continue
                 state = tasks.fail(
@@ -197,7 +178,39 @@ class Sender:
     def sweep(self) -> int:
         with self.db.session() as session:
             taken = tasks.expire(session, Delivery, now=utcnow())
+        self.check_unanswered_commitments()
         return len(taken)
+
+    def check_unanswered_commitments(self) -> int:
+        """Deliveries whose Storage Commitment request got no answer within
+        ``delivery.commitment_wait_s``: checked by C-FIND instead. Returns how many."""
+        wait_s = self.config.delivery.commitment_wait_s
+        now = utcnow()
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.destination_ae).where(
+                    Delivery.state == TaskState.DONE,
+                    Delivery.confirmation == confirm.REQUESTED,
+                    Delivery.finished_at < now - timedelta(seconds=wait_s),
+                )
+            ).all()
+        by_peer: dict[str, list[int]] = {}
+        for key, destination in rows:
+            by_peer.setdefault(destination, []).append(key)
+        late = f"no Storage Commitment report within {wait_s:g} s"
+        for destination, keys in by_peer.items():
+            peer = self.config.peer(destination)
+            if peer is None:
+                self._confirmed(keys, f"unconfirmed: {late}; no longer a peer", now, stamp=False)
+                continue
+            held, why = confirm.held_by_peer(self.config, peer, confirm.sent_items(self.db, keys))
+            if held is None:
+                self._confirmed(keys, f"unconfirmed: {late}; C-FIND: {why}", now, stamp=False)
+                continue
+            self._confirmed(sorted(held), f"{confirm.FOUND} ({late})", now, stamp=True)
+            self._not_held(peer, [k for k in keys if k not in held], f"{late}; ", now)
+            log.info("%d deliveries to %s: no commitment report, checked", len(keys), destination)
+        return len(rows)
 
     def run_pending(self) -> int:
         return self.deliver_due()

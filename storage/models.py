@@ -180,9 +180,15 @@ class Delivery(TaskColumns, Base):
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination_ae: Mapped[str] = mapped_column(String(16))
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # DIMSE status
-    # after Success: "confirmed by C-FIND" once the destination was seen to hold the instance,
-    # "unconfirmed: <why>" when it could not be asked; "" not checked (or not yet sent)
+    # after Success: "committed (storage commitment)" or "confirmed by C-FIND" once the
+    # destination took responsibility for / was seen to hold the instance, "commitment
+    # failed: ..." from its N-EVENT-REPORT, "unconfirmed: <why>" when it could not be asked;
+    # "" not checked (or not yet sent)
     confirmation: Mapped[str] = mapped_column(Text, default="", server_default="")
     confirmed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # the Storage Commitment request (N-ACTION) that covers it; its N-EVENT-REPORT names it
+    transaction_uid: Mapped[str] = mapped_column(
+        String(64), default="", server_default="", index=True
+    )
 
     instance: Mapped[Instance] = relationship()

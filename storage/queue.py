@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage import tasks
-from storage.models import Delivery, Job, TaskState, utcnow
+from storage.models import Delivery, Instance, Job, TaskState, utcnow
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,41 @@ def retry_failed(
         tasks.retry(job, now)
         n_jobs += 1
     return n_deliveries, n_jobs
+
+
+def record_commitment(
+    session: Session,
+    transaction_uid: str,
+    committed: Sequence[str],
+    failed: Sequence[tuple[str, int | None]],
+    *,
+    peer: str,
+    now: datetime,
+) -> int:
+    """A destination's Storage Commitment answer (N-EVENT-REPORT) for *transaction_uid*: the
+    SOP Instance UIDs it took responsibility for, and those it did not (with its Failure
+    Reason), which are sent again. Only deliveries of that transaction to that destination
+    change; returns how many."""
+    rows = session.execute(
+        select(Delivery, Instance.sop_instance_uid)
+        .join(Instance, Delivery.instance_pk == Instance.id)
+        .where(Delivery.transaction_uid == transaction_uid, Delivery.destination_ae == peer)
+    ).all()
+    reasons = dict(failed)
+    changed = 0
+    for delivery, sop_uid in rows:
+        if sop_uid in committed:
+            delivery.confirmation = "committed (storage commitment)"
+            delivery.confirmed_at = now
+        elif sop_uid in reasons:
+            code = reasons[sop_uid]
+            why = f"{peer} did not commit the instance" + (
+                f" (failure reason 0x{int(code):04X})" if code is not None else ""
+            )
+            delivery.confirmation = f"commitment failed: {why}"
+            # sent again after the backoff while attempts remain (done -> queued)
+            tasks.fail(session, delivery, f"{why}: sent again", now=now)
+        else:
+            continue
+        changed += 1
+    return changed
