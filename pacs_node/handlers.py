@@ -225,29 +225,51 @@ def handle_store(
         return status(
             statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
         )
+    code, comment = admit(
+        config, files, db, ds, incoming, size if path is not None else None, calling, cache
+    )
+    return status(code, comment)
+
+
+def admit(
+    config: Config,
+    files: FileStore,
+    db: Database,
+    ds: Dataset,
+    incoming: bytes | Path,
+    file_size: int | None,
+    source: str,
+    cache: IndexCache | None = None,
+    how: str = "C-STORE",
+) -> tuple[int, str]:
+    """The checks every stored instance passes, then :func:`receive_instance`: the status
+    (C-STORE's codes, also STOW-RS's Failure Reasons) and why. *file_size*: of the file the
+    data set was read from with values left on disk, so that a cut-off value is seen."""
+    sop_uid = str(ds.get("SOPInstanceUID", ""))
+    sop_class = str(ds.get("SOPClassUID", "")).strip()
     deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-    cut = truncated_element(ds, size if path is not None and not deflated else None)
+    cut = truncated_element(ds, file_size if not deflated else None)
     if cut is not None:
         # the sender promised more bytes than it sent (a cut-off or forged data set): keeping
         # it would keep a file no reader can use, and Success would be a lie
-        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, cut)
-        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, cut)
+        log.warning("%s %s from %s refused: %s", how, sop_uid, source, cut)
+        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, cut
     if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
         # Type 1 in every image IOD; missing here usually means the data set was cut off
-        log.warning("C-STORE %s from %s refused: no pixel data", sop_uid, calling)
-        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated")
+        log.warning("%s %s from %s refused: no pixel data", how, sop_uid, source)
+        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated"
     try:
-        receive_instance(config, files, db, ds, incoming, calling, cache)
+        receive_instance(config, files, db, ds, incoming, source, cache)
     except OutOfSpaceError as exc:
-        log.error("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
-        return status(statuses.OUT_OF_RESOURCES, str(exc))
+        log.error("%s %s from %s refused: %s", how, sop_uid, source, exc)
+        return statuses.OUT_OF_RESOURCES, str(exc)
     except InvalidInstanceError as exc:
-        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, exc)
-        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        log.warning("%s %s from %s refused: %s", how, sop_uid, source, exc)
+        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
     except Exception as exc:  # never let a storage fault kill the association
-        log_failure(log, "C-STORE %s from %s failed", sop_uid, calling)
-        return status(statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}")
-    return status(statuses.SUCCESS)
+        log_failure(log, "%s %s from %s failed", how, sop_uid, source)
+        return statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}"
+    return statuses.SUCCESS, ""
 
 
 def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Dataset | None]]:
