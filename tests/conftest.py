@@ -67,3 +67,20 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture
+def orthanc_peer(tmp_path: Path):
+    """A real Orthanc that knows the node as AINODE on a free port: (orthanc, node_port).
+    Skipped where Orthanc is missing, a failure in CI."""
+    from tests.orthanc import OrthancServer, free_port, orthanc_available
+
+    if not orthanc_available():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("Orthanc must be installed in CI")
+        pytest.skip("needs Orthanc")
+    node_port = free_port()
+    with OrthancServer(
+        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
+    ) as orthanc:
+        yield orthanc, node_port

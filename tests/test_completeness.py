@@ -25,7 +25,7 @@ from pacs_node.config import Peer
 from pacs_node.status import render_status
 from storage.models import Job, Result, Series, TaskState
 from tests.conftest import CT_SERIES, make_config
-from tests.orthanc import OrthancServer, free_port, orthanc_available, wait_for
+from tests.orthanc import wait_for
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -37,20 +37,13 @@ QUIET_S = 1.0
 
 
 @pytest.fixture
-def orthanc_with_ct(tmp_path: Path):
-    if not orthanc_available():
-        if IN_CI:
-            pytest.fail("Orthanc must be installed in CI")
-        pytest.skip("needs Orthanc")
-    node_port = free_port()
-    with OrthancServer(
-        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-    ) as orthanc:
-        orthanc.upload_many(CT_SERIES)
-        study_id = orthanc.find_study_id(STUDY_UID)
-        assert study_id is not None
-        (series,) = orthanc.study_series(study_id)
-        yield orthanc, node_port, sorted(series["Instances"])
+def orthanc_with_ct(orthanc_peer):
+    orthanc, node_port = orthanc_peer
+    orthanc.upload_many(CT_SERIES)
+    study_id = orthanc.find_study_id(STUDY_UID)
+    assert study_id is not None
+    (series,) = orthanc.study_series(study_id)
+    return orthanc, node_port, sorted(series["Instances"])
 
 
 def _node(tmp_path, start_node, orthanc, port, *, ask: bool, wait_s: float = 60.0):

@@ -35,11 +35,9 @@ from storage.models import Delivery, TaskState
 from tests import scu
 from tests.conftest import CR_CHEST, make_config
 from tests.orthanc import (
-    OrthancServer,
     StoreScp,
     dcmtk_available,
     free_port,
-    orthanc_available,
     wait_for,
 )
 
@@ -60,19 +58,6 @@ def _node_sending_to(start_node, tmp_path, peer: Peer, **delivery):
     node = start_node(config)
     assert scu.store(node.port, [CR_CHEST], calling=peer.ae_title)[0].Status == 0
     return node
-
-
-@pytest.fixture
-def orthanc_peer(tmp_path):
-    if not orthanc_available():
-        if IN_CI:
-            pytest.fail("Orthanc must be installed in CI")
-        pytest.skip("needs Orthanc")
-    node_port = free_port()
-    with OrthancServer(
-        tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
-    ) as orthanc:
-        yield orthanc, node_port
 
 
 @pytest.mark.orthanc
