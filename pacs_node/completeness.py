@@ -14,7 +14,6 @@ new SR supersedes the earlier one (:mod:`pacs_node.work`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,9 +34,6 @@ class Verdict:
     wait_s: float = 0.0
     note: str = ""  # how it was decided, for the log
     warning: str = ""
-
-
-Counter = Callable[[Config, Peer, str, str], "tuple[int | None, str]"]
 
 
 def peer_instance_count(
@@ -71,7 +67,6 @@ def judge(
     series_uid: str,
     last_received_at: datetime,
     now: datetime,
-    count: Counter = peer_instance_count,
 ) -> Verdict:
     """Analyse the series now, or wait for more of it?"""
     settings = config.worker
@@ -85,7 +80,7 @@ def judge(
 
     if peer is None or not peer.ask_completeness or not peer.host:
         return quiet_period("sender not asked")
-    expected, why = count(config, peer, study_uid, series_uid)
+    expected, why = peer_instance_count(config, peer, study_uid, series_uid)
     if expected is None:
         log.info("series %s: completeness unknown (%s)", series_uid, why)
         return quiet_period(why)

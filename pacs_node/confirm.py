@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from pacs_node.ae import STORAGE_COMMITMENT_PUSH, build_scu
+from pacs_node.ae import STORAGE_COMMITMENT_PUSH
 from pacs_node.config import Config, Peer
-from pacs_node.query_scu import find_at_peer
+from pacs_node.query_scu import find_at_peer, open_association
 from storage.db import Database
 from storage.models import Delivery, Instance, Series, Study
 
@@ -78,16 +78,11 @@ def request_commitment(config: Config, db: Database, peer: Peer, items: Sequence
             .values(transaction_uid=transaction)
             .execution_options(synchronize_session=False)
         )
-    ae = build_scu(config, [STORAGE_COMMITMENT_PUSH])
-    timeout = config.worker.completeness_timeout_s
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    except Exception as exc:
-        return f"cannot connect to {where}: {type(exc).__name__}"
-    if not assoc.is_established:
-        return f"no Storage Commitment association with {where}"
+    assoc, where = open_association(
+        config, peer, [STORAGE_COMMITMENT_PUSH], config.worker.completeness_timeout_s
+    )
+    if assoc is None:
+        return f"Storage Commitment {where}"
     try:
         if not any(c.abstract_syntax == STORAGE_COMMITMENT_PUSH for c in assoc.accepted_contexts):
             return f"{where} does not offer Storage Commitment"

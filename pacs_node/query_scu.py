@@ -6,6 +6,8 @@ and after sending results (does the peer hold them now? :mod:`pacs_node.send`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -16,12 +18,12 @@ from pacs_node.ae import build_scu
 from pacs_node.config import Config, Peer
 
 
-def find_at_peer(
-    config: Config, peer: Peer, query: Dataset, timeout_s: float
-) -> tuple[list[Dataset] | None, str]:
-    """The identifiers *peer* answers to *query*, or None and why it could not be asked (no
-    connection, association refused, a failure status, no answer within *timeout_s*)."""
-    ae = build_scu(config, [str(StudyRootQueryRetrieveInformationModelFind)])
+def open_association(
+    config: Config, peer: Peer, sop_classes: list[str], timeout_s: float
+) -> tuple[Any, str]:
+    """An association with *peer* for *sop_classes* whose every wait is bounded by
+    *timeout_s*: (association, where) or (None, why not)."""
+    ae = build_scu(config, sop_classes)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(
         timeout_s, config.node.dimse_timeout_s
     )
@@ -32,7 +34,20 @@ def find_at_peer(
         return None, f"cannot connect to {where}: {type(exc).__name__}"
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        return None, f"C-FIND association with {where} {how}"
+        return None, f"association with {where} {how}"
+    return assoc, where
+
+
+def find_at_peer(
+    config: Config, peer: Peer, query: Dataset, timeout_s: float
+) -> tuple[list[Dataset] | None, str]:
+    """The identifiers *peer* answers to *query*, or None and why it could not be asked (no
+    connection, association refused, a failure status, no answer within *timeout_s*)."""
+    assoc, where = open_association(
+        config, peer, [str(StudyRootQueryRetrieveInformationModelFind)], timeout_s
+    )
+    if assoc is None:
+        return None, f"C-FIND {where}"
     found: list[Dataset] = []
     failure = ""
     try:

@@ -136,10 +136,10 @@ class Worker:
             series.modality,
             study_uid=series.study.study_instance_uid,
             last_received_at=max((t for _, t in rows), default=None),
-            predecessor=self._current_sr(session, series.id),
+            predecessor=self._current_sr(session, series.id, series.study.study_instance_uid),
         )
 
-    def _current_sr(self, session: Session, series_pk: int) -> SrReference | None:
+    def _current_sr(self, session: Session, series_pk: int, study_uid: str) -> SrReference | None:
         """The SR of the series' result that has not been replaced, if any."""
         row = session.execute(
             select(Result.sr_sop_instance_uid, Instance.sop_class_uid, Series.series_instance_uid)
@@ -151,12 +151,7 @@ class Worker:
         ).first()
         if row is None:
             return None
-        study_uid = session.scalar(
-            select(Study.study_instance_uid)
-            .join(Series, Series.study_pk == Study.id)
-            .where(Series.id == series_pk)
-        )
-        return SrReference(str(study_uid), row[2], row[1], row[0])
+        return SrReference(study_uid, row[2], row[1], row[0])
 
     def _complete_or_defer(self, work: SeriesWork) -> str | None:
         """Whether the series is all here (:mod:`pacs_node.completeness`): "" to analyse it,

@@ -108,16 +108,21 @@ class ForgetfulPeer:
     """A DICOM peer that answers Success to every C-STORE, keeps nothing, and answers C-FIND
     (with no match): what the node's confirmation exists to catch."""
 
+    title = "FORGETFUL"
+
     def __init__(self) -> None:
         self.port = free_port()
         self.stores = 0
         self.finds = 0
         self._lock = threading.Lock()
-        ae = AE(ae_title="FORGETFUL")
+        ae = AE(ae_title=self.title)
         for sop_class in GENERATED_SOP_CLASSES:
             ae.add_supported_context(sop_class)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae = ae
+
+    def handlers(self) -> list:
+        return [(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)]
 
     def _store(self, event) -> int:
         with self._lock:
@@ -131,9 +136,7 @@ class ForgetfulPeer:
 
     def __enter__(self) -> ForgetfulPeer:
         self.server = self.ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)],
+            ("127.0.0.1", self.port), block=False, evt_handlers=self.handlers()
         )
         return self
 
@@ -198,24 +201,24 @@ def test_the_confirming_query_names_the_instances_sent(start_node, tmp_path):
     assert asked == sent
 
 
-class CommittingPeer:
+class CommittingPeer(ForgetfulPeer):
     """A peer that keeps what it is sent, answers C-FIND from it, and takes Storage Commitment
     requests: *report* "fail" answers each with an N-EVENT-REPORT (event type 2, every instance
     failed) on an association it opens to the node, as Orthanc does for its successes; "never"
     does not answer at all."""
 
+    title = "COMMITTER"
+
     def __init__(self, node_port_of: dict[str, int], report: str) -> None:
-        self.port = free_port()
+        super().__init__()
         self.node_port_of = node_port_of
         self.report = report
         self.held: dict[str, object] = {}
         self.requests: list[str] = []
-        ae = AE(ae_title="COMMITTER")
-        for sop_class in GENERATED_SOP_CLASSES:
-            ae.add_supported_context(sop_class)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
-        self.ae = ae
+        self.ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
+
+    def handlers(self) -> list:
+        return [*super().handlers(), (evt.EVT_N_ACTION, self._action)]
 
     def _store(self, event) -> int:
         self.held[str(event.request.AffectedSOPInstanceUID)] = event.dataset
@@ -260,21 +263,6 @@ class CommittingPeer:
         if assoc.is_established:
             assoc.send_n_event_report(report, 2, STORAGE_COMMITMENT_PUSH, COMMITMENT_INSTANCE)
             assoc.release()
-
-    def __enter__(self) -> CommittingPeer:
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_C_STORE, self._store),
-                (evt.EVT_C_FIND, self._find),
-                (evt.EVT_N_ACTION, self._action),
-            ],
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
 
 
 def test_a_failed_commitment_report_sends_the_results_again(start_node, tmp_path):
