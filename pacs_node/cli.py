@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_role(args: argparse.Namespace) -> int:
-    """``receive``, ``work`` or ``send``: one role in this process, until SIGTERM or SIGINT."""
+    """``receive``, ``work``, ``send`` or ``web``: one role in this process, until SIGTERM or SIGINT."""
     # numpy's OpenBLAS threads spin after every small product (the abstention score): on a
     # worker that doubled the CPU of a chest X-ray job (120 ms instead of 56) and stole the
     # core the other roles need. Set before numpy is first imported; an operator's value wins.
@@ -84,6 +84,10 @@ def cmd_role(args: argparse.Namespace) -> int:
         from pacs_node import work
 
         work.run(config, stop)
+    elif args.command == "web":
+        from pacs_node.web import server
+
+        server.run(config, stop)
     else:
         from pacs_node import send
 
@@ -582,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loads no model",
         "work": "analysis only: claim queued jobs and run the models (run as many as you like)",
         "send": "delivery only: send the results to the peers they are owed to",
+        "web": "the web server only: DICOMweb, the dashboard, /metrics ([web] in the config)",
     }
     for role, text in roles.items():
         cmd = sub.add_parser(

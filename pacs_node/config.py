@@ -85,6 +85,27 @@ class TlsSettings:
     require_client_cert: bool = True
 
 
+@dataclass(frozen=True)
+class WebSettings:
+    """The node's web server: DICOMweb under /dicomweb (issue 12), in a process of its own."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""  # every request needs "Authorization: Bearer <token>"; "": loopback only
+    max_upload_bytes: int = 2 * 1024**3  # one STOW-RS request body, at most
+    max_connections: int = 64  # at once; more are answered 503
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 DEFAULT_MODALITY_PRIORITY = (("CR", 10), ("DX", 10))  # radiographs ahead of CT
 
 
@@ -150,6 +171,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     models: tuple[ModelBinding, ...] = DEFAULT_MODELS
     log_level: str = "INFO"
 
@@ -470,6 +492,26 @@ def _parse_tls(table: Mapping[str, Any], base_dir: Path) -> TlsSettings:
     )
 
 
+def _parse_web(table: Mapping[str, Any]) -> WebSettings:
+    _reject_unknown(table, set(WebSettings.__dataclass_fields__), "web")
+    d = WebSettings()
+    token = _take(table, "token", str, "web", d.token)
+    if token and (len(token) < 16 or any(c.isspace() for c in token)):
+        raise ConfigError("web.token: at least 16 characters, no spaces")
+    return WebSettings(
+        enabled=_take(table, "enabled", bool, "web", d.enabled),
+        host=_host(table.get("host", d.host), "web.host"),
+        port=_port(table.get("port", d.port), "web.port"),
+        token=token,
+        max_upload_bytes=int(
+            _number(table, "max_upload_bytes", "web", d.max_upload_bytes, minimum=1024)
+        ),
+        max_connections=int(
+            _number(table, "max_connections", "web", d.max_connections, minimum=1)
+        ),
+    )
+
+
 def _parse_rules(item: Mapping[str, Any], path: str) -> tuple[Rule, ...]:
     """A model's ``rules`` (they replace the defaults, ai.selection.DEFAULT_RULES)."""
     if "rules" not in item:
@@ -539,8 +581,10 @@ def _parse_models(items: Any, base_dir: Path) -> tuple[ModelBinding, ...]:
 def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML mapping."""
     base_dir = base_dir or Path.cwd()
-    _reject_unknown(data, {"node", "peers", "worker", "delivery", "tls", "models", "logging"}, "")
-    for key in ("node", "worker", "delivery", "tls", "logging"):
+    _reject_unknown(
+        data, {"node", "peers", "worker", "delivery", "tls", "web", "models", "logging"}, ""
+    )
+    for key in ("node", "worker", "delivery", "tls", "web", "logging"):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{key}: expected a [{key}] table")
     peers = _parse_peers(data.get("peers", []))
@@ -555,12 +599,19 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
         worker=_parse_worker(data.get("worker", {})),
         delivery=_parse_delivery(data.get("delivery", {}), peers),
         tls=_parse_tls(data.get("tls", {}), base_dir),
+        web=_parse_web(data.get("web", {})),
         models=_parse_models(data["models"], base_dir) if "models" in data else DEFAULT_MODELS,
         log_level=level,
     )
     if not config.node.accept_unknown_peers and not config.peers:
         raise ConfigError(
             "node.accept_unknown_peers: false, but no [[peers]] are listed, so nobody could connect"
+        )
+    web = config.web
+    if web.enabled and not web.token and not is_loopback(web.host):
+        raise ConfigError(
+            f"web.host: {web.host!r} is not a loopback address; set web.token (every request "
+            "must then carry it) or keep the web server on 127.0.0.1"
         )
     if config.tls.enabled and config.tls.port == config.node.port:
         raise ConfigError("tls.port: must differ from node.port")

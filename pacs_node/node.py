@@ -32,6 +32,7 @@ class Node:
         self.worker = Worker(config, self.db, self.files)
         self.sender = Sender(config, self.db, self.files, owner=self.worker.owner)
         self.scheduler: Any = None
+        self.web: Any = None
 
     def recover(self) -> None:
         """After a crash: drop partial files, take back the leases of dead processes."""
@@ -40,13 +41,21 @@ class Node:
         if removed or taken:
             log.warning("recovered: %d partial files removed, %d tasks taken back", removed, taken)
 
-    def start(self, *, scheduler: bool = False, preload_models: bool = True) -> None:
+    def start(
+        self, *, scheduler: bool = False, preload_models: bool = True, web: bool = False
+    ) -> None:
         """Listen; with *scheduler*, also run work and delivery rounds in the background
-        (APScheduler threads, each round one at a time)."""
+        (APScheduler threads, each round one at a time); with *web*, serve the web application
+        (``[web]``) in a thread."""
         self.recover()
         if preload_models:
             work.preload_models(self.config)
         self.receiver.start()
+        if web:
+            from pacs_node.web.server import WebServer
+
+            self.web = WebServer(self.config, self.db, self.files)
+            self.web.start()
         if scheduler:
             from pacs_node.scheduler import start_scheduler
 
@@ -81,5 +90,8 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         self.receiver.stop()
         self.db.dispose()

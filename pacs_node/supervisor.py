@@ -2,8 +2,8 @@
 dies.
 
 The supervisor brings the database schema up to date, takes back the leases of processes of
-this machine that are gone, then starts ``receive``, ``worker.processes`` times ``work``, and
-``send``, each as ``python -m pacs_node.cli ROLE`` with the same config. A child that dies is
+this machine that are gone, then starts ``receive``, ``worker.processes`` times ``work``,
+``send`` and (when ``web.enabled``) ``web``, each as ``python -m pacs_node.cli ROLE`` with the same config. A child that dies is
 started again (after 1 s, doubling to 30 s while it keeps dying quickly), and the leases it held
 are taken back at once, each counting as a failed attempt, so its tasks do not wait for their
 lease to run out. A child that exits with status 2 in its first seconds met a problem no restart
@@ -57,7 +57,7 @@ class Child:
 
     @property
     def name(self) -> str:
-        return self.role if self.role == "send" else f"{self.role}[{self.index}]"
+        return self.role if self.role in ("send", "web") else f"{self.role}[{self.index}]"
 
 
 class Supervisor:
@@ -69,7 +69,10 @@ class Supervisor:
         self.args = args
         roles = [("receive", i) for i in range(config.node.receive_processes)]
         roles += [("work", i) for i in range(config.worker.processes)]
-        self.children = [Child(role, i) for role, i in roles + [("send", 0)]]
+        roles.append(("send", 0))
+        if config.web.enabled:
+            roles.append(("web", 0))
+        self.children = [Child(role, i) for role, i in roles]
 
     def command(self, child: Child) -> list[str]:
         return [sys.executable, "-m", "pacs_node.cli", child.role, *self.args]

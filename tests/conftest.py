@@ -57,10 +57,14 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     def start(
-        config: Config | None = None, *, scheduler: bool = False, preload: bool = False
+        config: Config | None = None,
+        *,
+        scheduler: bool = False,
+        preload: bool = False,
+        web: bool = False,
     ) -> Node:
         node = Node(config or make_config(tmp_path))
-        node.start(scheduler=scheduler, preload_models=preload)
+        node.start(scheduler=scheduler, preload_models=preload, web=web)
         nodes.append(node)
         return node
 

@@ -18,6 +18,8 @@ class NodeProcess:
     def __init__(self, workdir: Path, config_text: str, command: str = "serve") -> None:
         self.workdir = workdir
         self.config = workdir / "node.toml"
+        if "[web]" not in config_text:  # the web role only where a test is about it
+            config_text += "\n[web]\nenabled = false\n"
         self.config.write_text(config_text)
         self.command = command
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,9 +1,10 @@
 """The node's results in a real viewer (issue 11): OHIF v3 in headless Chromium.
 
 The node analyses a chest X-ray; the source and every result (SR, secondary capture, Parametric
-Map) go into a real Orthanc with its DICOMweb plugin (from apt, ``orthanc-dicomweb``). OHIF's
-built app (npm ``@ohif/app``, its ``dist/``) is served on loopback with ``/dicom-web`` proxied to
-Orthanc (one origin, no CORS), and ``tests/browser/ohif_check.cjs`` (playwright-core from npm)
+Map) are served by the node's own DICOMweb (issue 12), or go into a real Orthanc with its
+DICOMweb plugin (from apt, ``orthanc-dicomweb``). OHIF's built app (npm ``@ohif/app``, its
+``dist/``) is served on loopback with ``/dicom-web`` proxied to the one or the other (one
+origin, no CORS), and ``tests/browser/ohif_check.cjs`` (playwright-core from npm)
 opens the study in Debian's Chromium. The page must list the SR and the Parametric Map series,
 and opening the SR must show its finding. The screenshot is kept in ``build/artifacts/``.
 
@@ -21,12 +22,14 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select
 
+from pacs_node.config import WebSettings
 from storage.models import Instance, Result, Series
 from tests import scu
 from tests.conftest import CR_CHEST, make_config
@@ -76,8 +79,9 @@ def _app_config(dist: Path) -> str:
 class _Viewer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, dist: Path, orthanc_url: str) -> None:
-        self.dist, self.orthanc_url, self.config = dist, orthanc_url, _app_config(dist)
+    def __init__(self, dist: Path, dicomweb: str) -> None:
+        """*dicomweb*: the DICOMweb root the viewer's /dicom-web stands for."""
+        self.dist, self.dicomweb, self.config = dist, dicomweb, _app_config(dist)
         super().__init__(("127.0.0.1", free_port()), _Handler)
 
 
@@ -103,7 +107,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers = {
             k: v for k, v in self.headers.items() if k.lower() in ("accept", "host", "range")
         }
-        request = urllib.request.Request(self.server.orthanc_url + self.path, headers=headers)
+        target = self.server.dicomweb + self.path[len("/dicom-web") :]
+        request = urllib.request.Request(target, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 body, status = response.read(), response.status
@@ -120,8 +125,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def results_in_orthanc(start_node, tmp_path):
+@pytest.fixture(params=["orthanc", "node"])
+def analysed_study(request, start_node, tmp_path):
+    """A chest X-ray the node analysed, and the DICOMweb root that serves it with its results:
+    a real Orthanc's (the results delivered there) or the node's own (issue 12)."""
     missing = _missing()
     if missing:
         if IN_CI:
@@ -130,7 +137,8 @@ def results_in_orthanc(start_node, tmp_path):
     source = pydicom.dcmread(CR_CHEST)
     source.PatientID, source.PatientName = "OHIF-1", "Viewer^Test"
     source.save_as(tmp_path / "cr.dcm", enforce_file_format=True)
-    node = start_node(make_config(tmp_path))
+    config = replace(make_config(tmp_path), web=WebSettings(port=0))
+    node = start_node(config, web=request.param == "node")
     assert scu.store(node.port, [tmp_path / "cr.dcm"])[0].Status == 0
     assert node.run_pending() == 1
     with node.db.read() as session:
@@ -139,23 +147,28 @@ def results_in_orthanc(start_node, tmp_path):
         generated = session.scalars(
             select(Series.series_description).where(Series.generated.is_(True))
         ).all()
-    config = {
+    study = str(source.StudyInstanceUID)
+    if request.param == "node":
+        yield f"{node.web.url}/dicomweb", study, result, generated
+        return
+    plugin = {
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
-    with OrthancServer(tmp_path / "orthanc", extra_config=config) as orthanc:
+    with OrthancServer(tmp_path / "orthanc", extra_config=plugin) as orthanc:
         for path in paths:
             orthanc.upload(node.files.abspath(path))
-        yield orthanc, str(source.StudyInstanceUID), result, generated
+        yield f"{orthanc.url}/dicom-web", study, result, generated
 
 
-def test_ohif_shows_the_sr_finding_and_lists_the_parametric_map(results_in_orthanc):
-    orthanc, study, result, generated = results_in_orthanc
-    viewer = _Viewer(OHIF_DIST, orthanc.url)
+def test_ohif_shows_the_sr_finding_and_lists_the_parametric_map(analysed_study, request):
+    dicomweb, study, result, generated = analysed_study
+    backend = request.node.callspec.params["analysed_study"]
+    viewer = _Viewer(OHIF_DIST, dicomweb)
     thread = threading.Thread(target=viewer.serve_forever, daemon=True)
     thread.start()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    screenshot = ARTIFACTS / "ohif_sr.png"
+    screenshot = ARTIFACTS / f"ohif_sr_{backend}.png"
     finding = {"covid": "COVID-19", "pneumonia": "Pneumonia", "normal": "Normal"}.get(
         result.label, "Undetermined"
     )
@@ -171,12 +184,14 @@ def test_ohif_shows_the_sr_finding_and_lists_the_parametric_map(results_in_ortha
         viewer.shutdown()
     assert run.returncode == 0, run.stderr[-3000:]
     page = json.loads(run.stdout.strip().splitlines()[-1])
-    (ARTIFACTS / "ohif_page.json").write_text(json.dumps(page, indent=1))
+    (ARTIFACTS / f"ohif_page_{backend}.json").write_text(json.dumps(page, indent=1))
     assert "AI RESULT" in page["seriesText"], page
     assert "AI HEATMAP MAP" in page["seriesText"], page  # the Parametric Map is listed
     assert page["opened"], page
     assert screenshot.stat().st_size > 10_000
     assert {d.split(" - ")[0] for d in generated} >= {"AI RESULT", "AI HEATMAP MAP"}
+    if backend == "node":  # the node's own DICOMweb: the finding must be drawn
+        assert page["findingShown"], page["errors"]
     if not page["findingShown"]:
         # seen on the machine of 2026-12-02 (Chromium 156.0.8078.114), also with the SR of
         # 99c1e5a that passed before: OHIF asks whether to track the SR's measurements and

@@ -1,0 +1,82 @@
+"""The web application: DICOMweb under /dicomweb, the status page at /, behind a bearer token.
+
+With ``web.token`` set, every request must carry ``Authorization: Bearer <token>`` (compared
+in constant time) and gets 401 without it; with no token the configuration refuses any address
+but loopback (:mod:`pacs_node.config`). The server is uvicorn in its own process (``pacs-node
+web``, started by ``serve`` when ``web.enabled``), so no HTTP client, slow or hostile, shares a
+thread or a lock with the DIMSE services; ``web.max_connections`` bounds the connections it
+serves at once (the rest get 503), and a request's headers must arrive within uvicorn's limits.
+HTTPS uses the DICOM TLS certificate and key when ``[tls]`` is enabled.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from ai import DISCLAIMER
+from pacs_node.config import Config
+from pacs_node.status import render_status
+from pacs_node.web.dicomweb import DicomWeb
+from storage.db import Database
+from storage.files import FileStore
+
+log = logging.getLogger(__name__)
+
+
+class BearerToken:
+    """ASGI middleware: 401 for an HTTP request without the configured bearer token."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = PlainTextResponse(
+                    "a bearer token is required (Authorization: Bearer <web.token>)\n",
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="pacs-node"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) -> Any:
+    """The ASGI application; *base_url* (scheme, host, port) is where clients reach it, for
+    the URLs in DICOMweb answers."""
+    dicomweb = DicomWeb(config, db, files, f"{base_url}/dicomweb")
+
+    async def home(request: Request) -> Response:
+        text = render_status(db)
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>pacs-node</title></head>"
+            f"<body><h1>pacs-node {html.escape(config.node.ae_title)}</h1>"
+            f"<p><strong>{html.escape(DISCLAIMER)}</strong></p>"
+            f"<pre>{html.escape(text)}</pre>"
+            "<p>DICOMweb: <code>/dicomweb</code> (QIDO-RS, WADO-RS, STOW-RS)</p></body></html>"
+        )
+        return HTMLResponse(page)
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    app: Any = Starlette(
+        routes=[
+            Route("/", home),
+            Route("/healthz", health),
+            Mount("/dicomweb", routes=dicomweb.routes()),
+        ]
+    )
+    if config.web.token:
+        app = BearerToken(app, config.web.token)
+    return app
