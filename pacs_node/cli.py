@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_role(args: argparse.Namespace) -> int:
-    """``receive``, ``work``, ``send`` or ``web``: one role in this process, until SIGTERM or SIGINT."""
+    """``receive``, ``work``, ``send`` or ``web``: one role in this process, until SIGTERM or
+    SIGINT."""
     # numpy's OpenBLAS threads spin after every small product (the abstention score): on a
     # worker that doubled the CPU of a chest X-ray job (120 ms instead of 56) and stole the
     # core the other roles need. Set before numpy is first imported; an operator's value wins.

@@ -506,9 +506,7 @@ def _parse_web(table: Mapping[str, Any]) -> WebSettings:
         max_upload_bytes=int(
             _number(table, "max_upload_bytes", "web", d.max_upload_bytes, minimum=1024)
         ),
-        max_connections=int(
-            _number(table, "max_connections", "web", d.max_connections, minimum=1)
-        ),
+        max_connections=int(_number(table, "max_connections", "web", d.max_connections, minimum=1)),
     )
 
 

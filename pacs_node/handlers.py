@@ -241,10 +241,13 @@ def admit(
     source: str,
     cache: IndexCache | None = None,
     how: str = "C-STORE",
+    sender_ae: str | None = None,
 ) -> tuple[int, str]:
     """The checks every stored instance passes, then :func:`receive_instance`: the status
     (C-STORE's codes, also STOW-RS's Failure Reasons) and why. *file_size*: of the file the
-    data set was read from with values left on disk, so that a cut-off value is seen."""
+    data set was read from with values left on disk, so that a cut-off value is seen.
+    *source* names the sender in the log; *sender_ae* is the AE title recorded as the
+    series' sender (results may be owed to it), *source* when not given."""
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     sop_class = str(ds.get("SOPClassUID", "")).strip()
     deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
@@ -259,7 +262,8 @@ def admit(
         log.warning("%s %s from %s refused: no pixel data", how, sop_uid, source)
         return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated"
     try:
-        receive_instance(config, files, db, ds, incoming, source, cache)
+        sender = source if sender_ae is None else sender_ae
+        receive_instance(config, files, db, ds, incoming, sender, cache)
     except OutOfSpaceError as exc:
         log.error("%s %s from %s refused: %s", how, sop_uid, source, exc)
         return statuses.OUT_OF_RESOURCES, str(exc)

@@ -3,14 +3,15 @@ dies.
 
 The supervisor brings the database schema up to date, takes back the leases of processes of
 this machine that are gone, then starts ``receive``, ``worker.processes`` times ``work``,
-``send`` and (when ``web.enabled``) ``web``, each as ``python -m pacs_node.cli ROLE`` with the same config. A child that dies is
-started again (after 1 s, doubling to 30 s while it keeps dying quickly), and the leases it held
-are taken back at once, each counting as a failed attempt, so its tasks do not wait for their
-lease to run out. A child that exits with status 2 in its first seconds met a problem no restart
-fixes (a bad config, a broken model): the supervisor stops everything and exits with it. On
-SIGTERM or SIGINT the children are asked to stop, then killed after a grace period. Each child
-asks the kernel to kill it if the supervisor dies (``PR_SET_PDEATHSIG``), so a SIGKILL of
-``serve`` takes the whole node down as a power cut would, and nothing keeps running unwatched.
+``send`` and (when ``web.enabled``) ``web``, each as ``python -m pacs_node.cli ROLE`` with the
+same config. A child that dies is started again (after 1 s, doubling to 30 s while it keeps
+dying quickly), and the leases it held are taken back at once, each counting as a failed
+attempt, so its tasks do not wait for their lease to run out. A child that exits with status 2
+in its first seconds met a problem no restart fixes (a bad config, a broken model): the
+supervisor stops everything and exits with it. On SIGTERM or SIGINT the children are asked to
+stop, then killed after a grace period. Each child asks the kernel to kill it if the supervisor
+dies (``PR_SET_PDEATHSIG``), so a SIGKILL of ``serve`` takes the whole node down as a power cut
+would, and nothing keeps running unwatched.
 """
 
 from __future__ import annotations

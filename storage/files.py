@@ -119,6 +119,16 @@ class FileStore:
         _fsync_dir(target.parent)
         return size
 
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @staticmethod
+    def partial_prefix() -> str:
+        """The name prefix of a partial file this process writes in :attr:`tmp_dir` (its host
+        and pid, so that :meth:`clean_tmp` of another process leaves it alone)."""
+        return _tmp_prefix()
+
     def remove(self, relpath: str | Path) -> None:
         _unlink_quietly(self.abspath(relpath))
 

@@ -100,6 +100,20 @@ def association_accepted(port: int, *, calling: str, called: str = "AINODE") -> 
     return accepted
 
 
+def echo(port: int, *, calling: str = "TESTSCU", called: str = "AINODE") -> int | None:
+    """C-ECHO: the status, or None when no association or no answer."""
+    ae = _ae(calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
 def query(level: str, **keys: object) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level

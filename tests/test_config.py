@@ -40,6 +40,7 @@ def test_documented_example_loads_with_every_key():
     assert ct.rules == DEFAULT_RULES and cxr.rules == DEFAULT_RULES
     assert ct.one_series_per_study and not cxr.one_series_per_study
     assert load(None).models == config.models
+    assert config.web == load(None).web  # [web] as written is the built-in default
 
 
 @pytest.mark.parametrize(
@@ -71,6 +72,10 @@ def test_documented_example_loads_with_every_key():
         ("[tls]\nenabled = true\n", "tls.cert_file: required when tls.enabled is true"),
         ('[tls]\nenabled = true\ncert_file = "absent.pem"\n', "tls.cert_file: no such file"),
         ("[node]\nmin_free_mb = -1\n", "node.min_free_mb: must be at least 0"),
+        ('[web]\nhost = "0.0.0.0"\n', "web.host: '0.0.0.0' is not a loopback address; set web"),
+        ('[web]\ntoken = "short"\n', "web.token: at least 16 characters"),
+        ("[web]\nport = -1\n", "web.port: expected a TCP port"),
+        ("[web]\nlisten = 1\n", "web.listen: unknown key"),
         (
             '[[peers]]\nae_title = "A"\nhost = "h"\nport = 1\ncheck_host = "yes"\n',
             "peers[0].check_host: expected true or false",

@@ -36,7 +36,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -57,7 +57,8 @@ UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DICOM_JSON = "application/dicom+json"
 BULK_THRESHOLD = 1024
 CHUNK = 256 * 1024
-NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}  # + deflated:
+NATIVE.add("1.2.840.10008.1.2.1.99")  # pydicom inflates it on reading
 
 # the attributes each level returns without includefield (PS3.18 table 10.6.3-3), of those the
 # node indexes
@@ -77,6 +78,11 @@ DEFAULT_FIELDS = {
         "StudyInstanceUID", "SeriesInstanceUID",
     ),
 }  # fmt: skip
+_DA, _TM = r"\d{8}", r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"
+MATCH_FORMS = {  # a matching value of these VRs: one value or a range (PS3.4 C.2.2.2.5)
+    "DA": re.compile(rf"({_DA})?-?({_DA})?"),
+    "TM": re.compile(rf"({_TM})?-?({_TM})?"),
+}
 SPECIAL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
@@ -171,8 +177,11 @@ class DicomWeb:
             if name in SPECIAL_PARAMS:
                 continue
             keyword = _keyword(name)
-            if dictionary_VR(keyword) == "UI":
+            vr = dictionary_VR(keyword)
+            if vr == "UI":
                 value = "\\".join(v.strip() for v in value.split(","))
+            elif vr in MATCH_FORMS and not MATCH_FORMS[vr].fullmatch(value):
+                raise BadRequest(f"{name}: {value[:40]!r} is not a {vr} value or range of them")
             try:
                 setattr(identifier, keyword, value)
             except Exception as exc:
@@ -183,7 +192,8 @@ class DicomWeb:
                 setattr(identifier, keyword, _uid(request, name))
         if params.get("fuzzymatching", "false") not in ("false", ""):
             raise BadRequest("fuzzymatching is not supported")
-        return identifier, _count(params.get("limit"), "limit"), _count(params.get("offset"), "offset") or 0
+        limit, offset = _count(params.get("limit"), "limit"), _count(params.get("offset"), "offset")
+        return identifier, limit, offset or 0
 
     def _search(self, identifier: Dataset, limit: int | None, offset: int) -> list[dict[str, Any]]:
         with self.db.read() as session:
@@ -275,8 +285,8 @@ class DicomWeb:
 
     async def frames(self, request: Request) -> Response:
         try:
-            (item,) = await asyncio.to_thread(self._selected, request)
             numbers = _frame_numbers(str(request.path_params["frames"]))
+            (item,) = await asyncio.to_thread(self._selected, request)
             syntax, data = await asyncio.to_thread(self._frames, item, numbers)
         except BadRequest as exc:
             return _text(exc.status, str(exc))
@@ -310,8 +320,8 @@ class DicomWeb:
 
     async def bulkdata(self, request: Request) -> Response:
         try:
-            (item,) = await asyncio.to_thread(self._selected, request)
             tag = _tag(str(request.path_params["tag"]))
+            (item,) = await asyncio.to_thread(self._selected, request)
             ds = await asyncio.to_thread(pydicom.dcmread, self.files.abspath(item.path))
             if tag not in ds:
                 raise BadRequest(f"the instance has no {tag}", 404)
@@ -329,8 +339,8 @@ class DicomWeb:
     async def rendered(self, request: Request) -> Response:
         jpeg = "image/jpeg" in request.headers.get("accept", "")
         try:
-            (item,) = await asyncio.to_thread(self._selected, request)
             frame = _frame_numbers(str(request.path_params.get("frames", "1")))[0]
+            (item,) = await asyncio.to_thread(self._selected, request)
             data = await asyncio.to_thread(self._render, item, frame, jpeg)
         except BadRequest as exc:
             return _text(exc.status, str(exc))
@@ -362,9 +372,7 @@ class DicomWeb:
         kind, params = content_type_params(request.headers.get("content-type", ""))
         part_type = params.get("type", "").lower()
         if kind != "multipart/related" or part_type not in ("application/dicom", ""):
-            return _text(
-                415, 'expected Content-Type: multipart/related; type="application/dicom"'
-            )
+            return _text(415, 'expected Content-Type: multipart/related; type="application/dicom"')
         study = None
         if "study" in request.path_params:
             try:
@@ -375,9 +383,14 @@ class DicomWeb:
         limit = self.config.web.max_upload_bytes
         if declared and declared.isdigit() and int(declared) > limit:
             return _text(413, f"the request body is over {limit} bytes")
-        folder = self.files.root / "tmp"
         try:
-            parts = await read_parts(request.stream(), params.get("boundary", ""), folder, limit)
+            parts = await read_parts(
+                request.stream(),
+                params.get("boundary", ""),
+                self.files.tmp_dir,
+                limit,
+                self.files.partial_prefix(),
+            )
         except TooLarge as exc:
             return _text(413, str(exc))
         except MultipartError as exc:
@@ -414,12 +427,18 @@ class DicomWeb:
                 part.path.unlink(missing_ok=True)  # adopted when stored; else gone
         return results
 
-    def _store_part(self, part: Any, study: str | None, source: str) -> tuple[str, str, int, str, str]:
+    def _store_part(
+        self, part: Any, study: str | None, source: str
+    ) -> tuple[str, str, int, str, str]:
         part_type, _ = content_type_params(part.content_type or "application/dicom")
         if part_type != "application/dicom":
-            return "", "", statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, (
-                f"part is {part_type}, not application/dicom"
-            ), ""
+            return (
+                "",
+                "",
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                (f"part is {part_type}, not application/dicom"),
+                "",
+            )
         size = part.path.stat().st_size
         try:
             ds = pydicom.dcmread(part.path, defer_size=65536)
@@ -427,15 +446,31 @@ class DicomWeb:
         except Exception as exc:
             return "", "", statuses.CANNOT_UNDERSTAND, f"not a DICOM file: {exc}"[:200], ""
         if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
-            return sop_class, sop_uid, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, (
-                "SOPInstanceUID is not a UID"
-            ), ""
+            return (
+                sop_class,
+                sop_uid,
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                ("SOPInstanceUID is not a UID"),
+                "",
+            )
         if study is not None and str(ds.get("StudyInstanceUID", "")) != study:
-            return sop_class, sop_uid, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, (
-                f"the instance belongs to study {ds.get('StudyInstanceUID', '')}, not {study}"
-            ), ""
+            return (
+                sop_class,
+                sop_uid,
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                (f"the instance belongs to study {ds.get('StudyInstanceUID', '')}, not {study}"),
+                "",
+            )
         code, reason = admit(
-            self.config, self.files, self.db, ds, part.path, size, source, how="STOW-RS"
+            self.config,
+            self.files,
+            self.db,
+            ds,
+            part.path,
+            size,
+            source,
+            how="STOW-RS",
+            sender_ae="",  # no DICOM peer is owed the results: they are queried back
         )
         url = (
             f"{self.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
@@ -502,7 +537,7 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _tag(text: str) -> Tag:
+def _tag(text: str) -> BaseTag:
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", text):
         raise BadRequest(f"{text[:20]!r} is not a tag (ggggeeee)")
     return Tag(int(text, 16))

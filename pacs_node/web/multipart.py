@@ -46,15 +46,16 @@ def content_type_params(value: str) -> tuple[str, dict[str, str]]:
 
 
 async def read_parts(
-    chunks: AsyncIterator[bytes], boundary: str, folder: Path, max_bytes: int
+    chunks: AsyncIterator[bytes], boundary: str, folder: Path, max_bytes: int, prefix: str = ""
 ) -> list[Part]:
-    """The parts of a multipart body with *boundary*, each written to a file in *folder*.
-    On any error every file written so far is removed before :class:`MultipartError`."""
+    """The parts of a multipart body with *boundary*, each written to a file in *folder*
+    (named *prefix*...``.part``). On any error every file written so far is removed before
+    :class:`MultipartError`."""
     if not boundary or len(boundary) > 70:
         raise MultipartError("the multipart boundary is missing or longer than 70 characters")
     parts: list[Part] = []
     try:
-        await _read(chunks, boundary.encode("latin-1"), folder, max_bytes, parts)
+        await _read(chunks, boundary.encode("latin-1"), folder, max_bytes, parts, prefix)
     except BaseException:
         for part in parts:
             part.path.unlink(missing_ok=True)
@@ -63,7 +64,12 @@ async def read_parts(
 
 
 async def _read(
-    chunks: AsyncIterator[bytes], boundary: bytes, folder: Path, max_bytes: int, parts: list[Part]
+    chunks: AsyncIterator[bytes],
+    boundary: bytes,
+    folder: Path,
+    max_bytes: int,
+    parts: list[Part],
+    prefix: str,
 ) -> None:
     first = b"--" + boundary
     delimiter = b"\r\n--" + boundary
@@ -119,7 +125,7 @@ async def _read(
                 headers = _headers(block)
                 if len(parts) >= MAX_PARTS:
                     raise MultipartError(f"more than {MAX_PARTS} parts")
-                fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=folder)
+                fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=folder)
                 out = os.fdopen(fd, "wb")
                 parts.append(Part(headers, Path(name)))
                 state = "body"

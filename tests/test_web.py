@@ -1,0 +1,364 @@
+"""The node's web side (issue 12): DICOMweb over real HTTP, the bearer token, bad requests.
+
+The node runs in this process with its web server on a free loopback port (``Node.start(web=
+True)``); studies arrive by C-STORE (dcmtk's storescu) or STOW-RS and are analysed by the
+node's own work role. Every request is real HTTP (``http.client``), so what is checked is what
+a viewer or a script gets.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import http.client
+import io
+import json
+import secrets
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from pacs_node.config import WebSettings
+from storage.models import Instance, Job, Result
+from tests import scu
+from tests.conftest import CR_CHEST, CT_SERIES, make_config
+from tests.orthanc import free_port, wait_for
+from tests.processes import NodeProcess
+
+TOKEN = "t0ken-" + "x" * 20
+
+
+def request(
+    url: str,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One real HTTP request; *path* is sent as it is (no normalising)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def get_json(url: str, path: str, **kw: Any) -> Any:
+    status, headers, body = request(url, path, **kw)
+    assert status == 200, (path, status, body[:300])
+    assert headers["content-type"].startswith("application/dicom+json")
+    return json.loads(body)
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """(content type, payload) of each part, read by the standard library's MIME parser (not
+    the node's own reader)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    assert message.is_multipart()
+    return [(p.get_content_type(), p.get_payload(decode=True)) for p in message.iter_parts()]
+
+
+def stow_body(parts: list[tuple[str, bytes]]) -> tuple[str, bytes]:
+    boundary = secrets.token_hex(12)
+    out = io.BytesIO()
+    for kind, data in parts:
+        out.write(f"--{boundary}\r\nContent-Type: {kind}\r\n\r\n".encode())
+        out.write(data)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', out.getvalue()
+
+
+def value(item: dict[str, Any], tag: str) -> Any:
+    return item[tag]["Value"][0]
+
+
+def cr_copy(tmp_path: Path, patient: str) -> Path:
+    """The chest X-ray as a new instance of a new study of patient *patient*."""
+    ds = pydicom.dcmread(CR_CHEST)
+    ds.PatientID, ds.PatientName = patient, f"Web^{patient}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    path = tmp_path / f"{patient}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def web_node(start_node, tmp_path: Path, **web: Any):
+    config = replace(make_config(tmp_path), web=WebSettings(port=0, **web))
+    return start_node(config, web=True)
+
+
+def count(node, model: type) -> int:
+    with node.db.read() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_qido_and_wado_answer_what_c_store_brought_and_the_node_found(start_node, tmp_path):
+    node = web_node(start_node, tmp_path)
+    url = node.web.url
+    path = cr_copy(tmp_path, "QIDO-1")
+    assert scu.store(node.port, [path])[0].Status == 0
+    assert node.run_pending() == 1
+    source = pydicom.dcmread(path)
+    study = str(source.StudyInstanceUID)
+
+    # QIDO-RS: the same matching as C-FIND (exact, wildcard, UID list), and nothing else
+    (found,) = get_json(url, "/dicomweb/studies?PatientID=QIDO-1")
+    assert value(found, "0020000D") == study
+    assert value(found, "00081190").endswith(f"/dicomweb/studies/{study}")
+    assert set(found["00080061"]["Value"]) >= {"CR", "SR"}
+    assert get_json(url, "/dicomweb/studies?PatientName=web*")[0] == found  # PN: any case
+    assert get_json(url, f"/dicomweb/studies?StudyInstanceUID=1.2.3,{study}") == [found]
+    assert get_json(url, "/dicomweb/studies?PatientID=nobody") == []
+    series = get_json(url, f"/dicomweb/studies/{study}/series")
+    descriptions = {value(s, "00080060"): s.get("0008103E", {}).get("Value", [""])[0] for s in series}
+    assert descriptions["CR"] == "" and "not for diagnostic use" in descriptions["SR"]
+    assert len(get_json(url, f"/dicomweb/studies/{study}/series?limit=2")) == 2
+    assert len(get_json(url, f"/dicomweb/studies/{study}/series?limit=2&offset=3")) == 1
+    (sr_series,) = get_json(url, f"/dicomweb/studies/{study}/series?Modality=SR")
+    sr_series_uid = value(sr_series, "0020000E")
+    (sr,) = get_json(url, f"/dicomweb/studies/{study}/series/{sr_series_uid}/instances")
+    assert value(sr, "00080016") == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert len(get_json(url, f"/dicomweb/instances?StudyInstanceUID={study}")) == 4
+
+    # WADO-RS: the stored file, byte for byte
+    cr_uid, cr_series = str(source.SOPInstanceUID), str(source.SeriesInstanceUID)
+    base = f"/dicomweb/studies/{study}/series/{cr_series}/instances/{cr_uid}"
+    status, headers, body = request(url, base, headers={"Accept": "multipart/related; "
+                                    'type="application/dicom"'})  # fmt: skip
+    assert status == 200
+    ((kind, data),) = multipart_parts(headers["content-type"], body)
+    with node.db.read() as session:
+        stored = session.scalars(select(Instance.path).where(Instance.sop_instance_uid == cr_uid))
+        assert data == node.files.abspath(stored.one()).read_bytes()
+    assert kind == "application/dicom"
+    status, headers, body = request(url, f"/dicomweb/studies/{study}")
+    assert status == 200 and len(multipart_parts(headers["content-type"], body)) == 4
+
+    # metadata: the header as DICOM JSON, Pixel Data by reference, the reference resolves
+    (meta,) = get_json(url, base + "/metadata")
+    assert value(meta, "00100020") == "QIDO-1" and value(meta, "00280010") == source.Rows
+    pixel_url = meta["7FE00010"]["BulkDataURI"]
+    status, headers, body = request(url, urlsplit(pixel_url).path)
+    ((_, pixels),) = multipart_parts(headers["content-type"], body)
+    assert pixels == source.PixelData
+    (sr_meta,) = get_json(url, f"/dicomweb/studies/{study}/series/{sr_series_uid}/metadata")
+    assert "not for diagnostic use" in json.dumps(sr_meta).lower()
+    assert all(e.get("Value") != [] for e in sr_meta.values())  # PS3.18 F.2.5: no empty Value
+
+    # frames in the stored syntax, a rendered thumbnail that is the image
+    status, headers, body = request(url, base + "/frames/1")
+    assert status == 200
+    ((kind, frame),) = multipart_parts(headers["content-type"], body)
+    assert kind == "application/octet-stream" and frame == source.PixelData
+    status, headers, body = request(url, base + "/rendered")
+    assert status == 200 and headers["content-type"] == "image/png"
+    image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image.shape == (source.Rows, source.Columns) and image.std() > 10
+    status, headers, body = request(url, base + "/thumbnail", headers={"Accept": "image/jpeg"})
+    assert status == 200 and body[:2] == b"\xff\xd8"
+
+
+def test_stow_stores_and_queues_exactly_like_c_store(start_node, tmp_path):
+    node = web_node(start_node, tmp_path)
+    url = node.web.url
+    slices = CT_SERIES[:3]
+    kind, body = stow_body(
+        [("application/dicom", cr_copy(tmp_path, "STOW-1").read_bytes())]
+        + [("application/dicom", p.read_bytes()) for p in slices]
+    )
+    status, headers, answer = request(
+        url, "/dicomweb/studies", method="POST", headers={"Content-Type": kind}, body=body
+    )
+    assert status == 200, answer
+    stored = json.loads(answer)["00081199"]["Value"]
+    assert len(stored) == 4 and "00081198" not in json.loads(answer)
+    assert {value(s, "00081155") for s in stored} >= {str(pydicom.dcmread(p).SOPInstanceUID)
+                                                      for p in slices}  # fmt: skip
+    for item in stored:  # each Retrieve URL gives the instance back
+        assert request(url, urlsplit(value(item, "00081190")).path)[0] == 200
+    with node.db.read() as session:
+        jobs = session.scalars(select(Job)).all()
+    assert len(jobs) == 2  # one per series, as for C-STORE
+    assert node.run_pending() >= 1
+    with node.db.read() as session:
+        labels = session.scalars(select(Result.label)).all()
+    assert labels  # the radiograph was analysed (the 3-slice CT may be too short to)
+    (found,) = get_json(url, "/dicomweb/studies?PatientID=STOW-1")
+    assert "SR" in found["00080061"]["Value"]
+    assert list(node.files.tmp_dir.iterdir()) == []  # no part left behind
+
+
+def test_stow_refuses_bad_parts_with_reasons_and_stores_the_good(start_node, tmp_path):
+    node = web_node(start_node, tmp_path, max_upload_bytes=4 * 2**20)
+    url = node.web.url
+    good = cr_copy(tmp_path, "STOW-2").read_bytes()
+    truncated = cr_copy(tmp_path, "STOW-3").read_bytes()[:-5000]
+    kind, body = stow_body(
+        [
+            ("application/dicom", good),
+            ("application/dicom", b"this is not DICOM at all" * 10),
+            ("application/dicom", truncated),
+            ("image/png", b"\x89PNG\r\n"),
+        ]
+    )
+    status, _, answer = request(
+        url, "/dicomweb/studies", method="POST", headers={"Content-Type": kind}, body=body
+    )
+    assert status == 202, answer  # some stored, some not (PS3.18 10.5.3)
+    result = json.loads(answer)
+    assert len(result["00081199"]["Value"]) == 1
+    failed = result["00081198"]["Value"]
+    assert [value(f, "00081197") for f in failed] == [0xC000, 0xA900, 0xA900]
+    reasons = [value(f, "00000902") for f in failed]
+    assert "not a DICOM file" in reasons[0] and "image/png" in reasons[2], reasons
+    assert count(node, Instance) == 1
+    assert list(node.files.tmp_dir.iterdir()) == []
+
+    # the study in the path must be the instance's study
+    other = "1.2.826.0.1.3680043.8.498.1"
+    kind, body = stow_body([("application/dicom", cr_copy(tmp_path, "STOW-4").read_bytes())])
+    status, _, answer = request(
+        url, f"/dicomweb/studies/{other}", method="POST", headers={"Content-Type": kind},
+        body=body,
+    )  # fmt: skip
+    assert status == 409 and "belongs to study" in answer.decode()
+
+    # wrong content type, broken multipart, no part, over the size limit: 4xx, nothing stored
+    big = stow_body([("application/dicom", bytes(5 * 2**20))])
+    cases = [
+        ({"Content-Type": "application/json"}, b"{}", 415),
+        ({"Content-Type": "multipart/related; type=\"application/dicom\""}, good, 400),
+        ({"Content-Type": kind}, body[: len(body) // 2], 400),  # ends inside a part
+        ({"Content-Type": kind.replace("boundary=", "boundary=x")}, body, 400),
+        ({"Content-Type": kind}, b"--" + kind.split("boundary=")[1].encode() + b"--\r\n", 400),
+        (dict(zip(["Content-Type"], [big[0]], strict=True)), big[1], 413),
+    ]
+    for headers, data, expected in cases:
+        status, _, answer = request(
+            url, "/dicomweb/studies", method="POST", headers=headers, body=data
+        )
+        assert status == expected, (headers, status, answer[:200])
+        assert answer.strip(), "every refusal says why"
+    # ... and a body over the limit that does not say its length (chunked): cut off at the limit
+    conn = http.client.HTTPConnection("127.0.0.1", node.web.port, timeout=60)
+    chunks = (big[1][i : i + 65536] for i in range(0, len(big[1]), 65536))
+    conn.request("POST", "/dicomweb/studies", body=chunks, headers={"Content-Type": big[0]},
+                 encode_chunked=True)  # fmt: skip
+    response = conn.getresponse()
+    assert response.status == 413 and b"over" in response.read()
+    conn.close()
+    assert count(node, Instance) == 1
+    assert list(node.files.tmp_dir.iterdir()) == []
+    assert request(url, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/dicomweb/studies/1.2.3", 404),  # a UID the node does not hold
+        ("/dicomweb/studies/../../etc/passwd", 404),  # no route: never a file outside storage
+        ("/dicomweb/studies/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/dicomweb/studies/1.2.3;rm/metadata", 400),  # not a UID
+        ("/dicomweb/studies/1.2.3/series/abc/metadata", 400),
+        ("/dicomweb/studies?NoSuchKeyword=1", 400),
+        ("/dicomweb/studies?limit=-1", 400),
+        ("/dicomweb/studies?StudyDate=2020-01-01", 400),  # not a DICOM date
+        ("/dicomweb/studies?fuzzymatching=true", 400),
+        ("/dicomweb/studies/1.2.3/series/1.2.4/instances/1.2.5/frames/0", 400),
+        ("/dicomweb/studies/1.2.3/series/1.2.4/instances/1.2.5/bulkdata/zz", 400),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_reason(start_node, tmp_path, path, expected):
+    node = web_node(start_node, tmp_path)
+    status, _, body = request(node.web.url, path)
+    assert status == expected, (status, body[:300])
+    assert body.strip()
+    assert request(node.web.url, "/healthz")[0] == 200
+
+
+def test_bearer_token_is_required_when_set(start_node, tmp_path):
+    node = web_node(start_node, tmp_path, token=TOKEN)
+    url = node.web.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        status, answer_headers, _ = request(url, "/dicomweb/studies", headers=headers)
+        assert status == 401 and answer_headers["www-authenticate"].startswith("Bearer")
+        assert request(url, "/", headers=headers)[0] == 401
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert get_json(url, "/dicomweb/studies", headers=good) == []
+
+
+def test_slow_http_clients_do_not_starve_dimse(start_node, tmp_path):
+    """Connections that send half a request and wait (slowloris), more than the server serves at
+    once: C-ECHO and C-STORE are answered all the while, and HTTP serves again once they go."""
+    node = web_node(start_node, tmp_path, max_connections=8)
+    parts = urlsplit(node.web.url)
+    hostile = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+            sock.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n")  # never finished
+            hostile.append(sock)
+        started = time.monotonic()
+        assert scu.echo(node.port) == 0x0000
+        assert scu.store(node.port, [cr_copy(tmp_path, "SLOW-1")])[0].Status == 0
+        assert time.monotonic() - started < 30  # bounded: not a timing assertion of speed
+    finally:
+        for sock in hostile:
+            sock.close()
+    for _ in range(100):  # bounded
+        try:
+            if request(node.web.url, "/healthz")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    assert get_json(node.web.url, "/dicomweb/studies?PatientID=SLOW-1")
+
+
+@pytest.mark.slow
+def test_serve_runs_the_web_role_beside_the_dimse_ones(tmp_path):
+    """``pacs-node serve`` with ``[web]``: its own process; a study sent by STOW-RS is
+    analysed by the work role and its SR is found by QIDO-RS."""
+    port, web_port = free_port(), free_port()
+    node = NodeProcess(
+        tmp_path,
+        f'[node]\nport = {port}\nstorage_dir = "data"\n'
+        f'[worker]\npoll_interval_s = 0.2\n[web]\nport = {web_port}\ntoken = "{TOKEN}"\n',
+    )
+    node.start()
+    try:
+        wait_for(lambda: "web: DICOMweb on" in node.log(), timeout_s=60, what="web role")
+        assert node.role_pids("web")
+        url, auth = f"http://127.0.0.1:{web_port}", {"Authorization": f"Bearer {TOKEN}"}
+        kind, body = stow_body([("application/dicom", cr_copy(tmp_path, "SERVE-1").read_bytes())])
+        status, _, answer = request(
+            url, "/dicomweb/studies", method="POST", body=body,
+            headers={"Content-Type": kind, **auth},
+        )  # fmt: skip
+        assert status == 200, answer
+
+        def analysed() -> bool:
+            (study,) = get_json(url, "/dicomweb/studies?PatientID=SERVE-1", headers=auth)
+            return "SR" in study["00080061"]["Value"]
+
+        wait_for(analysed, timeout_s=180, what="the SR of the study sent by STOW-RS")
+    finally:
+        assert node.stop() == 0
