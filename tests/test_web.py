@@ -128,7 +128,9 @@ def test_qido_and_wado_answer_what_c_store_brought_and_the_node_found(start_node
     assert get_json(url, f"/dicomweb/studies?StudyInstanceUID=1.2.3,{study}") == [found]
     assert get_json(url, "/dicomweb/studies?PatientID=nobody") == []
     series = get_json(url, f"/dicomweb/studies/{study}/series")
-    descriptions = {value(s, "00080060"): s.get("0008103E", {}).get("Value", [""])[0] for s in series}
+    descriptions = {
+        value(s, "00080060"): s.get("0008103E", {}).get("Value", [""])[0] for s in series
+    }
     assert descriptions["CR"] == "" and "not for diagnostic use" in descriptions["SR"]
     assert len(get_json(url, f"/dicomweb/studies/{study}/series?limit=2")) == 2
     assert len(get_json(url, f"/dicomweb/studies/{study}/series?limit=2&offset=3")) == 1
@@ -245,7 +247,7 @@ def test_stow_refuses_bad_parts_with_reasons_and_stores_the_good(start_node, tmp
     big = stow_body([("application/dicom", bytes(5 * 2**20))])
     cases = [
         ({"Content-Type": "application/json"}, b"{}", 415),
-        ({"Content-Type": "multipart/related; type=\"application/dicom\""}, good, 400),
+        ({"Content-Type": 'multipart/related; type="application/dicom"'}, good, 400),
         ({"Content-Type": kind}, body[: len(body) // 2], 400),  # ends inside a part
         ({"Content-Type": kind.replace("boundary=", "boundary=x")}, body, 400),
         ({"Content-Type": kind}, b"--" + kind.split("boundary=")[1].encode() + b"--\r\n", 400),
