@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
@@ -364,3 +365,25 @@ def test_serve_runs_the_web_role_beside_the_dimse_ones(tmp_path):
         wait_for(analysed, timeout_s=180, what="the SR of the study sent by STOW-RS")
     finally:
         assert node.stop() == 0
+
+
+def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_path):
+    node = web_node(start_node, tmp_path)
+    assert scu.store(node.port, [cr_copy(tmp_path, "METRICS-1")])[0].Status == 0
+    before = request(node.web.url, "/metrics")[2].decode()
+    assert 'pacs_node_queue_depth{queue="jobs",state="queued"} 1.0' in before
+    assert node.run_pending() == 1
+    status, headers, body = request(node.web.url, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert samples[("pacs_node_instances_received_total", (("modality", "CR"),))] == 1
+    assert samples[("pacs_node_jobs_total", (("outcome", "done"),))] == 1
+    assert samples[("pacs_node_queue_depth", (("queue", "jobs"), ("state", "queued")))] == 0
+    analysed = (("le", "+Inf"), ("modality", "CR"), ("stage", "analysed"))
+    assert samples[("pacs_node_stage_seconds_bucket", analysed)] == 1
+    assert 0 < samples[("pacs_node_stage_seconds_sum", analysed[1:])] < 600

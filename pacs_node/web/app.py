@@ -11,11 +11,13 @@ HTTPS uses the DICOM TLS certificate and key when ``[tls]`` is enabled.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import logging
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
@@ -24,6 +26,7 @@ from starlette.routing import Mount, Route
 from ai import DISCLAIMER
 from pacs_node.config import Config
 from pacs_node.status import render_status
+from pacs_node.web import metrics
 from pacs_node.web.dicomweb import DicomWeb
 from storage.db import Database
 from storage.files import FileStore
@@ -70,10 +73,17 @@ def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
+    scrape = metrics.registry(db)
+
+    async def metrics_page(request: Request) -> Response:
+        body = await asyncio.to_thread(generate_latest, scrape)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     app: Any = Starlette(
         routes=[
             Route("/", home),
             Route("/healthz", health),
+            Route("/metrics", metrics_page),
             Mount("/dicomweb", routes=dicomweb.routes()),
         ]
     )

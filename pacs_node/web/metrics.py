@@ -1,0 +1,168 @@
+"""``/metrics``: the node's state in Prometheus text format, read from the database at scrape.
+
+Every role writes its work to the one database, and the web role runs in a process of its own,
+so the figures are counted there (a prometheus-client collector), not in per-process counters
+that a restart would reset: what the database holds, the exporter reports.
+
+- ``pacs_node_instances_received_total{modality}``: instances stored (not the node's own);
+- ``pacs_node_jobs_total{outcome}`` and ``pacs_node_deliveries_total{outcome}``: by state
+  (done, failed, skipped; queued and running are the queue below);
+- ``pacs_node_queue_depth{queue,state}`` and ``pacs_node_queue_oldest_age_seconds{queue}``;
+- ``pacs_node_stage_seconds{modality,stage}``: a histogram of each stage's latency for the
+  analysed series (``complete``: first to last instance received; ``queued``: last instance to
+  the job's start; ``analysed``: the job's run, the models' inference with it; ``delivered``:
+  analysed to the last result delivered; ``confirmed``: delivered to confirmed), and
+  ``pacs_node_receive_to_delivered_seconds{modality}`` for the whole of it.
+
+Not yet here (issue 12): refusals by reason (refused instances are not stored, so not in the
+database) and inference time apart from the job's run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+from sqlalchemy import func, select
+
+from storage.db import Database
+from storage.models import Delivery, Instance, Job, Series, TaskState, utcnow
+
+BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STAGES = ("complete", "queued", "analysed", "delivered", "confirmed")
+FINISHED = (TaskState.DONE, TaskState.FAILED, TaskState.SKIPPED)
+WAITING = (TaskState.QUEUED, TaskState.RUNNING)
+
+
+class NodeCollector:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape only (the registry must not query at registration)
+
+    def collect(self) -> Iterator[Any]:
+        with self.db.read() as session:
+            received = CounterMetricFamily(
+                "pacs_node_instances_received", "Instances stored", labels=["modality"]
+            )
+            rows = session.execute(
+                select(Series.modality, func.count(Instance.id))
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Series.generated.is_(False))
+                .group_by(Series.modality)
+            ).all()
+            for modality, n in rows:
+                received.add_metric([modality or ""], n)
+            yield received
+            depth = GaugeMetricFamily(
+                "pacs_node_queue_depth", "Tasks waiting or running", labels=["queue", "state"]
+            )
+            oldest = GaugeMetricFamily(
+                "pacs_node_queue_oldest_age_seconds",
+                "Age of the oldest queued task",
+                labels=["queue"],
+            )
+            now = utcnow()
+            for name, model in (("jobs", Job), ("deliveries", Delivery)):
+                outcomes = CounterMetricFamily(
+                    f"pacs_node_{name}", f"{name.title()} by outcome", labels=["outcome"]
+                )
+                counts = dict(
+                    session.execute(select(model.state, func.count()).group_by(model.state)).all()  # type: ignore[attr-defined]
+                )
+                for state in FINISHED:
+                    outcomes.add_metric([str(state)], counts.get(state, 0))
+                yield outcomes
+                for state in WAITING:
+                    depth.add_metric([name, str(state)], counts.get(state, 0))
+                first = session.scalar(
+                    select(func.min(model.created_at)).where(model.state == TaskState.QUEUED)  # type: ignore[attr-defined]
+                )
+                oldest.add_metric([name], (now - first).total_seconds() if first else 0.0)
+            yield depth
+            yield oldest
+            yield from self._latencies(session)
+
+    def _latencies(self, session: Any) -> Iterator[Any]:
+        """One pass over the done jobs: each stage's seconds, per modality."""
+        delivered = (
+            select(
+                Series.study_pk.label("study"),
+                func.max(Delivery.finished_at).label("delivered"),
+                func.max(Delivery.confirmed_at).label("confirmed"),
+            )
+            .join(Instance, Instance.id == Delivery.instance_pk)
+            .join(Series, Series.id == Instance.series_pk)
+            .where(Delivery.state == TaskState.DONE)
+            .group_by(Series.study_pk)
+            .subquery()
+        )
+        received = (
+            select(
+                Instance.series_pk.label("series"),
+                func.min(Instance.received_at).label("first"),
+                func.max(Instance.received_at).label("last"),
+            )
+            .group_by(Instance.series_pk)
+            .subquery()
+        )
+        rows = session.execute(
+            select(
+                Series.modality,
+                received.c.first,
+                received.c.last,
+                Job.started_at,
+                Job.finished_at,
+                delivered.c.delivered,
+                delivered.c.confirmed,
+            )
+            .join(Series, Series.id == Job.series_pk)
+            .join(received, received.c.series == Job.series_pk)
+            .outerjoin(delivered, delivered.c.study == Series.study_pk)
+            .where(Job.state == TaskState.DONE)
+        ).all()
+        stages: dict[tuple[str, str], list[float]] = defaultdict(list)
+        whole: dict[str, list[float]] = defaultdict(list)
+        for modality, first, last, started, finished, sent, confirmed in rows:
+            times = [first, last, started, finished, sent, confirmed]
+            for stage, a, b in zip(STAGES, times, times[1:], strict=False):
+                if a is not None and b is not None:
+                    stages[(modality, stage)].append(_seconds(a, b))
+            if sent is not None:
+                whole[modality].append(_seconds(first, sent))
+        stage_metric = HistogramMetricFamily(
+            "pacs_node_stage_seconds", "Latency of each stage", labels=["modality", "stage"]
+        )
+        for (modality, stage), values in sorted(stages.items()):
+            stage_metric.add_metric([modality, stage], *_histogram(values))
+        yield stage_metric
+        total = HistogramMetricFamily(
+            "pacs_node_receive_to_delivered_seconds",
+            "First instance received to the last result delivered",
+            labels=["modality"],
+        )
+        for modality, values in sorted(whole.items()):
+            total.add_metric([modality], *_histogram(values))
+        yield total
+
+
+def _seconds(a: datetime, b: datetime) -> float:
+    return max(0.0, (b - a).total_seconds())
+
+
+def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
+    buckets = [(floatToGoString(edge), float(sum(v <= edge for v in values))) for edge in BUCKETS]
+    buckets.append(("+Inf", float(len(values))))
+    return buckets, sum(values)
+
+
+def registry(db: Database) -> CollectorRegistry:
+    out = CollectorRegistry(auto_describe=False)
+    out.register(NodeCollector(db))  # type: ignore[arg-type]
+    return out
