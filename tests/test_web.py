@@ -19,12 +19,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import cv2
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -387,3 +389,54 @@ def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_pa
     analysed = (("le", "+Inf"), ("modality", "CR"), ("stage", "analysed"))
     assert samples[("pacs_node_stage_seconds_bucket", analysed)] == 1
     assert 0 < samples[("pacs_node_stage_seconds_sum", analysed[1:])] < 600
+
+
+SEGMENTS = st.sampled_from(
+    ["studies", "series", "instances", "metadata", "frames", "rendered", "bulkdata", "..",
+     "%2e%2e", "%2F", "1.2.3", "7FE00010", "0", "1,2", "", "a" * 300, "%00", "\u00e9"]
+)  # fmt: skip
+PARAMS = st.sampled_from(
+    ["PatientID", "StudyDate", "StudyTime", "Modality", "limit", "offset", "includefield",
+     "00100010", "SOPInstanceUID", "fuzzymatching", "x"]
+)  # fmt: skip
+VALUES = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_get_a_server_error_or_store_anything(start_node, tmp_path):
+    """Property-based (hypothesis): any path, query and body gets an answer under 500, nothing
+    is stored from a body that is not DICOM, and the node keeps serving."""
+    node = web_node(start_node, tmp_path, max_upload_bytes=2**20)
+    url = node.web.url
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(
+        segments=st.lists(SEGMENTS, max_size=8),
+        params=st.lists(st.tuples(PARAMS, VALUES), max_size=4),
+        post=st.booleans(),
+        kind=st.sampled_from(
+            [
+                'multipart/related; type="application/dicom"; boundary=b',
+                "application/dicom",
+                "multipart/related",
+                "text/plain",
+                'multipart/related; boundary=""',
+            ]
+        ),  # fmt: skip
+        body=st.binary(max_size=2000),
+    )
+    def check(segments, params, post, kind, body):
+        path = "/dicomweb/" + "/".join(quote(s, safe="%,") for s in segments)
+        if params:
+            path += "?" + urlencode(params)
+        if post:
+            status, _, answer = request(url, path, method="POST", body=body,
+                                        headers={"Content-Type": kind})  # fmt: skip
+        else:
+            status, _, answer = request(url, path)
+        assert status < 500, (path, status, answer[:300])
+
+    check()
+    assert count(node, Instance) == 0
+    assert list(node.files.tmp_dir.iterdir()) == []
+    assert request(url, "/healthz")[0] == 200
