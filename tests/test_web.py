@@ -13,8 +13,10 @@ import email.policy
 import http.client
 import io
 import json
+import os
 import secrets
 import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +33,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from pacs_node.config import WebSettings
-from storage.models import Instance, Job, Result
+from pacs_node.config import DeliverySettings, Peer, WebSettings
+from storage.models import Delivery, Instance, Job, Result
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, make_config
-from tests.orthanc import free_port, wait_for
+from tests.orthanc import DCMTK, dcmtk_available, free_port, wait_for
 from tests.processes import NodeProcess
 
 TOKEN = "t0ken-" + "x" * 20
@@ -440,3 +442,61 @@ def test_fuzzed_requests_never_get_a_server_error_or_store_anything(start_node, 
     assert count(node, Instance) == 0
     assert list(node.files.tmp_dir.iterdir()) == []
     assert request(url, "/healthz")[0] == 200
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(start_node, tmp_path):
+    """A study sent by dcmtk's storescu, its results owed to a peer that is down: the dashboard
+    (headless Chromium) lists the result with its heatmap thumbnail and the failed delivery,
+    and its Retry button requeues the delivery. The screenshot is kept in build/artifacts/."""
+    from tests.test_ohif import ARTIFACTS, CHROMIUM, MODULES, ROOT
+
+    missing = [str(p) for p in (CHROMIUM, MODULES / "playwright-core") if not p.exists()]
+    if missing or not dcmtk_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide: " + ", ".join(missing or ["dcmtk"]))
+        pytest.skip("needs " + ", ".join(missing or ["dcmtk"]))
+    down = Peer(ae_title="PACS", host="127.0.0.1", port=free_port(), ask_completeness=False)
+    config = replace(
+        make_config(tmp_path, peers=(down,)),
+        web=WebSettings(port=0),
+        delivery=DeliverySettings(max_attempts=1, backoff_initial_s=0),
+    )
+    node = start_node(config, web=True)
+    path = cr_copy(tmp_path, "DASH-1")
+    subprocess.run(
+        [DCMTK["storescu"], "-aet", "PACS", "-aec", "AINODE", "127.0.0.1", str(node.port),
+         str(path)],
+        check=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"},
+    )  # fmt: skip
+    node.run_pending()
+    with node.db.read() as session:
+        failed = session.scalars(select(Delivery).where(Delivery.state == "failed")).all()
+    assert failed, "the peer is down: its deliveries fail"
+    target = failed[0].id
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "dashboard.png"
+    run = subprocess.run(
+        ["node", str(ROOT / "tests" / "browser" / "dashboard_check.cjs"), node.web.url + "/",
+         str(screenshot), f"delivery-{target}"],
+        env={**os.environ, "NODE_PATH": str(MODULES), "CHROMIUM": str(CHROMIUM)},
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    page = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not page["errors"], page["errors"]
+    source = pydicom.dcmread(path)
+    assert str(source.StudyInstanceUID) in page["text"] and "DASH-1" in page["text"]
+    assert "not for diagnostic use" in page["text"]
+    assert page["images"] and all(ok and width > 0 for ok, width in page["images"])
+    assert page["buttons"] == len(failed)
+    assert page["outcome"].strip() == f"delivery {target} requeued"
+    with node.db.read() as session:
+        assert session.get(Delivery, target).state == "queued"
+    assert screenshot.stat().st_size > 10_000
+    # the button's POST without the page's header (a form on another site): refused
+    status, _, _ = request(node.web.url, "/dashboard/retry", method="POST",
+                           body=b'{"kind": "delivery", "id": 1}',
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 403

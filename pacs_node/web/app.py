@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import html
 import logging
 from typing import Any
 
@@ -23,10 +22,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from ai import DISCLAIMER
 from pacs_node.config import Config
-from pacs_node.status import render_status
-from pacs_node.web import metrics
+from pacs_node.web import dashboard, metrics
 from pacs_node.web.dicomweb import DicomWeb
 from storage.db import Database
 from storage.files import FileStore
@@ -60,15 +57,21 @@ def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) 
     dicomweb = DicomWeb(config, db, files, f"{base_url}/dicomweb")
 
     async def home(request: Request) -> Response:
-        text = render_status(db)
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>pacs-node</title></head>"
-            f"<body><h1>pacs-node {html.escape(config.node.ae_title)}</h1>"
-            f"<p><strong>{html.escape(DISCLAIMER)}</strong></p>"
-            f"<pre>{html.escape(text)}</pre>"
-            "<p>DICOMweb: <code>/dicomweb</code> (QIDO-RS, WADO-RS, STOW-RS)</p></body></html>"
-        )
-        return HTMLResponse(page)
+        return HTMLResponse(await asyncio.to_thread(dashboard.render, config, db))
+
+    async def retry(request: Request) -> Response:
+        if request.headers.get("x-requested-by") != "pacs-node":
+            return PlainTextResponse("the X-Requested-By: pacs-node header is required\n", 403)
+        try:
+            asked = await request.json()
+            kind, task_id = str(asked["kind"]), asked["id"]
+        except Exception:
+            return PlainTextResponse("expected JSON {kind: job|delivery, id: N}\n", 400)
+        status, message = await asyncio.to_thread(dashboard.retry, db, kind, task_id)
+        if status == 200:
+            client = request.client.host if request.client else "?"
+            log.info("dashboard: %s by %s", message, client)
+        return PlainTextResponse(message + "\n", status)
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -82,6 +85,7 @@ def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) 
     app: Any = Starlette(
         routes=[
             Route("/", home),
+            Route("/dashboard/retry", retry, methods=["POST"]),
             Route("/healthz", health),
             Route("/metrics", metrics_page),
             Mount("/dicomweb", routes=dicomweb.routes()),
