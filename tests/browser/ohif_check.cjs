@@ -11,6 +11,34 @@
 // the test reads the JSON.
 const { chromium } = require('playwright-core');
 
+async function openOnce(page, url, srText, findingText, timeout, out) {
+  await page.goto(url, { timeout });
+  await page.getByText(srText, { exact: false }).first().waitFor({ timeout });
+  out.seriesText = await page.evaluate(() => document.body.innerText);
+  // OHIF's own "investigational use only" notice covers the page until it is confirmed
+  const notice = page.getByText('Confirm and hide', { exact: false });
+  // (it slides in: under load playwright may not see it "stable" in time, so force the click)
+  if (await notice.count()) await notice.first().click({ timeout: 10000, force: true });
+  await page.waitForTimeout(2000);
+  // ... and its first-visit tour
+  const tour = page.getByText('Skip all', { exact: true });
+  if (await tour.count()) await tour.first().click({ timeout: 10000 }).catch(() => {});
+  // the SR's entry in the study browser (a row without an image): double-click opens it
+  const label = page.getByText(srText, { exact: false }).first();
+  const entry = label.locator('xpath=ancestor::*[@data-cy][1]');
+  const target = (await entry.count()) ? entry.first() : label;
+  out.entry = await target.evaluate(e => e.getAttribute('data-cy') || e.tagName);
+  // the entry is draggable and playwright may never see it "stable": force the clicks
+  await target.dblclick({ timeout: 30000, force: true });
+  out.opened = true;
+  try {
+    await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: 45000 });
+    out.findingShown = true;
+  } catch (e) {
+    out.errors.push(`finding not shown: ${String(e).slice(0, 200)}`);
+  }
+}
+
 async function main() {
   const [url, screenshot, srText, findingText, timeoutArg] = process.argv.slice(2);
   const timeout = Number(timeoutArg || 120000);
@@ -32,30 +60,13 @@ async function main() {
     page.on('console', m => {
       out.console.push(`${m.type()}: ${m.text().slice(0, 300)}`);
     });
-    await page.goto(url, { timeout });
-    await page.getByText(srText, { exact: false }).first().waitFor({ timeout });
-    out.seriesText = await page.evaluate(() => document.body.innerText);
-    // OHIF's own "investigational use only" notice covers the page until it is confirmed
-    const notice = page.getByText('Confirm and hide', { exact: false });
-    // (it slides in: under load playwright may not see it "stable" in time, so force the click)
-    if (await notice.count()) await notice.first().click({ timeout: 10000, force: true });
-    await page.waitForTimeout(2000);
-    // ... and its first-visit tour
-    const tour = page.getByText('Skip all', { exact: true });
-    if (await tour.count()) await tour.first().click({ timeout: 10000 }).catch(() => {});
-    // the SR's entry in the study browser (a row without an image): double-click opens it
-    const label = page.getByText(srText, { exact: false }).first();
-    const entry = label.locator('xpath=ancestor::*[@data-cy][1]');
-    const target = (await entry.count()) ? entry.first() : label;
-    out.entry = await target.evaluate(e => e.getAttribute('data-cy') || e.tagName);
-    // the entry is draggable and playwright may never see it "stable": force the clicks
-    await target.dblclick({ timeout: 30000, force: true });
-    out.opened = true;
-    try {
-      await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: 60000 });
-      out.findingShown = true;
-    } catch (e) {
-      out.errors.push(`finding not shown: ${String(e).slice(0, 200)}`);
+    // OHIF does not always draw an SR's finding on first opening (its SR hydration races the
+    // image's loading: seen with Orthanc's DICOMweb and the node's alike): one fresh reload
+    out.attempts = 0;
+    for (let attempt = 1; attempt <= 2 && !out.findingShown; attempt++) {
+      out.attempts = attempt;
+      if (attempt > 1) out.errors.push('retrying with a fresh page load');
+      await openOnce(page, url, srText, findingText, timeout, out);
     }
     await page.waitForTimeout(3000);  // let the viewport draw before the screenshot
     out.svgText = await page.evaluate(() =>
