@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from storage import queue
 from storage.db import Database
-from storage.models import Delivery, Instance, Job, Result, Series, TaskState
+from storage.models import Delivery, Job, Result, Series, TaskState
 
 
 def render_status(db: Database, limit: int = 20) -> str:
@@ -59,13 +60,7 @@ def render_status(db: Database, limit: int = 20) -> str:
                 )
                 lines.append(f"{line}: {job.last_error}" if job.last_error else line)
                 lines += [f"    warning: {w}" for w in job.warnings.splitlines()]
-        failed = session.execute(
-            select(Delivery, Instance.sop_instance_uid)
-            .join(Instance, Delivery.instance_pk == Instance.id)
-            .where(Delivery.state == TaskState.FAILED)
-            .order_by(Delivery.id.desc())
-            .limit(limit)
-        ).all()
+        failed = queue.failed_deliveries(session, limit)
         if failed:
             lines.append("")
             lines.append("failed deliveries:")

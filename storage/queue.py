@@ -116,6 +116,18 @@ def add_delivery(
     return delivery
 
 
+def failed_deliveries(session: Session, limit: int) -> list[tuple[Delivery, str]]:
+    """The newest failed deliveries, each with the SOP Instance UID it carries."""
+    rows = session.execute(
+        select(Delivery, Instance.sop_instance_uid)
+        .join(Instance, Delivery.instance_pk == Instance.id)
+        .where(Delivery.state == TaskState.FAILED)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    ).all()
+    return [(delivery, uid) for delivery, uid in rows]
+
+
 def retry_failed(
     session: Session,
     *,

@@ -168,13 +168,7 @@ def _problems(session: Any, limit: int) -> list[str]:
     ).all()
     for job, series_uid, modality in jobs:
         rows.append(_problem_row("job", job, f"{modality} series <code>{_e(series_uid)}</code>"))
-    deliveries = session.execute(
-        select(Delivery, Instance.sop_instance_uid)
-        .join(Instance, Instance.id == Delivery.instance_pk)
-        .where(Delivery.state == TaskState.FAILED)
-        .order_by(Delivery.id.desc())
-        .limit(limit)
-    ).all()
+    deliveries = queue.failed_deliveries(session, limit)
     for delivery, sop_uid in deliveries:
         what = f"delivery to {_e(delivery.destination_ae)} of <code>{_e(sop_uid)}</code>"
         rows.append(_problem_row("delivery", delivery, what))
