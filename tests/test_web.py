@@ -352,7 +352,7 @@ def test_serve_runs_the_web_role_beside_the_dimse_ones(tmp_path):
     )
     node.start()
     try:
-        wait_for(lambda: "web: DICOMweb on" in node.log(), timeout_s=60, what="web role")
+        wait_for(lambda: "web role: DICOMweb on" in node.log(), timeout_s=60, what="web role")
         assert node.role_pids("web")
         url, auth = f"http://127.0.0.1:{web_port}", {"Authorization": f"Bearer {TOKEN}"}
         kind, body = stow_body([("application/dicom", cr_copy(tmp_path, "SERVE-1").read_bytes())])

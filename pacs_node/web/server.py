@@ -79,7 +79,8 @@ def run(config: Config, stop: Stop) -> None:
     web = WebServer(config, db, file_store(config))
     watcher = threading.Thread(target=_stop_when, args=(stop, web.server), daemon=True)
     watcher.start()
-    print(f"web: DICOMweb on {web.url}/dicomweb, dashboard on {web.url}/", flush=True)
+    # logged, not printed: the receive role's "listening on" line is the one on stdout
+    log.info("web role: DICOMweb on %s/dicomweb, dashboard on %s/", web.url, web.url)
     try:
         web.serve()
     finally:
