@@ -1,4 +1,5 @@
-"""The web application: DICOMweb under /dicomweb, the status page at /, behind a bearer token.
+"""The web application: DICOMweb under /dicomweb, the dashboard at /, /metrics, behind a bearer
+token.
 
 With ``web.token`` set, every request must carry ``Authorization: Bearer <token>`` (compared
 in constant time) and gets 401 without it; with no token the configuration refuses any address

@@ -2,8 +2,8 @@
 
 :class:`WebServer` binds the socket itself (so ``port = 0`` takes a free one, and a port in use
 is an error at once rather than inside uvicorn's loop) and serves it in a thread of its own;
-the ``web`` role runs one such server in a process of its own (:func:`run`), and
-:class:`pacs_node.node.Node` can run one beside its in-process receive role.
+the ``web`` role runs one in a process of its own (:func:`run`, as the receive role runs its
+server), and :class:`pacs_node.node.Node` can run one beside its in-process receive role.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any
 
 import uvicorn
 
@@ -51,13 +50,11 @@ class WebServer:
         self.server = uvicorn.Server(settings)
         self.thread: threading.Thread | None = None
 
-    def serve(self) -> None:
-        """Serve in this thread until :meth:`stop`."""
-        self.server.run(sockets=[self.sock])
-
     def start(self) -> None:
         """Serve in a thread of its own; return once it accepts connections."""
-        self.thread = threading.Thread(target=self.serve, name="web", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="web", daemon=True
+        )
         self.thread.start()
         for _ in range(200):
             if self.server.started or not self.thread.is_alive():
@@ -77,18 +74,11 @@ def run(config: Config, stop: Stop) -> None:
     """The ``web`` role: serve until *stop* (SIGTERM or SIGINT to this process)."""
     db = Database(config.node.resolved_database_url)
     web = WebServer(config, db, file_store(config))
-    watcher = threading.Thread(target=_stop_when, args=(stop, web.server), daemon=True)
-    watcher.start()
+    web.start()
     # logged, not printed: the receive role's "listening on" line is the one on stdout
     log.info("web role: DICOMweb on %s/dicomweb, dashboard on %s/", web.url, web.url)
     try:
-        web.serve()
+        stop.event.wait()
     finally:
-        web.sock.close()
+        web.stop()
         db.dispose()
-
-
-def _stop_when(stop: Stop, server: Any) -> None:
-    while not stop.wait(0.5):
-        pass
-    server.should_exit = True
