@@ -5,17 +5,13 @@
 //
 // RETRY_ID: the data-retry attribute of the button to press ("delivery-3"). The script never
 // decides pass or fail itself: the test reads the JSON.
-const { chromium } = require('playwright-core');
+const { report } = require('./report.cjs');
 
 async function main() {
   const [url, screenshot, retryId, timeoutArg] = process.argv.slice(2);
   const timeout = Number(timeoutArg || 60000);
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-  });
   const out = { url, errors: [], text: '', images: [], outcome: '' };
-  try {
+  await report(out, [], async browser => {
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
     page.on('pageerror', e => out.errors.push(String(e).slice(0, 300)));
     page.on('response', r => { if (r.status() >= 400) out.errors.push(`${r.status()} ${r.url().slice(0, 200)}`); });
@@ -32,12 +28,7 @@ async function main() {
       out.outcome = await outcome.textContent();
     }
     await page.screenshot({ path: screenshot, fullPage: true });
-  } catch (e) {
-    out.errors.push(String(e).slice(0, 500));
-  } finally {
-    await browser.close();
-  }
-  process.stdout.write(JSON.stringify(out) + '\n');
+  });
 }
 
 main();

@@ -9,7 +9,7 @@
 // for the finding, and keeps a screenshot; console messages, failed requests and the text of
 // the drawn annotations go into the JSON for diagnosis. It never decides pass or fail itself:
 // the test reads the JSON.
-const { chromium } = require('playwright-core');
+const { report } = require('./report.cjs');
 
 async function openOnce(page, url, srText, findingText, timeout, out) {
   await page.goto(url, { timeout });
@@ -42,15 +42,9 @@ async function openOnce(page, url, srText, findingText, timeout, out) {
 async function main() {
   const [url, screenshot, srText, findingText, timeoutArg] = process.argv.slice(2);
   const timeout = Number(timeoutArg || 120000);
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--disable-dev-shm-usage',
-    ],
-  });
   const out = { url, errors: [], seriesText: '', opened: false, findingShown: false };
-  try {
+  const gl = ['--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--disable-dev-shm-usage'];
+  await report(out, gl, async browser => {
     const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
     page.on('pageerror', e => out.errors.push(String(e).slice(0, 300)));
     out.console = [];
@@ -76,12 +70,7 @@ async function main() {
         `${v.getAttribute('data-viewportid')}: ${v.innerText.slice(0, 200)}`));
     out.pageText = (await page.evaluate(() => document.body.innerText)).slice(0, 4000);
     await page.screenshot({ path: screenshot, fullPage: false });
-  } catch (e) {
-    out.errors.push(String(e).slice(0, 500));
-  } finally {
-    await browser.close();
-  }
-  process.stdout.write(JSON.stringify(out) + '\n');
+  });
 }
 
 main();
