@@ -24,6 +24,7 @@ the node receives) reports every result as indeterminate with that reason.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ class Analysis:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     novelty: list[float] = field(default_factory=list)  # per image, when the model has it
     warnings: list[str] = field(default_factory=list)  # worked around, not failed (charset)
+    inference_s: float = 0.0  # the model's forward passes and Grad-CAM, wall clock
 
     def caption(self, item: Explained) -> str:
         return profile(self.prediction.task).caption(item)
@@ -163,9 +165,12 @@ def analyse_images(
     if not images:
         raise UnusableInputError("no image to classify")
     raw_parts, feature_parts = [], []
+    inference_s = 0.0
     for i in range(0, len(images), BATCH_SIZE):
         x = batch(images[i : i + BATCH_SIZE], spec.input_size, spec.channels, spec.preprocessing)
+        started = time.perf_counter()
         p, f = classifier.forward(x)
+        inference_s += time.perf_counter() - started
         raw_parts.append(p)
         feature_parts.append(f)
     raw = np.concatenate(raw_parts)
@@ -222,7 +227,9 @@ def analyse_images(
     label = names_list.index(prediction.decided.name)
     candidates = np.flatnonzero(keep)
     order = candidates[np.argsort(-probs[candidates, label], kind="stable")[:MAX_EXPLAINED]]
+    started = time.perf_counter()
     maps = classifier.explain(features[order], raw[order], np.full(len(order), label))
+    inference_s += time.perf_counter() - started
     explained = [
         Explained(
             name=names[i],
@@ -240,4 +247,5 @@ def analyse_images(
         per_image=[(n, tuple(float(v) for v in p)) for n, p in zip(names, probs, strict=True)],
         excluded=excluded,
         novelty=[] if distances is None else [float(d) for d in distances],
+        inference_s=inference_s,
     )

@@ -584,6 +584,25 @@ def load_runtime_classifier(
         return classifier
 
 
+_digests: dict[tuple[Path, int, int], str] = {}
+
+
+def weights_sha256(name_or_path: str) -> str:
+    """The SHA-256 of a model's weights (its ``model.keras``, else its ONNX export), as the
+    audit trail names them; hashed once per file and modification."""
+    directory = model_dir(name_or_path)
+    spec = read_spec(directory)
+    weights = directory / spec.file
+    if not weights.is_file():
+        weights = directory / ONNX_FILE
+    st = weights.stat()
+    key = (weights.resolve(), st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        if key not in _digests:
+            _digests[key] = _sha256(weights)
+        return _digests[key]
+
+
 def cache_root() -> Path:
     """Where exports of read-only model folders go: ``$PACS_NODE_CACHE``, else
     ``~/.cache/pacs-node``."""

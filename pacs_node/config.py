@@ -106,6 +106,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail (DICOM PS3.15 A.5 messages, :mod:`pacs_node.audit`): a file, one message
+    a line, and optionally a syslog collector over TLS (RFC 5424 messages, RFC 5425 framing)."""
+
+    enabled: bool = True
+    file: Path | None = None  # None: audit/audit.log in node.storage_dir
+    source_id: str = ""  # AuditSourceID; "": node.ae_title
+    enterprise_site_id: str = ""
+    syslog_host: str = ""  # "": no syslog
+    syslog_port: int = 6514  # the port RFC 5425 assigns to syslog over TLS
+    syslog_ca_file: Path | None = None  # the collector's certificate is checked against it
+    syslog_cert_file: Path | None = None  # the node's certificate, when the collector asks
+    syslog_key_file: Path | None = None
+    syslog_queue: int = 10_000  # messages held while the collector is unreachable
+
+
 DEFAULT_MODALITY_PRIORITY = (("CR", 10), ("DX", 10))  # radiographs ahead of CT
 
 
@@ -172,6 +189,7 @@ class Config:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     models: tuple[ModelBinding, ...] = DEFAULT_MODELS
     log_level: str = "INFO"
 
@@ -510,6 +528,48 @@ def _parse_web(table: Mapping[str, Any]) -> WebSettings:
     )
 
 
+def _parse_audit(table: Mapping[str, Any], base_dir: Path) -> AuditSettings:
+    _reject_unknown(table, set(AuditSettings.__dataclass_fields__), "audit")
+    d = AuditSettings()
+    paths: dict[str, Path | None] = {}
+    for key in ("file", "syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
+        value = _take(table, key, str, "audit", "")
+        paths[key] = (
+            (Path(value) if Path(value).is_absolute() else base_dir / value) if value else None
+        )
+    host = _take(table, "syslog_host", str, "audit", "")
+    if host:
+        host = _host(host, "audit.syslog_host")
+        if paths["syslog_ca_file"] is None:
+            raise ConfigError(
+                "audit.syslog_ca_file: required with audit.syslog_host (the collector's "
+                "certificate is checked; RFC 5425 allows no plain connection)"
+            )
+    if (paths["syslog_cert_file"] is None) != (paths["syslog_key_file"] is None):
+        raise ConfigError("audit.syslog_cert_file and audit.syslog_key_file: give both or neither")
+    for key in ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
+        path = paths[key]
+        if host and path is not None and not path.is_file():
+            raise ConfigError(f"audit.{key}: no such file {path}")
+    source_id = _take(table, "source_id", str, "audit", "")
+    site = _take(table, "enterprise_site_id", str, "audit", "")
+    for key, value in (("source_id", source_id), ("enterprise_site_id", site)):
+        if any(c.isspace() for c in value):
+            raise ConfigError(f"audit.{key}: no spaces (it is an XML token)")
+    return AuditSettings(
+        enabled=_take(table, "enabled", bool, "audit", d.enabled),
+        file=paths["file"],
+        source_id=source_id,
+        enterprise_site_id=site,
+        syslog_host=host,
+        syslog_port=_port(table.get("syslog_port", d.syslog_port), "audit.syslog_port"),
+        syslog_ca_file=paths["syslog_ca_file"],
+        syslog_cert_file=paths["syslog_cert_file"],
+        syslog_key_file=paths["syslog_key_file"],
+        syslog_queue=int(_number(table, "syslog_queue", "audit", d.syslog_queue, minimum=1)),
+    )
+
+
 def _parse_rules(item: Mapping[str, Any], path: str) -> tuple[Rule, ...]:
     """A model's ``rules`` (they replace the defaults, ai.selection.DEFAULT_RULES)."""
     if "rules" not in item:
@@ -580,9 +640,11 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML mapping."""
     base_dir = base_dir or Path.cwd()
     _reject_unknown(
-        data, {"node", "peers", "worker", "delivery", "tls", "web", "models", "logging"}, ""
+        data,
+        {"node", "peers", "worker", "delivery", "tls", "web", "audit", "models", "logging"},
+        "",
     )
-    for key in ("node", "worker", "delivery", "tls", "web", "logging"):
+    for key in ("node", "worker", "delivery", "tls", "web", "audit", "logging"):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{key}: expected a [{key}] table")
     peers = _parse_peers(data.get("peers", []))
@@ -598,6 +660,7 @@ def parse(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
         delivery=_parse_delivery(data.get("delivery", {}), peers),
         tls=_parse_tls(data.get("tls", {}), base_dir),
         web=_parse_web(data.get("web", {})),
+        audit=_parse_audit(data.get("audit", {}), base_dir),
         models=_parse_models(data["models"], base_dir) if "models" in data else DEFAULT_MODELS,
         log_level=level,
     )

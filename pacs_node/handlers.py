@@ -12,7 +12,8 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
-from pacs_node import assembly, statuses
+from pacs_node import assembly, audit, statuses
 from pacs_node.ae import STORAGE_COMMITMENT_PUSH
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.logs import log_failure
-from storage import query, queue
+from storage import query, queue, refusals
 from storage.db import Database
 from storage.errors import InvalidInstanceError, OutOfSpaceError, QueryError
 from storage.files import FileStore, check_uid, instance_relpath
@@ -68,21 +70,62 @@ def _calling_ae(event: Any) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def bindings(config: Config, files: FileStore, db: Database) -> list[Any]:
+def bindings(config: Config, files: FileStore, db: Database, trail: AuditTrail) -> list[Any]:
     """The node's DIMSE handlers, each bound with what it needs (pynetdicom passes the
     listed arguments after the event)."""
     from pynetdicom import evt
 
     cache = IndexCache()
     return [
-        (evt.EVT_REQUESTED, handle_requested, [config]),
+        (evt.EVT_REQUESTED, handle_requested, [config, db, trail]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [config, files, db, cache]),
-        (evt.EVT_C_FIND, handle_find, [db]),
-        (evt.EVT_C_GET, handle_get, [db, files]),
-        (evt.EVT_C_MOVE, handle_move, [config, db, files]),
+        (evt.EVT_C_STORE, handle_store, [config, files, db, cache, trail]),
+        (evt.EVT_C_FIND, handle_find, [db, trail]),
+        (evt.EVT_C_GET, handle_get, [db, files, trail]),
+        (evt.EVT_C_MOVE, handle_move, [config, db, files, trail]),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [db]),
+        (evt.EVT_CONN_CLOSE, handle_closed, [trail]),
     ]
+
+
+def count_refusal(db: Database, what: str, reason: str) -> None:
+    """Count a refusal for ``/metrics``; a database fault is logged, never raised."""
+    try:
+        with db.session() as session:
+            refusals.count(session, what, reason, utcnow())
+    except Exception:
+        log_failure(log, "refusal of %s (%s) not counted", what, reason)
+
+
+def _requestor(event: Any, role: audit.Code | None = audit.SOURCE) -> audit.Participant:
+    requestor = event.assoc.requestor
+    return audit.Participant(
+        str(requestor.ae_title).strip(), True, role, address=str(requestor.address)
+    )
+
+
+def _stored_studies(assoc: Any) -> dict[str, audit.StudyRecord]:
+    """What this association stored, by study: audited when it closes."""
+    studies: dict[str, audit.StudyRecord] | None = getattr(assoc, "_pacs_node_stored", None)
+    if studies is None:
+        studies = {}
+        assoc._pacs_node_stored = studies
+    return studies
+
+
+def handle_closed(event: Any, trail: AuditTrail) -> None:
+    """The association ended (released, aborted or dropped): one DICOM Instances Transferred
+    message per study it stored in."""
+    studies: dict[str, audit.StudyRecord] | None = getattr(event.assoc, "_pacs_node_stored", None)
+    if not studies:
+        return
+    event.assoc._pacs_node_stored = None
+    trail.transferred(
+        studies.values(),
+        action=audit.CREATE,
+        source=_requestor(event),
+        destination=trail.node(requestor=False, role=audit.DESTINATION),
+    )
 
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4, service-user source)
@@ -90,33 +133,52 @@ CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
 
 
-def refusal(config: Config, calling: str, called: str, address: str) -> tuple[str, int] | None:
+@dataclass(frozen=True)
+class Refused:
+    """Why an association is refused: the reason, its name for the metrics, the diagnostic."""
+
+    reason: str
+    label: str
+    diagnostic: int
+
+
+def refusal(config: Config, calling: str, called: str, address: str) -> Refused | None:
     """Why an association from *calling* at *address* to *called* is refused, with the
     A-ASSOCIATE-RJ diagnostic to send; None to accept."""
     if called not in config.node.accepted_called_ae_titles:
-        return f"called AE title {called!r} is not this node's", CALLED_AE_NOT_RECOGNISED
+        return Refused(
+            f"called AE title {called!r} is not this node's",
+            "unknown_called_ae",
+            CALLED_AE_NOT_RECOGNISED,
+        )
     peer = config.peer(calling)
     if peer is None:
         if config.node.accept_unknown_peers:
             return None
-        return f"calling AE title {calling!r} is not a configured peer", CALLING_AE_NOT_RECOGNISED
+        return Refused(
+            f"calling AE title {calling!r} is not a configured peer",
+            "unknown_calling_ae",
+            CALLING_AE_NOT_RECOGNISED,
+        )
     if peer.check_host and address not in resolve(peer.host):
         why = f"calling AE title {calling!r} is configured for {peer.host}, not {address}"
-        return why, CALLING_AE_NOT_RECOGNISED
+        return Refused(why, "wrong_address", CALLING_AE_NOT_RECOGNISED)
     return None
 
 
-def handle_requested(event: Any, config: Config) -> None:
+def handle_requested(event: Any, config: Config, db: Database, trail: AuditTrail) -> None:
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title).strip()
     called = str(primitive.called_ae_title).strip()
     address = str(event.assoc.requestor.address)
     refused = refusal(config, calling, called, address)
     if refused is not None:
-        reason, diagnostic = refused
-        log.warning("association from %s refused: %s", address, reason)
-        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, service-user
+        log.warning("association from %s refused: %s", address, refused.reason)
+        # rejected-permanent, by the service-user
+        event.assoc.acse.send_reject(0x01, 0x01, refused.diagnostic)
         _wait_until_sent(event.assoc)
+        trail.association_refused(calling, called, address, refused.reason)
+        count_refusal(db, "association", refused.label)
 
 
 REJECT_SEND_S = 2.0
@@ -132,7 +194,9 @@ def _wait_until_sent(assoc: Any) -> None:
     dul = getattr(assoc, "dul", None)
     deadline = time.monotonic() + REJECT_SEND_S
     while dul is not None and time.monotonic() < deadline:
-        if dul.state_machine.current_state == "Sta13" and dul.to_provider_queue.empty():
+        # Sta13: sent, waiting for the peer to close; Sta1: the peer has closed already
+        state = dul.state_machine.current_state
+        if state in ("Sta13", "Sta1") and dul.to_provider_queue.empty():
             return
         time.sleep(0.001)
 
@@ -178,9 +242,49 @@ def handle_event_report(event: Any, db: Database) -> tuple[int, Dataset | None]:
     return statuses.SUCCESS, None
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What became of one instance offered for storage: the status (C-STORE's codes, also
+    STOW-RS's Failure Reasons), why, and the refusal's name for the metrics ("" when stored)."""
+
+    code: int
+    comment: str = ""
+    label: str = ""
+
+    @property
+    def stored(self) -> bool:
+        return self.code == statuses.SUCCESS
+
+
 def handle_store(
-    event: Any, config: Config, files: FileStore, db: Database, cache: IndexCache | None = None
+    event: Any,
+    config: Config,
+    files: FileStore,
+    db: Database,
+    cache: IndexCache | None = None,
+    trail: AuditTrail | None = None,
 ) -> Dataset:
+    """C-STORE SCP: :func:`admit` the instance; a refusal is counted, and what the
+    association stored (or was refused) is audited per study when it closes."""
+    outcome, ds = _store(event, config, files, db, cache)
+    if not outcome.stored:
+        count_refusal(db, "instance", outcome.label)
+    if trail is not None and trail.enabled and ds is not None:
+        record = audit.from_dataset(ds)
+        if record.study_uid:
+            studies = _stored_studies(event.assoc)
+            record = studies.setdefault(record.study_uid, record)
+            if outcome.stored:
+                record.add(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+            else:
+                record.refused += 1
+                record.reasons.append(outcome.comment or outcome.label)
+    return status(outcome.code, outcome.comment)
+
+
+def _store(
+    event: Any, config: Config, files: FileStore, db: Database, cache: IndexCache | None
+) -> tuple[Admission, Dataset | None]:
     calling = _calling_ae(event)
     request = event.request
     try:  # the data set as pynetdicom wrote it to disk, fragment by fragment
@@ -196,7 +300,7 @@ def handle_store(
             incoming, size = encoded, len(encoded)
         maximum = config.node.max_dataset_bytes
         if size > maximum:
-            return _too_big(calling, request, size, maximum)
+            return _too_big(calling, request, size, maximum), None
         if path is not None:  # values over 64 KiB (Pixel Data) stay on disk until read
             ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         else:
@@ -205,10 +309,11 @@ def handle_store(
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
     except InvalidInstanceError as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
-        return status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid_uid"), None
     except Exception as exc:  # the data set cannot even be parsed
         log.warning("C-STORE from %s refused: unreadable data set (%s)", calling, exc)
-        return status(statuses.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+        why = f"cannot decode data set: {exc}"
+        return Admission(statuses.CANNOT_UNDERSTAND, why, "unreadable"), None
     if sop_uid != str(request.AffectedSOPInstanceUID).strip():
         log.warning(
             "C-STORE from %s refused: SOP Instance UID %s differs from request %s",
@@ -216,19 +321,14 @@ def handle_store(
             sop_uid,
             request.AffectedSOPInstanceUID,
         )
-        return status(
-            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOPInstanceUID differs from the request's",
-        )
+        why = "SOPInstanceUID differs from the request's"
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "uid_mismatch"), ds
     sop_class = str(ds.get("SOPClassUID", "")).strip()
     if sop_class != str(request.AffectedSOPClassUID).strip():
-        return status(
-            statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
-        )
-    code, comment = admit(
-        config, files, db, ds, incoming, size if path is not None else None, calling, cache
-    )
-    return status(code, comment)
+        why = "SOPClassUID differs from the request's"
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "class_mismatch"), ds
+    size_on_disk = size if path is not None else None
+    return admit(config, files, db, ds, incoming, size_on_disk, calling, cache), ds
 
 
 def admit(
@@ -242,12 +342,11 @@ def admit(
     cache: IndexCache | None = None,
     how: str = "C-STORE",
     sender_ae: str | None = None,
-) -> tuple[int, str]:
-    """The checks every stored instance passes, then :func:`receive_instance`: the status
-    (C-STORE's codes, also STOW-RS's Failure Reasons) and why. *file_size*: of the file the
-    data set was read from with values left on disk, so that a cut-off value is seen.
-    *source* names the sender in the log; *sender_ae* is the AE title recorded as the
-    series' sender (results may be owed to it), *source* when not given."""
+) -> Admission:
+    """The checks every stored instance passes, then :func:`receive_instance`. *file_size*:
+    of the file the data set was read from with values left on disk, so that a cut-off value
+    is seen. *source* names the sender in the log; *sender_ae* is the AE title recorded as
+    the series' sender (results may be owed to it), *source* when not given."""
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     sop_class = str(ds.get("SOPClassUID", "")).strip()
     deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
@@ -256,30 +355,53 @@ def admit(
         # the sender promised more bytes than it sent (a cut-off or forged data set): keeping
         # it would keep a file no reader can use, and Success would be a lie
         log.warning("%s %s from %s refused: %s", how, sop_uid, source, cut)
-        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, cut
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, cut, "truncated")
     if "Image Storage" in UID(sop_class).name and not has_pixels(ds):
         # Type 1 in every image IOD; missing here usually means the data set was cut off
         log.warning("%s %s from %s refused: no pixel data", how, sop_uid, source)
-        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data missing or truncated"
+        why = "Pixel Data missing or truncated"
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "no_pixel_data")
     try:
         sender = source if sender_ae is None else sender_ae
         receive_instance(config, files, db, ds, incoming, sender, cache)
     except OutOfSpaceError as exc:
         log.error("%s %s from %s refused: %s", how, sop_uid, source, exc)
-        return statuses.OUT_OF_RESOURCES, str(exc)
+        return Admission(statuses.OUT_OF_RESOURCES, str(exc), "out_of_space")
     except InvalidInstanceError as exc:
         log.warning("%s %s from %s refused: %s", how, sop_uid, source, exc)
-        return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
+        return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid_instance")
     except Exception as exc:  # never let a storage fault kill the association
         log_failure(log, "%s %s from %s failed", how, sop_uid, source)
-        return statuses.OUT_OF_RESOURCES, f"could not store: {type(exc).__name__}"
-    return statuses.SUCCESS, ""
+        why = f"could not store: {type(exc).__name__}"
+        return Admission(statuses.OUT_OF_RESOURCES, why, "storage_fault")
+    return Admission(statuses.SUCCESS)
 
 
-def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+def handle_find(
+    event: Any, db: Database, trail: AuditTrail | None = None
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """Stream the matches: each response goes out as its row is read (in partitions of
     ``query.PARTITION_SIZE``), so the first arrives at once and memory does not grow with the
-    number of matches."""
+    number of matches. The query is audited when it ends."""
+    refused = ""
+    try:
+        refused = yield from _find(event, db)
+    finally:
+        if trail is not None and trail.enabled:
+            request = event.request
+            encoded = request.Identifier.getvalue() if request.Identifier is not None else b""
+            trail.query(
+                _requestor(event),
+                sop_class=str(request.AffectedSOPClassUID),
+                query=encoded,
+                transfer_syntax=str(event.context.transfer_syntax),
+                outcome=audit.MINOR_FAILURE if refused else audit.SUCCESS,
+                description=refused,
+            )
+
+
+def _find(event: Any, db: Database) -> Generator[tuple[int | Dataset, Dataset | None], None, str]:
+    """C-FIND's responses; returns why the query was refused ("" when it was answered)."""
     calling = _calling_ae(event)
     sent = 0
     try:
@@ -298,18 +420,19 @@ def handle_find(event: Any, db: Database) -> Iterator[tuple[int | Dataset, Datas
                 if event.is_cancelled:
                     log.info("C-FIND from %s cancelled after %d matches", calling, sent)
                     yield statuses.CANCEL, None
-                    return
+                    return ""
                 yield pending, match
                 sent += 1
     except QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
-        return
+        return str(exc)
     except Exception as exc:
         log_failure(log, "C-FIND from %s failed after %d matches", calling, sent)
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
-        return
+        return f"query failed: {type(exc).__name__}"
     log.info("C-FIND from %s: %d matches", calling, sent)
+    return ""
 
 
 def _model(event: Any) -> query.Model:
@@ -354,7 +477,34 @@ def _sub_operations(
         yield statuses.PENDING, ds
 
 
-def handle_get(event: Any, db: Database, files: FileStore) -> Iterator[Any]:
+def _audit_retrieve(
+    db: Database,
+    trail: AuditTrail | None,
+    found: list[query.Stored],
+    destination: audit.Participant,
+    others: list[audit.Participant],
+) -> None:
+    """DICOM Instances Transferred (read) for each study a C-GET or C-MOVE sends."""
+    if trail is None or not trail.enabled or not found:
+        return
+    try:
+        with db.read() as session:
+            subjects = query.subjects(session, [item.sop_instance_uid for item in found])
+    except Exception:
+        log_failure(log, "retrieve not audited: its studies could not be read")
+        return
+    trail.transferred(
+        audit.studies_of(subjects),
+        action=audit.READ,
+        source=trail.node(requestor=False, role=audit.SOURCE),
+        destination=destination,
+        others=others,
+    )
+
+
+def handle_get(
+    event: Any, db: Database, files: FileStore, trail: AuditTrail | None = None
+) -> Iterator[Any]:
     """C-GET SCP: the instances go back on the requestor's association, as C-STOREs on the
     storage contexts it negotiated with the SCP role."""
     found = _selected(event, db, "C-GET")
@@ -362,11 +512,14 @@ def handle_get(event: Any, db: Database, files: FileStore) -> Iterator[Any]:
         yield 1
         yield found, None
         return
+    _audit_retrieve(db, trail, found, _requestor(event, audit.DESTINATION), [])
     yield len(found)
     yield from _sub_operations(event, found, files, "C-GET")
 
 
-def handle_move(event: Any, config: Config, db: Database, files: FileStore) -> Iterator[Any]:
+def handle_move(
+    event: Any, config: Config, db: Database, files: FileStore, trail: AuditTrail | None = None
+) -> Iterator[Any]:
     """C-MOVE SCP: only to a configured peer (its host and port from the config, never from
     the request); an unknown Move Destination is 0xA801."""
     destination = str(event.move_destination or "").strip()
@@ -394,6 +547,8 @@ def handle_move(event: Any, config: Config, db: Database, files: FileStore) -> I
         )
         return
     yield peer.host, peer.port, {"contexts": contexts}
+    moved_to = audit.Participant(peer.ae_title, False, audit.DESTINATION, address=peer.host)
+    _audit_retrieve(db, trail, found, moved_to, [_requestor(event, None)])
     yield len(found)
     yield from _sub_operations(event, found, files, f"C-MOVE to {destination}")
 
@@ -418,7 +573,7 @@ def _move_contexts(found: list[query.Stored]) -> list[Any]:
     return [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
 
 
-def _too_big(calling: str, request: Any, size: int, maximum: int) -> Dataset:
+def _too_big(calling: str, request: Any, size: int, maximum: int) -> Admission:
     log.warning(
         "C-STORE %s from %s refused: %d bytes, above node.max_dataset_bytes %d",
         request.AffectedSOPInstanceUID,
@@ -426,7 +581,8 @@ def _too_big(calling: str, request: Any, size: int, maximum: int) -> Dataset:
         size,
         maximum,
     )
-    return status(statuses.OUT_OF_RESOURCES, f"data set of {size} bytes exceeds {maximum}")
+    why = f"data set of {size} bytes exceeds {maximum}"
+    return Admission(statuses.OUT_OF_RESOURCES, why, "too_big")
 
 
 def truncated_element(ds: Dataset, file_size: int | None = None) -> str | None:

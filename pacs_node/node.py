@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from pacs_node import work
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.process import dead_local_owners, file_store, release_leases
 from pacs_node.receive import Receiver
@@ -28,9 +29,10 @@ class Node:
         config.node.storage_dir.mkdir(parents=True, exist_ok=True)
         self.files = file_store(config)
         self.db = Database(config.node.resolved_database_url)
-        self.receiver = Receiver(config, self.files, self.db)
-        self.worker = Worker(config, self.db, self.files)
-        self.sender = Sender(config, self.db, self.files, owner=self.worker.owner)
+        self.trail = AuditTrail(config, "node")  # the roles of this process share one trail
+        self.receiver = Receiver(config, self.files, self.db, self.trail)
+        self.worker = Worker(config, self.db, self.files, trail=self.trail)
+        self.sender = Sender(config, self.db, self.files, owner=self.worker.owner, trail=self.trail)
         self.scheduler: Any = None
         self.web: Any = None
 
@@ -54,7 +56,7 @@ class Node:
         if web:
             from pacs_node.web.server import WebServer
 
-            self.web = WebServer(self.config, self.db, self.files)
+            self.web = WebServer(self.config, self.db, self.files, self.trail)
             self.web.start()
         if scheduler:
             from pacs_node.scheduler import start_scheduler
@@ -94,4 +96,5 @@ class Node:
             self.web.stop()
             self.web = None
         self.receiver.stop()
+        self.trail.close()
         self.db.dispose()

@@ -17,6 +17,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from pacs_node import __version__, guard
 from pacs_node.ae import build_scp, start_server
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config, TlsSettings
 from pacs_node.handlers import bindings, resolve
 from pacs_node.process import Stop, file_store
@@ -41,10 +42,13 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 class Receiver:
     """The listening sockets (plain, and TLS when configured) and their handlers."""
 
-    def __init__(self, config: Config, files: FileStore, db: Database) -> None:
+    def __init__(
+        self, config: Config, files: FileStore, db: Database, trail: AuditTrail | None = None
+    ) -> None:
         self.config = config
         self.files = files
         self.db = db
+        self.trail = trail or AuditTrail(config, "receive")
         self.server: Any = None
         self.tls_server: Any = None
         self.connection_limits: guard.ConnectionLimits | None = None
@@ -62,7 +66,7 @@ class Receiver:
         # a received data set goes to a file fragment by fragment instead of into memory
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
         ae = build_scp(self.config)
-        handlers = bindings(self.config, self.files, self.db)
+        handlers = bindings(self.config, self.files, self.db, self.trail)
         limits = guard.ConnectionLimits(
             self.known_address,
             strangers=node.max_stranger_connections,
@@ -129,9 +133,12 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     receiver = Receiver(config, files, db)
     receiver.start()
+    receiver.trail.application(started=True)
     print(describe(config, receiver.port), flush=True)
     try:
         stop.event.wait()
     finally:
         receiver.stop()
+        receiver.trail.application(started=False)
+        receiver.trail.close()
         db.dispose()

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from pacs_node import confirm, sender
+from pacs_node import audit, confirm, sender
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config, Peer
+from pacs_node.logs import log_failure
 from pacs_node.process import Stop, file_store, owner_id, run_loop
-from storage import tasks
+from storage import query, tasks
 from storage.db import Database
 from storage.files import FileStore
-from storage.models import Delivery, TaskState, utcnow
+from storage.models import Delivery, Instance, TaskState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,19 @@ class Sender:
     """Claims due deliveries and sends them, one association per destination."""
 
     def __init__(
-        self, config: Config, db: Database, files: FileStore, *, owner: str | None = None
+        self,
+        config: Config,
+        db: Database,
+        files: FileStore,
+        *,
+        owner: str | None = None,
+        trail: AuditTrail | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.files = files
         self.owner = owner or owner_id()
+        self.trail = trail or AuditTrail(config, "send")
 
     def _claim(self, destination: str | None) -> list[tuple[int, str, Path]]:
         where = [] if destination is None else [Delivery.destination_ae == destination]
@@ -87,17 +96,64 @@ class Sender:
 
         tried = 0
         delivered: list[int] = []
+        refused: dict[int, str] = {}
         for outcomes in sender.stream(self.config, peer, items, more):
             self._record(destination, outcomes)
             tried += len(outcomes)
             delivered += [o.key for o in outcomes if o.ok]
+            refused.update((o.key, o.error) for o in outcomes if not o.ok)
         sent = len(delivered)
         log.info("sent %d of %d results to %s", sent, tried, destination)
+        self._audit(peer, delivered, refused)
         if peer.confirm_deliveries and delivered:
             # after the store association is released: a peer that serves one association
             # at a time (dcmtk's storescp) could not answer while it was open
             self._confirm(peer, delivered)
         return tried
+
+    def _audit(self, peer: Peer, delivered: Sequence[int], refused: dict[int, str]) -> None:
+        """Results exported: DICOM Instances Transferred (read) per study, from the node to
+        *peer*; a study with an instance that did not go counts as a minor failure."""
+        if not self.trail.enabled or not (delivered or refused):
+            return
+        try:
+            with self.db.read() as session:
+                keys = [*delivered, *refused]
+                uids = dict(
+                    session.execute(
+                        select(Delivery.id, Instance.sop_instance_uid)
+                        .join(Instance, Instance.id == Delivery.instance_pk)
+                        .where(Delivery.id.in_(keys))
+                    ).all()
+                )
+                subjects = {
+                    s.sop_instance_uid: s for s in query.subjects(session, list(uids.values()))
+                }
+        except Exception:
+            log_failure(log, "results sent to %s not audited", peer.ae_title)
+            return
+        studies: dict[str, audit.StudyRecord] = {}
+        for key, uid in uids.items():
+            subject = subjects.get(uid)
+            if subject is None:
+                continue
+            record = studies.get(subject.study_instance_uid)
+            if record is None:
+                record = studies[subject.study_instance_uid] = audit.studies_of([subject])[0]
+                record.instances.clear()
+            if key in refused:
+                record.refused += 1
+                record.reasons.append(refused[key])
+            else:
+                record.add(subject.sop_class_uid, uid)
+        self.trail.transferred(
+            studies.values(),
+            action=audit.READ,
+            source=self.trail.node(requestor=True, role=audit.SOURCE),
+            destination=audit.Participant(
+                peer.ae_title, False, audit.DESTINATION, address=peer.host
+            ),
+        )
 
     def _confirm(self, peer: Peer, keys: Sequence[int]) -> None:
         """Ask *peer* to confirm the deliveries it accepted (:mod:`pacs_node.confirm`): by
@@ -221,6 +277,7 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     owner = owner_id()
     role = Sender(config, db, file_store(config), owner=owner)
+    role.trail.application(started=True)
     log.info("send role %s ready", owner)
     try:
         run_loop(
@@ -231,4 +288,6 @@ def run(config: Config, stop: Stop) -> None:
             sweep_every_s=max(1.0, config.worker.lease_s / 4),
         )
     finally:
+        role.trail.application(started=False)
+        role.trail.close()
         db.dispose()

@@ -27,10 +27,11 @@ from sqlalchemy.orm import Session
 from ai.errors import ModelError, UnusableInputError
 from ai.outputs import SrReference, add_predecessor
 from ai.results import build_not_analysed, build_results
-from ai.runtime import load_runtime_classifier
+from ai.runtime import load_runtime_classifier, weights_sha256
 from ai.selection import Candidate, RuleSkip, choose_series, not_chosen_reason, select_images
-from pacs_node import __version__
+from pacs_node import __version__, audit
 from pacs_node.assembly import SINGLE_IMAGE_MODALITIES
+from pacs_node.audit import AuditTrail
 from pacs_node.completeness import judge
 from pacs_node.config import Config, ModelBinding
 from pacs_node.logs import log_failure
@@ -62,6 +63,8 @@ class SeriesWork:
     # the SR of the series' current result, which this job's SR replaces (PS3.3 C.17.2.3)
     predecessor: SrReference | None = None
     warning: str = ""  # analysed although its sender holds more of the series
+    # for the audit trail: the study's patient, and the series' instances (SOP class, UID)
+    subject: audit.StudyRecord | None = None
 
 
 def _write_bytes(data: bytes, fh: BinaryIO) -> None:
@@ -83,12 +86,14 @@ class Worker:
         *,
         owner: str | None = None,
         watchdog: Watchdog | None = None,
+        trail: AuditTrail | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.files = files
         self.owner = owner or owner_id()
         self.watchdog = watchdog
+        self.trail = trail or AuditTrail(config, "work")
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -122,21 +127,36 @@ class Worker:
         series = session.get(Series, job.series_pk)
         assert series is not None
         rows = session.execute(
-            select(Instance.path, Instance.received_at)
+            select(
+                Instance.path,
+                Instance.received_at,
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+            )
             .where(Instance.series_pk == series.id)
             .order_by(Instance.instance_number, Instance.id)
         ).all()
+        study = series.study
+        subject = audit.StudyRecord(
+            study.study_instance_uid,
+            patient_id=study.patient_id,
+            patient_name=study.patient_name,
+            accession=study.accession_number,
+        )
+        for row in rows:
+            subject.add(row[2], row[3])
         return SeriesWork(
             job.id,
             job.model_name,
             series.series_instance_uid,
             series.source_ae,
             job.priority,
-            [self.files.abspath(path) for path, _ in rows],
+            [self.files.abspath(row[0]) for row in rows],
             series.modality,
-            study_uid=series.study.study_instance_uid,
-            last_received_at=max((t for _, t in rows), default=None),
-            predecessor=self._current_sr(session, series.id, series.study.study_instance_uid),
+            study_uid=study.study_instance_uid,
+            last_received_at=max((row[1] for row in rows), default=None),
+            predecessor=self._current_sr(session, series.id, study.study_instance_uid),
+            subject=subject,
         )
 
     def _current_sr(self, session: Session, series_pk: int, study_uid: str) -> SrReference | None:
@@ -251,10 +271,41 @@ class Worker:
             log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
             return None
 
+    def _audit(
+        self,
+        work: SeriesWork,
+        outcome: str,
+        description: str = "",
+        outputs: list[Dataset] | None = None,
+        version: str = "",
+    ) -> None:
+        """AI Analysis in the audit trail: the model, what it read and made, the outcome."""
+        if not self.trail.enabled or work.subject is None or not work.model_name:
+            return
+        made: dict[str, list[str]] = {}
+        for ds in outputs or []:
+            made.setdefault(str(ds.SOPClassUID), []).append(str(ds.SOPInstanceUID))
+        binding = next((m for m in self.config.models if m.name == work.model_name), None)
+        try:
+            digest = weights_sha256(binding.path or binding.name) if binding else ""
+        except Exception:  # a model that cannot be found has no weights to hash
+            digest = ""
+        self.trail.analysed(
+            work.subject,
+            made,
+            model_name=work.model_name,
+            model_version=version,
+            weights_sha256=digest or "unknown",
+            outcome=outcome,
+            description=description,
+        )
+
     def _fail(self, work: SeriesWork, error: str, permanent: bool = False) -> None:
         state = self._finish(
             work, lambda s, j: tasks.fail(s, j, error, now=utcnow(), permanent=permanent)
         )
+        if state is not None:
+            self._audit(work, audit.SERIOUS_FAILURE, f"{state}: {error}")
         # the full reason (which may quote data) is on the job row, for pacs-node status
         log.warning(
             "job %d (series %s) %s: %s",
@@ -348,6 +399,7 @@ class Worker:
             except LeaseLost:
                 log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
                 return
+        self._audit(work, audit.MINOR_FAILURE, f"skipped: {reason}", [report] if report else None)
         log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
 
     def _not_analysed_report(self, work: SeriesWork, reason: str) -> Dataset | None:
@@ -462,6 +514,7 @@ class Worker:
             },
             sr_sop_instance_uid=str(sr.SOPInstanceUID),
             sc_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in outputs[1:]],
+            inference_s=analysis.inference_s,
         )
 
         if work.warning:
@@ -472,6 +525,13 @@ class Worker:
             tasks.succeed(session, job, utcnow())
 
         destinations = self._commit(work, outputs, result, done)
+        self._audit(
+            work,
+            audit.SUCCESS,
+            f"{prediction.label.name} {prediction.probability:.3f}",
+            outputs,
+            prediction.model_version,
+        )
         for warning in analysis.warnings:
             log.warning("job %d (series %s): %s", work.job_id, work.series_uid, warning)
         log.info(
@@ -563,6 +623,7 @@ def run(config: Config, stop: Stop) -> None:
         db, Job, owner=owner, lease_s=config.worker.lease_s, on_deadline=on_deadline
     ).start()
     worker = Worker(config, db, files, owner=owner, watchdog=watchdog)
+    worker.trail.application(started=True)
     log.info("work role %s ready", owner)
     try:
         run_loop(
@@ -574,4 +635,6 @@ def run(config: Config, stop: Stop) -> None:
         )
     finally:
         watchdog.stop()
+        worker.trail.application(started=False)
+        worker.trail.close()
         db.dispose()

@@ -26,7 +26,7 @@ from storage.models import Base
 
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0006"  # the newest file in storage/migrations/versions (a test checks)
+HEAD_REVISION = "0007"  # the newest file in storage/migrations/versions (a test checks)
 BASELINE_REVISION = "0001"  # the schema of 0.2.0, made before migrations existed
 MIGRATION_LOCK_ID = 7_340_211  # a PostgreSQL advisory lock: one process migrates at a time
 

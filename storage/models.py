@@ -164,6 +164,8 @@ class Result(Base):
     # the SR SOP Instance UID of the result that replaced this one (a new analysis of the
     # series after more of its instances arrived); "" while this is the series' current result
     superseded_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # seconds the model's forward passes and Grad-CAM took for this job (None before 0.4)
+    inference_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -192,3 +194,18 @@ class Delivery(TaskColumns, Base):
     )
 
     instance: Mapped[Instance] = relationship()
+
+
+class Refusal(Base):
+    """How often something was refused, by what and why (``/metrics`` reports them): what a
+    node refuses is not stored, so it is counted here. *what*: ``association`` or
+    ``instance``; *reason*: a short fixed name (``unknown_calling_ae``, ``truncated``, ...)."""
+
+    __tablename__ = "refusals"
+    __table_args__ = (UniqueConstraint("what", "reason", name="uq_refusals_what_reason"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    what: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    last_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

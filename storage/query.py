@@ -585,3 +585,38 @@ def retrieve(
         .where(*conditions)
     )
     return [Stored(*row) for row in session.execute(stmt)]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who and what an instance is about, for the audit trail."""
+
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def subjects(session: Session, sop_instance_uids: Sequence[str]) -> list[Subject]:
+    """The study and patient of each of *sop_instance_uids* the node holds (in chunks, so a
+    retrieve of a whole archive stays within the database's parameter limits)."""
+    found: list[Subject] = []
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for start in range(0, len(uids), 500):
+        rows = session.execute(
+            select(
+                Study.study_instance_uid,
+                Study.patient_id,
+                Study.patient_name,
+                Study.accession_number,
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+            )
+            .join(Series, Series.id == Instance.series_pk)
+            .join(Study, Study.id == Series.study_pk)
+            .where(Instance.sop_instance_uid.in_(uids[start : start + 500]))
+        ).all()
+        found.extend(Subject(*row) for row in rows)
+    return found

@@ -88,3 +88,11 @@ def orthanc_peer(tmp_path: Path):
         tmp_path / "orthanc", modalities={"AINODE": ("AINODE", "127.0.0.1", node_port)}
     ) as orthanc:
         yield orthanc, node_port
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, server and client certificates it signed (for 127.0.0.1), a self-signed stranger."""
+    from tests.pki import make_pki
+
+    return make_pki(tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import struct
@@ -50,75 +49,6 @@ def test_strangers_cannot_store_or_query(start_node, tmp_path):
     assert scu.store(node.port, [CR_CHEST], calling="PACS")[0].Status == 0
     matches, _ = scu.find(node.port, scu.query("STUDY", StudyInstanceUID=""), calling="PACS")
     assert len(matches) == 1
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _self_signed(folder: Path, name: str) -> None:
-    """``name.pem`` and ``name.key``: a self-signed certificate with CN=name."""
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        cwd=folder,
-    )
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    """A CA, a server and a client certificate signed by it, and a self-signed stranger."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path / "pki"
-    d.mkdir()
-    _self_signed(d, "ca")
-    for name in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            cwd=d,
-        )
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            "-out",
-            f"{name}.pem",
-            cwd=d,
-        )
-    _self_signed(d, "stranger")
-    return d
 
 
 def _client_context(pki: Path, cert: str | None) -> ssl.SSLContext:
@@ -281,7 +211,7 @@ def _poll_aborted(assocs, established_at: list[float], within_s: float) -> list[
                 ended[i] = time.monotonic()
         time.sleep(0.02)
     now = time.monotonic()
-    return [(e if e is not None else now) - s for e, s in zip(ended, established_at)]
+    return [(e if e is not None else now) - s for e, s in zip(ended, established_at, strict=True)]
 
 
 def test_a_known_peer_that_goes_silent_is_aborted_at_the_idle_deadline(start_node, tmp_path):

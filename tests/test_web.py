@@ -374,6 +374,14 @@ def test_serve_runs_the_web_role_beside_the_dimse_ones(tmp_path):
 def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_path):
     node = web_node(start_node, tmp_path)
     assert scu.store(node.port, [cr_copy(tmp_path, "METRICS-1")])[0].Status == 0
+    # refused: an instance without its pixel data (twice), an association to a wrong AE title
+    cut = pydicom.dcmread(cr_copy(tmp_path, "METRICS-2"))
+    del cut.PixelData
+    for name in ("cut-1", "cut-2"):
+        cut.SOPInstanceUID = generate_uid()
+        cut.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        assert scu.store(node.port, [tmp_path / f"{name}.dcm"])[0].Status == 0xA900
+    assert not scu.association_accepted(node.port, calling="TESTSCU", called="NOTME")
     before = request(node.web.url, "/metrics")[2].decode()
     assert 'pacs_node_queue_depth{queue="jobs",state="queued"} 1.0' in before
     assert node.run_pending() == 1
@@ -391,6 +399,17 @@ def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_pa
     analysed = (("le", "+Inf"), ("modality", "CR"), ("stage", "analysed"))
     assert samples[("pacs_node_stage_seconds_bucket", analysed)] == 1
     assert 0 < samples[("pacs_node_stage_seconds_sum", analysed[1:])] < 600
+    refused = {k[1]: v for k, v in samples.items() if k[0] == "pacs_node_refused_total"}
+    assert refused == {
+        (("reason", "no_pixel_data"), ("what", "instance")): 2,
+        (("reason", "unknown_called_ae"), ("what", "association")): 1,
+    }
+    model = (("model", "cxr-efficientnet-lite0"),)
+    assert samples[("pacs_node_inference_seconds_count", model)] == 1
+    # the model's own time is part of the job's, and not all of it
+    assert 0 < samples[("pacs_node_inference_seconds_sum", model)] < samples[
+        ("pacs_node_stage_seconds_sum", analysed[1:])
+    ]
 
 
 SEGMENTS = st.sampled_from(

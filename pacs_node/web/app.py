@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.web import dashboard, metrics
 from pacs_node.web.dicomweb import DicomWeb
@@ -35,13 +36,21 @@ log = logging.getLogger(__name__)
 class BearerToken:
     """ASGI middleware: 401 for an HTTP request without the configured bearer token."""
 
-    def __init__(self, app: Any, token: str) -> None:
+    def __init__(self, app: Any, token: str, trail: AuditTrail | None = None) -> None:
         self.app, self.expected = app, f"Bearer {token}".encode()
+        self.trail = trail
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
+                if self.trail is not None:
+                    client = scope.get("client") or ("?", 0)
+                    self.trail.login_failed(
+                        str(client[0]),
+                        "no bearer token" if not given else "wrong bearer token",
+                        scope.get("path", ""),
+                    )
                 response = PlainTextResponse(
                     "a bearer token is required (Authorization: Bearer <web.token>)\n",
                     status_code=401,
@@ -52,10 +61,18 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) -> Any:
+def build_app(
+    config: Config,
+    db: Database,
+    files: FileStore,
+    *,
+    base_url: str,
+    trail: AuditTrail | None = None,
+) -> Any:
     """The ASGI application; *base_url* (scheme, host, port) is where clients reach it, for
     the URLs in DICOMweb answers."""
-    dicomweb = DicomWeb(config, db, files, f"{base_url}/dicomweb")
+    trail = trail or AuditTrail(config, "web")
+    dicomweb = DicomWeb(config, db, files, f"{base_url}/dicomweb", trail)
 
     async def home(request: Request) -> Response:
         return HTMLResponse(await asyncio.to_thread(dashboard.render, config, db))
@@ -93,5 +110,5 @@ def build_app(config: Config, db: Database, files: FileStore, *, base_url: str) 
         ]
     )
     if config.web.token:
-        app = BearerToken(app, config.web.token)
+        app = BearerToken(app, config.web.token, trail)
     return app

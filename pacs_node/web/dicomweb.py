@@ -28,6 +28,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pacs_node import statuses
+from pacs_node import audit, statuses
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
-from pacs_node.handlers import admit
+from pacs_node.handlers import Admission, admit, count_refusal
 from pacs_node.web.multipart import MultipartError, TooLarge, content_type_params, read_parts
 from pacs_node.web.multipart import related_body as _related_body
 from storage import query
@@ -106,8 +108,15 @@ def _uid(request: Request, name: str) -> str:
 class DicomWeb:
     """The DICOMweb routes, bound to what they need (the way the DIMSE handlers are)."""
 
-    def __init__(self, config: Config, db: Database, files: FileStore, base: str) -> None:
+    def __init__(
+        self, config: Config, db: Database, files: FileStore, base: str, trail: AuditTrail
+    ) -> None:
         self.config, self.db, self.files, self.base = config, db, files, base
+        self.trail = trail
+
+    def _client(self, request: Request, role: audit.Code | None) -> audit.Participant:
+        address = request.client.host if request.client else ""
+        return audit.Participant(f"http client {address or '?'}", True, role, address=address)
 
     def routes(self) -> list[Route]:
         s, se, i = "{study}", "{series}", "{instance}"
@@ -144,10 +153,19 @@ class DicomWeb:
             identifier, limit, offset = self._qido_identifier(request)
         except BadRequest as exc:
             return _text(exc.status, str(exc))
+        asked = str(request.url.path) + ("?" + request.url.query if request.url.query else "")
         try:
             answers = await asyncio.to_thread(self._search, identifier, limit, offset)
         except QueryError as exc:
+            self.trail.query(
+                self._client(request, audit.SOURCE),
+                sop_class="",
+                query=asked.encode("utf-8"),
+                outcome=audit.MINOR_FAILURE,
+                description=str(exc),
+            )
             return _text(400, str(exc))
+        self.trail.query(self._client(request, audit.SOURCE), sop_class="", query=asked.encode())
         return JSONResponse(answers, media_type=DICOM_JSON)
 
     def _qido_identifier(self, request: Request) -> tuple[Dataset, int | None, int]:
@@ -230,6 +248,14 @@ class DicomWeb:
         identifier.QueryRetrieveLevel = level.name
         with self.db.read() as session:
             found = query.retrieve(session, identifier)
+            if found and self.trail.enabled:
+                uids = [item.sop_instance_uid for item in found]
+                self.trail.transferred(
+                    audit.studies_of(query.subjects(session, uids)),
+                    action=audit.READ,
+                    source=self.trail.node(requestor=False, role=audit.SOURCE),
+                    destination=self._client(request, audit.DESTINATION),
+                )
         if not found:
             raise BadRequest("no such " + level.name.lower().replace("image", "instance"), 404)
         return sorted(found, key=lambda s: s.path)
@@ -398,70 +424,86 @@ class DicomWeb:
         if not parts:
             return _text(400, "the multipart body holds no part")
         client = request.client.host if request.client else "?"
-        results = await asyncio.to_thread(self._store_parts, parts, study, f"STOW-RS {client}")
-        stored = [r for r in results if r[2] == statuses.SUCCESS]
+        sender = self._client(request, audit.SOURCE)
+        results = await asyncio.to_thread(
+            self._store_parts, parts, study, f"STOW-RS {client}", sender
+        )
+        stored = [r for r in results if r.admission.stored]
         answer: dict[str, Any] = {}
         if study:
             answer["00081190"] = {"vr": "UR", "Value": [f"{self.base}/studies/{study}"]}
         if stored:
             answer["00081199"] = {"vr": "SQ", "Value": [
-                {"00081150": {"vr": "UI", "Value": [c]}, "00081155": {"vr": "UI", "Value": [u]},
-                 "00081190": {"vr": "UR", "Value": [url]}}
-                for c, u, _, _, url in stored
+                {"00081150": {"vr": "UI", "Value": [r.sop_class]},
+                 "00081155": {"vr": "UI", "Value": [r.sop_uid]},
+                 "00081190": {"vr": "UR", "Value": [r.url]}}
+                for r in stored
             ]}  # fmt: skip
-        failed = [r for r in results if r[2] != statuses.SUCCESS]
+        failed = [r for r in results if not r.admission.stored]
         if failed:
-            answer["00081198"] = {"vr": "SQ", "Value": [_failed_item(*r[:4]) for r in failed]}
+            answer["00081198"] = {
+                "vr": "SQ",
+                "Value": [
+                    _failed_item(r.sop_class, r.sop_uid, r.admission.code, r.admission.comment)
+                    for r in failed
+                ],
+            }
         code = 200 if not failed else 202 if stored else 409
         return JSONResponse(answer, status_code=code, media_type=DICOM_JSON)
 
     def _store_parts(
-        self, parts: list[Any], study: str | None, source: str
-    ) -> list[tuple[str, str, int, str, str]]:
-        """(SOP class, SOP instance, status, reason, RetrieveURL) per part, in order."""
+        self, parts: list[Any], study: str | None, source: str, sender: audit.Participant
+    ) -> list[Stowed]:
+        """What became of each part, in order; refusals counted, the stored audited per study."""
         results = []
         for part in parts:
             try:
                 results.append(self._store_part(part, study, source))
             finally:
                 part.path.unlink(missing_ok=True)  # adopted when stored; else gone
+        studies: dict[str, audit.StudyRecord] = {}
+        for r in results:
+            if not r.admission.stored:
+                count_refusal(self.db, "instance", r.admission.label)
+            if r.subject is not None and r.subject.study_uid:
+                record = studies.setdefault(r.subject.study_uid, r.subject)
+                if r.admission.stored:
+                    record.add(r.sop_class, r.sop_uid)
+                else:
+                    record.refused += 1
+                    record.reasons.append(r.admission.comment)
+        self.trail.transferred(
+            studies.values(),
+            action=audit.CREATE,
+            source=sender,
+            destination=self.trail.node(requestor=False, role=audit.DESTINATION),
+        )
         return results
 
-    def _store_part(
-        self, part: Any, study: str | None, source: str
-    ) -> tuple[str, str, int, str, str]:
+    def _store_part(self, part: Any, study: str | None, source: str) -> Stowed:
         part_type, _ = content_type_params(part.content_type or "application/dicom")
         if part_type != "application/dicom":
-            return (
-                "",
-                "",
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                (f"part is {part_type}, not application/dicom"),
-                "",
+            why = f"part is {part_type}, not application/dicom"
+            return Stowed(
+                "", "", Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "media_type")
             )
         size = part.path.stat().st_size
         try:
             ds = pydicom.dcmread(part.path, defer_size=65536)
             sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
         except Exception as exc:
-            return "", "", statuses.CANNOT_UNDERSTAND, f"not a DICOM file: {exc}"[:200], ""
+            why = f"not a DICOM file: {exc}"[:200]
+            return Stowed("", "", Admission(statuses.CANNOT_UNDERSTAND, why, "unreadable"))
+        subject = audit.from_dataset(ds)
         if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
-            return (
-                sop_class,
-                sop_uid,
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                ("SOPInstanceUID is not a UID"),
-                "",
-            )
+            why = "SOPInstanceUID is not a UID"
+            refused = Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "invalid_uid")
+            return Stowed(sop_class, sop_uid, refused, subject=subject)
         if study is not None and str(ds.get("StudyInstanceUID", "")) != study:
-            return (
-                sop_class,
-                sop_uid,
-                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                (f"the instance belongs to study {ds.get('StudyInstanceUID', '')}, not {study}"),
-                "",
-            )
-        code, reason = admit(
+            why = f"the instance belongs to study {ds.get('StudyInstanceUID', '')}, not {study}"
+            refused = Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "wrong_study")
+            return Stowed(sop_class, sop_uid, refused, subject=subject)
+        admission = admit(
             self.config,
             self.files,
             self.db,
@@ -476,7 +518,18 @@ class DicomWeb:
             f"{self.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{sop_uid}"
         )
-        return sop_class, sop_uid, code, reason, url
+        return Stowed(sop_class, sop_uid, admission, url, subject)
+
+
+@dataclass
+class Stowed:
+    """What became of one STOW-RS part."""
+
+    sop_class: str
+    sop_uid: str
+    admission: Admission
+    url: str = ""
+    subject: audit.StudyRecord | None = None  # its study and patient, when it could be read
 
 
 def _json(answer: dict[str, Any]) -> dict[str, Any]:

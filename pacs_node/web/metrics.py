@@ -14,8 +14,10 @@ that a restart would reset: what the database holds, the exporter reports.
   analysed to the last result delivered; ``confirmed``: delivered to confirmed), and
   ``pacs_node_receive_to_delivered_seconds{modality}`` for the whole of it.
 
-Not yet here (issue 12): refusals by reason (refused instances are not stored, so not in the
-database) and inference time apart from the job's run.
+- ``pacs_node_refused_total{what,reason}``: associations and instances refused, by reason
+  (``storage.refusals`` counts them, since what is refused is not stored);
+- ``pacs_node_inference_seconds{model}``: a histogram of the model's own time per job (forward
+  passes and Grad-CAM), apart from decoding and building the results.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
+from storage import refusals
 from storage.db import Database
-from storage.models import Delivery, Instance, Job, Series, TaskState, utcnow
+from storage.models import Delivery, Instance, Job, Result, Series, TaskState, utcnow
 
 BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STAGES = ("complete", "queued", "analysed", "delivered", "confirmed")
 FINISHED = (TaskState.DONE, TaskState.FAILED, TaskState.SKIPPED)
 WAITING = (TaskState.QUEUED, TaskState.RUNNING)
@@ -87,6 +91,25 @@ class NodeCollector:
                 oldest.add_metric([name], (now - first).total_seconds() if first else 0.0)
             yield depth
             yield oldest
+            refused = CounterMetricFamily(
+                "pacs_node_refused", "Associations and instances refused", labels=["what", "reason"]
+            )
+            for what, reason, n in refusals.counts(session):
+                refused.add_metric([what, reason], n)
+            yield refused
+            inference = HistogramMetricFamily(
+                "pacs_node_inference_seconds",
+                "The model's forward passes and Grad-CAM, per job",
+                labels=["model"],
+            )
+            by_model: dict[str, list[float]] = defaultdict(list)
+            for model, seconds in session.execute(
+                select(Result.model_name, Result.inference_s).where(Result.inference_s.is_not(None))
+            ).all():
+                by_model[model].append(seconds)
+            for model, values in sorted(by_model.items()):
+                inference.add_metric([model], *_histogram(values, INFERENCE_BUCKETS))
+            yield inference
             yield from self._latencies(session)
 
     def _latencies(self, session: Any) -> Iterator[Any]:
@@ -156,8 +179,10 @@ def _seconds(a: datetime, b: datetime) -> float:
     return max(0.0, (b - a).total_seconds())
 
 
-def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
-    buckets = [(floatToGoString(edge), float(sum(v <= edge for v in values))) for edge in BUCKETS]
+def _histogram(
+    values: list[float], edges: tuple[float, ...] = BUCKETS
+) -> tuple[list[tuple[str, float]], float]:
+    buckets = [(floatToGoString(edge), float(sum(v <= edge for v in values))) for edge in edges]
     buckets.append(("+Inf", float(len(values))))
     return buckets, sum(values)
 

@@ -14,6 +14,7 @@ import threading
 
 import uvicorn
 
+from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.errors import ConfigError
 from pacs_node.process import Stop, file_store
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class WebServer:
-    def __init__(self, config: Config, db: Database, files: FileStore) -> None:
+    def __init__(
+        self, config: Config, db: Database, files: FileStore, trail: AuditTrail | None = None
+    ) -> None:
         web, tls = config.web, config.tls
+        self.trail = trail or AuditTrail(config, "web")
         self.scheme = "https" if tls.enabled else "http"
         self.sock = socket.socket(socket.AF_INET6 if ":" in web.host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,7 +42,7 @@ class WebServer:
         self.port = int(self.sock.getsockname()[1])
         self.url = f"{self.scheme}://{web.host}:{self.port}"
         settings = uvicorn.Config(
-            build_app(config, db, files, base_url=self.url),
+            build_app(config, db, files, base_url=self.url, trail=self.trail),
             log_level="warning",
             access_log=False,  # requests name studies by UID; the audit trail is their place
             limit_concurrency=web.max_connections,  # more at once are answered 503
@@ -75,10 +79,13 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     web = WebServer(config, db, file_store(config))
     web.start()
+    web.trail.application(started=True)
     # logged, not printed: the receive role's "listening on" line is the one on stdout
     log.info("web role: DICOMweb on %s/dicomweb, dashboard on %s/", web.url, web.url)
     try:
         stop.event.wait()
     finally:
         web.stop()
+        web.trail.application(started=False)
+        web.trail.close()
         db.dispose()
