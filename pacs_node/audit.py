@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from pacs_node.config import Config
+from storage.query import Subject
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +550,7 @@ class AuditTrail:
         )
 
 
-def from_dataset(ds: object) -> StudyRecord:
+def from_dataset(ds: Dataset) -> StudyRecord:
     """A :class:`StudyRecord` (no instances yet) from a data set's patient and study."""
     get = ds.get
     return StudyRecord(
@@ -694,7 +697,7 @@ class SyslogTls:
         self._sock = None
 
 
-def studies_of(subjects: Iterable[object]) -> list[StudyRecord]:
+def studies_of(subjects: Iterable[Subject]) -> list[StudyRecord]:
     """One :class:`StudyRecord` per study of *subjects* (``storage.query.Subject`` rows)."""
     studies: dict[str, StudyRecord] = {}
     for s in subjects:

@@ -116,6 +116,19 @@ def test_movescu_sends_the_study_to_a_configured_peer(analysed):
     assert run.returncode == 0, run.stderr
     wait_for(lambda: len(list(dest_dir.iterdir())) == 4, timeout_s=30, what="4 files at DEST")
     assert _modalities(dest_dir) == ["CR", "OT", "OT", "SR"]
+    # audited: DICOM Instances Transferred (read), the node the source, DEST the destination,
+    # GETTER the requestor; the study's four instances
+    from tests.test_audit import messages, objects, of, participants
+
+    docs = of(messages(node.config.node.storage_dir / "audit" / "audit.log"), "110104")
+    (moved,) = [d for d in docs if "DEST" in participants(d)]
+    who = participants(moved)
+    assert who["GETTER"].get("UserIsRequestor") == "true"
+    assert who["DEST"].find("RoleIDCode").get("csd-code") == "110152"
+    assert who["AINODE"].find("RoleIDCode").get("csd-code") == "110153"
+    sop = objects(moved)["110180"].findall("ParticipantObjectDescription/SOPClass")
+    assert sum(int(s.get("NumberOfInstances")) for s in sop) == 4
+    assert objects(moved)["2"].get("ParticipantObjectID") == "PAT-1"
 
 
 def test_a_move_to_an_unknown_destination_is_refused(analysed):

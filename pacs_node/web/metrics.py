@@ -103,12 +103,12 @@ class NodeCollector:
                 labels=["model"],
             )
             by_model: dict[str, list[float]] = defaultdict(list)
-            for model, seconds in session.execute(
+            for name, seconds in session.execute(
                 select(Result.model_name, Result.inference_s).where(Result.inference_s.is_not(None))
             ).all():
-                by_model[model].append(seconds)
-            for model, values in sorted(by_model.items()):
-                inference.add_metric([model], *_histogram(values, INFERENCE_BUCKETS))
+                by_model[name].append(float(seconds or 0.0))
+            for name, values in sorted(by_model.items()):
+                inference.add_metric([name], *_histogram(values, INFERENCE_BUCKETS))
             yield inference
             yield from self._latencies(session)
 
