@@ -519,3 +519,42 @@ def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(st
                            body=b'{"kind": "delivery", "id": 1}',
                            headers={"Content-Type": "application/json"})  # fmt: skip
     assert status == 403
+
+
+def test_https_with_the_certificate_of_dicom_tls(start_node, tmp_path, pki):
+    """With [tls] on, the web server speaks HTTPS with the same certificate: a client that
+    trusts the CA gets answers (URLs in them say https), one that does not is refused at the
+    handshake, and nothing is served in the clear."""
+    import ssl
+
+    from pacs_node.config import TlsSettings
+
+    tls = TlsSettings(
+        enabled=True,
+        port=0,
+        cert_file=pki / "server.pem",
+        key_file=pki / "server.key",
+        ca_file=pki / "ca.pem",
+    )
+    node = start_node(replace(make_config(tmp_path), tls=tls, web=WebSettings(port=0)), web=True)
+    assert node.web.url.startswith("https://127.0.0.1:")
+    path = cr_copy(tmp_path, "HTTPS-1")
+    assert scu.store(node.port, [path])[0].Status == 0
+    port = urlsplit(node.web.url).port
+    trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=trusted, timeout=30)
+    try:
+        conn.request("GET", "/dicomweb/studies?PatientID=HTTPS-1")
+        response = conn.getresponse()
+        assert response.status == 200
+        (study,) = json.loads(response.read())
+    finally:
+        conn.close()
+    assert study["00081190"]["Value"][0].startswith(f"https://127.0.0.1:{port}/dicomweb/studies/")
+    untrusted = ssl.create_default_context()  # the system's CAs, not the node's
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=untrusted, timeout=30)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/healthz")
+    conn.close()
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        request(f"http://127.0.0.1:{port}", "/healthz")  # plain HTTP to the HTTPS port

@@ -22,6 +22,7 @@ from ai import DISCLAIMER
 from pacs_node.config import Config
 from storage import queue
 from storage.db import Database
+from storage.latency import STAGES, stage_times
 from storage.models import Delivery, Instance, Job, Result, Series, Study, TaskState
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "ai" / "models"
@@ -44,7 +45,6 @@ async function retry(kind, id, button) {
   button.parentElement.querySelector('.outcome').textContent = text;
 }
 """
-STAGES = ("received", "complete", "queued", "analysed", "delivered", "confirmed")
 
 
 def _e(value: object) -> str:
@@ -104,8 +104,9 @@ def _studies(session: Any, limit: int) -> list[str]:
         "<table id='results'><tr><th>heatmap</th><th>study</th><th>series</th><th>result</th>"
         "<th>model</th>" + "".join(f"<th>{s}</th>" for s in STAGES[1:]) + "</tr>",
     ]
+    stages = {t.result_pk: t.times for t in stage_times(session, [r.id for r, _, _ in results])}
     for result, series, study in results:
-        times = _stage_times(session, result, series)
+        times = stages.get(result.id, (None,) * len(STAGES))
         thumb = _thumbnail(session, result, study)
         cells = "".join(
             f"<td>{_seconds(a, b)}</td>" for a, b in zip(times, times[1:], strict=False)
@@ -121,23 +122,6 @@ def _studies(session: Any, limit: int) -> list[str]:
         rows.append("<tr><td colspan='10'>no results yet</td></tr>")
     rows.append("</table><p>Stage times: from the previous stage (received = first instance).</p>")
     return rows
-
-
-def _stage_times(session: Any, result: Result, series: Series) -> list[datetime | None]:
-    first, last = session.execute(
-        select(func.min(Instance.received_at), func.max(Instance.received_at)).where(
-            Instance.series_pk == series.id
-        )
-    ).one()
-    job = session.get(Job, result.job_pk)
-    outputs = [result.sr_sop_instance_uid, *result.sc_sop_instance_uids]
-    delivered, confirmed = session.execute(
-        select(func.max(Delivery.finished_at), func.max(Delivery.confirmed_at))
-        .join(Instance, Instance.id == Delivery.instance_pk)
-        .where(Instance.sop_instance_uid.in_(outputs), Delivery.state == TaskState.DONE)
-    ).one()
-    return [first, last, job.started_at if job else None, job.finished_at if job else None,
-            delivered, confirmed]  # fmt: skip
 
 
 def _thumbnail(session: Any, result: Result, study: Study) -> str:

@@ -11,9 +11,9 @@ that a restart would reset: what the database holds, the exporter reports.
 - ``pacs_node_stage_seconds{modality,stage}``: a histogram of each stage's latency for the
   analysed series (``complete``: first to last instance received; ``queued``: last instance to
   the job's start; ``analysed``: the job's run, the models' inference with it; ``delivered``:
-  analysed to the last result delivered; ``confirmed``: delivered to confirmed), and
-  ``pacs_node_receive_to_delivered_seconds{modality}`` for the whole of it.
-
+  analysed to the last of the result's own outputs delivered; ``confirmed``: delivered to
+  confirmed; ``storage.latency``, which the dashboard shows too), and
+  ``pacs_node_receive_to_delivered_seconds{modality}`` for the whole of it;
 - ``pacs_node_refused_total{what,reason}``: associations and instances refused, by reason
   (``storage.refusals`` counts them, since what is refused is not stored);
 - ``pacs_node_inference_seconds{model}``: a histogram of the model's own time per job (forward
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -34,11 +33,11 @@ from sqlalchemy import func, select
 
 from storage import refusals
 from storage.db import Database
+from storage.latency import stage_times
 from storage.models import Delivery, Instance, Job, Result, Series, TaskState, utcnow
 
 BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-STAGES = ("complete", "queued", "analysed", "delivered", "confirmed")
 FINISHED = (TaskState.DONE, TaskState.FAILED, TaskState.SKIPPED)
 WAITING = (TaskState.QUEUED, TaskState.RUNNING)
 
@@ -113,52 +112,14 @@ class NodeCollector:
             yield from self._latencies(session)
 
     def _latencies(self, session: Any) -> Iterator[Any]:
-        """One pass over the done jobs: each stage's seconds, per modality."""
-        delivered = (
-            select(
-                Series.study_pk.label("study"),
-                func.max(Delivery.finished_at).label("delivered"),
-                func.max(Delivery.confirmed_at).label("confirmed"),
-            )
-            .join(Instance, Instance.id == Delivery.instance_pk)
-            .join(Series, Series.id == Instance.series_pk)
-            .where(Delivery.state == TaskState.DONE)
-            .group_by(Series.study_pk)
-            .subquery()
-        )
-        received = (
-            select(
-                Instance.series_pk.label("series"),
-                func.min(Instance.received_at).label("first"),
-                func.max(Instance.received_at).label("last"),
-            )
-            .group_by(Instance.series_pk)
-            .subquery()
-        )
-        rows = session.execute(
-            select(
-                Series.modality,
-                received.c.first,
-                received.c.last,
-                Job.started_at,
-                Job.finished_at,
-                delivered.c.delivered,
-                delivered.c.confirmed,
-            )
-            .join(Series, Series.id == Job.series_pk)
-            .join(received, received.c.series == Job.series_pk)
-            .outerjoin(delivered, delivered.c.study == Series.study_pk)
-            .where(Job.state == TaskState.DONE)
-        ).all()
+        """Each stage's seconds, per modality, for the analysed series (storage.latency)."""
         stages: dict[tuple[str, str], list[float]] = defaultdict(list)
         whole: dict[str, list[float]] = defaultdict(list)
-        for modality, first, last, started, finished, sent, confirmed in rows:
-            times = [first, last, started, finished, sent, confirmed]
-            for stage, a, b in zip(STAGES, times, times[1:], strict=False):
-                if a is not None and b is not None:
-                    stages[(modality, stage)].append(_seconds(a, b))
-            if sent is not None:
-                whole[modality].append(_seconds(first, sent))
+        for times in stage_times(session, analysed_only=True):
+            for stage, seconds in times.seconds().items():
+                stages[(times.modality, stage)].append(seconds)
+            if times.receive_to_delivered_s is not None:
+                whole[times.modality].append(times.receive_to_delivered_s)
         stage_metric = HistogramMetricFamily(
             "pacs_node_stage_seconds", "Latency of each stage", labels=["modality", "stage"]
         )
@@ -173,10 +134,6 @@ class NodeCollector:
         for modality, values in sorted(whole.items()):
             total.add_metric([modality], *_histogram(values))
         yield total
-
-
-def _seconds(a: datetime, b: datetime) -> float:
-    return max(0.0, (b - a).total_seconds())
 
 
 def _histogram(
