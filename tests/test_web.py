@@ -8,6 +8,7 @@ a viewer or a script gets.
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import http.client
@@ -304,12 +305,27 @@ def test_bad_requests_get_a_4xx_with_a_reason(start_node, tmp_path, path, expect
 def test_bearer_token_is_required_when_set(start_node, tmp_path):
     node = web_node(start_node, tmp_path, token=TOKEN)
     url = node.web.url
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        status, answer_headers, _ = request(url, "/dicomweb/studies", headers=headers)
-        assert status == 401 and answer_headers["www-authenticate"].startswith("Bearer")
+    wrong_basic = "Basic " + base64.b64encode(b"admin:not-the-token").decode()
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": wrong_basic},
+        {"Authorization": "Basic %%%"},
+    ):
+        status, _, _ = request(url, "/dicomweb/studies", headers=headers)
+        assert status == 401
         assert request(url, "/", headers=headers)[0] == 401
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/")
+    challenges = conn.getresponse().headers.get_all("www-authenticate")
+    conn.close()
+    assert sorted(c.split()[0] for c in challenges) == ["Basic", "Bearer"]
     good = {"Authorization": f"Bearer {TOKEN}"}
     assert get_json(url, "/dicomweb/studies", headers=good) == []
+    basic = {"Authorization": "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()}
+    assert get_json(url, "/dicomweb/studies", headers=basic) == []
 
 
 def test_slow_http_clients_do_not_starve_dimse(start_node, tmp_path):
@@ -468,7 +484,8 @@ def test_fuzzed_requests_never_get_a_server_error_or_store_anything(start_node, 
 def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(start_node, tmp_path):
     """A study sent by dcmtk's storescu, its results owed to a peer that is down: the dashboard
     (headless Chromium) lists the result with its heatmap thumbnail and the failed delivery,
-    and its Retry button requeues the delivery. The screenshot is kept in build/artifacts/."""
+    and its Retry button requeues the delivery. The node has a token: the browser gives it as
+    the HTTP Basic password it is asked for. The screenshot is kept in build/artifacts/."""
     from tests.test_ohif import ARTIFACTS, CHROMIUM, MODULES, ROOT
 
     missing = [str(p) for p in (CHROMIUM, MODULES / "playwright-core") if not p.exists()]
@@ -479,7 +496,7 @@ def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(st
     down = Peer(ae_title="PACS", host="127.0.0.1", port=free_port(), ask_completeness=False)
     config = replace(
         make_config(tmp_path, peers=(down,)),
-        web=WebSettings(port=0),
+        web=WebSettings(port=0, token=TOKEN),
         delivery=DeliverySettings(max_attempts=1, backoff_initial_s=0),
     )
     node = start_node(config, web=True)
@@ -499,7 +516,8 @@ def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(st
     run = subprocess.run(
         ["node", str(ROOT / "tests" / "browser" / "dashboard_check.cjs"), node.web.url + "/",
          str(screenshot), f"delivery-{target}"],
-        env={**os.environ, "NODE_PATH": str(MODULES), "CHROMIUM": str(CHROMIUM)},
+        env={**os.environ, "NODE_PATH": str(MODULES), "CHROMIUM": str(CHROMIUM),
+             "DASHBOARD_PASSWORD": TOKEN},
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
@@ -517,7 +535,8 @@ def test_dashboard_in_a_browser_lists_the_study_and_retries_a_failed_delivery(st
     # the button's POST without the page's header (a form on another site): refused
     status, _, _ = request(node.web.url, "/dashboard/retry", method="POST",
                            body=b'{"kind": "delivery", "id": 1}',
-                           headers={"Content-Type": "application/json"})  # fmt: skip
+                           headers={"Content-Type": "application/json",
+                                    "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
     assert status == 403
 
 

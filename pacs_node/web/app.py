@@ -13,6 +13,7 @@ HTTPS uses the DICOM TLS certificate and key when ``[tls]`` is enabled.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 from typing import Any
@@ -34,28 +35,50 @@ log = logging.getLogger(__name__)
 
 
 class BearerToken:
-    """ASGI middleware: 401 for an HTTP request without the configured bearer token."""
+    """ASGI middleware: 401 for an HTTP request without the configured token.
+
+    ``Authorization: Bearer <token>`` is what programs send. A browser cannot be told to send
+    that for a page, so HTTP Basic with the token as the password (any user name) is taken too:
+    the 401 offers both challenges, and the browser asks its user for the token once. The same
+    secret in the same header either way; use HTTPS beyond loopback.
+    """
 
     def __init__(self, app: Any, token: str, trail: AuditTrail | None = None) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
+        self.app, self.token = app, token.encode()
         self.trail = trail
+
+    def _authorised(self, given: bytes) -> bool:
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(credentials.strip(), self.token)
+        if scheme.lower() == b"basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True)
+            except ValueError:
+                return False
+            return hmac.compare_digest(decoded.partition(b":")[2], self.token)
+        return False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self._authorised(given):
                 if self.trail is not None:
                     client = scope.get("client") or ("?", 0)
                     self.trail.login_failed(
                         str(client[0]),
-                        "no bearer token" if not given else "wrong bearer token",
+                        "no token" if not given else "wrong token",
                         scope.get("path", ""),
                     )
                 response = PlainTextResponse(
-                    "a bearer token is required (Authorization: Bearer <web.token>)\n",
+                    "a token is required (Authorization: Bearer <web.token>, or HTTP Basic "
+                    "with web.token as the password)\n",
                     status_code=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="pacs-node"'},
                 )
+                response.raw_headers += [
+                    (b"www-authenticate", b'Bearer realm="pacs-node"'),
+                    (b"www-authenticate", b'Basic realm="pacs-node", charset="UTF-8"'),
+                ]
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -215,7 +215,8 @@ def _models(config: Config) -> list[str]:
 
 def retry(db: Database, kind: str, task_id: int) -> tuple[int, str]:
     """(HTTP status, message) of a Retry button press."""
-    if kind not in ("job", "delivery") or not isinstance(task_id, int) or task_id < 1:
+    is_id = isinstance(task_id, int) and not isinstance(task_id, bool)  # JSON true is no id
+    if kind not in ("job", "delivery") or not is_id or task_id < 1:
         return 400, "expected {kind: job|delivery, id: N}"
     with db.session() as session:
         ids = {"delivery_ids": [task_id] if kind == "delivery" else [],

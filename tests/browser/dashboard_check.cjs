@@ -3,8 +3,9 @@
 //
 //   node dashboard_check.cjs URL SCREENSHOT RETRY_ID [TIMEOUT_MS]
 //
-// RETRY_ID: the data-retry attribute of the button to press ("delivery-3"). The script never
-// decides pass or fail itself: the test reads the JSON.
+// RETRY_ID: the data-retry attribute of the button to press ("delivery-3"). With
+// DASHBOARD_PASSWORD in the environment the browser answers the node's HTTP Basic challenge
+// with it (web.token). The script never decides pass or fail itself: the test reads the JSON.
 const { report } = require('./report.cjs');
 
 async function main() {
@@ -12,7 +13,11 @@ async function main() {
   const timeout = Number(timeoutArg || 60000);
   const out = { url, errors: [], text: '', images: [], outcome: '' };
   await report(out, [], async browser => {
-    const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    const password = process.env.DASHBOARD_PASSWORD;
+    const page = await browser.newPage({
+      viewport: { width: 1400, height: 1000 },
+      ...(password ? { httpCredentials: { username: 'operator', password } } : {}),
+    });
     page.on('pageerror', e => out.errors.push(String(e).slice(0, 300)));
     page.on('response', r => { if (r.status() >= 400) out.errors.push(`${r.status()} ${r.url().slice(0, 200)}`); });
     await page.goto(url, { timeout });
