@@ -46,6 +46,12 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # pynetdicom logs every PDU at INFO, including patient attributes: keep it to warnings
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # and its "standard" handlers, bound to every association, format every PDU and DIMSE
+    # message they see (copying each data set) for debug lines nobody reads; unbound, the
+    # per-message cost goes (issue 9)
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
 

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
-from pacs_node import assembly, audit, statuses
+from pacs_node import assembly, audit, fastfind, statuses
 from pacs_node.ae import STORAGE_COMMITMENT_PUSH
 from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
@@ -401,9 +401,12 @@ def handle_find(
 
 
 def _find(event: Any, db: Database) -> Generator[tuple[int | Dataset, Dataset | None], None, str]:
-    """C-FIND's responses; returns why the query was refused ("" when it was answered)."""
+    """C-FIND's responses; returns why the query was refused ("" when it was answered). The
+    pending ones go out by :mod:`pacs_node.fastfind` where it can send them, the rest (and the
+    final status) by pynetdicom."""
     calling = _calling_ae(event)
     sent = 0
+    responder = fastfind.Responder(event)
     try:
         identifier = event.identifier
         model = _model(event)
@@ -419,20 +422,36 @@ def _find(event: Any, db: Database) -> Generator[tuple[int | Dataset, Dataset | 
                     match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
                 if event.is_cancelled:
                     log.info("C-FIND from %s cancelled after %d matches", calling, sent)
+                    _flush(responder)
                     yield statuses.CANCEL, None
                     return ""
-                yield pending, match
+                if responder.usable:
+                    responder.send(pending, match)
+                else:
+                    yield pending, match
                 sent += 1
+        _flush(responder)
     except QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
         yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
         return str(exc)
     except Exception as exc:
         log_failure(log, "C-FIND from %s failed after %d matches", calling, sent)
+        _flush(responder)
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
         return f"query failed: {type(exc).__name__}"
     log.info("C-FIND from %s: %d matches", calling, sent)
     return ""
+
+
+def _flush(responder: fastfind.Responder) -> None:
+    """Put what the responder holds on the wire before pynetdicom sends the final status; a
+    peer that is gone is pynetdicom's to notice."""
+    if responder.usable:
+        try:
+            responder.flush()
+        except OSError as exc:
+            log.info("C-FIND responses not all sent: %s", exc)
 
 
 def _model(event: Any) -> query.Model:
