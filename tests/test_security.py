@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from pacs_node.config import Peer, TlsSettings
 from tests import scu
@@ -74,6 +77,25 @@ def test_tls_port_accepts_only_clients_with_a_trusted_certificate(start_node, tm
     assert not _associate(port, "STRANGER", tls=(_client_context(pki, "stranger"), "127.0.0.1"))
     assert not _associate(port, "PLAIN")  # no TLS at all on the TLS port
     assert _associate(node.port, "PLAIN")  # the plain port still serves
+    # C-FIND over TLS: answered by pynetdicom's own path (fastfind writes plain sockets only)
+    assert scu.store(node.port, [CR_CHEST])[0].Status == 0
+    ae = AE(ae_title="TLSCLIENT")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="AINODE",
+        tls_args=(_client_context(pki, "client"), "127.0.0.1"),
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        identifier = scu.query("STUDY", StudyInstanceUID="", PatientName="")
+        found = [
+            i
+            for s, i in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+            if s.Status == 0xFF00
+        ]
+    finally:
+        assoc.release()
+    assert len(found) == 1
 
 
 # -- what a stranger may make the node read (issue 10) ----------------------------------------
