@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import re
+import select
 import socket
 import ssl
 import threading
@@ -97,6 +98,7 @@ ROLE_PATIENT, ROLE_REPORT, ROLE_SECURITY_RESOURCE, ROLE_QUERY, ROLE_PROCESSING =
 )
 LIFE_CREATION, LIFE_ACCESS_USE = "1", "6"
 
+MAX_REASONS = 5  # distinct refusal reasons one message quotes
 _NOT_XML = re.compile("[^\t\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
@@ -131,15 +133,27 @@ class StudyRecord:
     patient_name: str = ""
     accession: str = ""
     instances: dict[str, list[str]] = field(default_factory=dict)  # SOP class -> instance UIDs
+    counts: dict[str, int] = field(default_factory=dict)  # SOP class -> how many
     refused: int = 0
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # the first few distinct ones
 
     def add(self, sop_class: str, sop_instance: str) -> None:
+        """One instance, its UID kept (the AI Analysis lists them)."""
         self.instances.setdefault(sop_class, []).append(sop_instance)
+        self.tally(sop_class)
+
+    def tally(self, sop_class: str) -> None:
+        """One instance, counted only (a long association keeps no UIDs)."""
+        self.counts[sop_class] = self.counts.get(sop_class, 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused += 1
+        if reason not in self.reasons and len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
 
     @property
     def count(self) -> int:
-        return sum(len(v) for v in self.instances.values())
+        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)
@@ -258,6 +272,11 @@ def message(
                 )
                 for instance in instances:
                     ET.SubElement(sop, "Instance", {"UID": instance})
+    for element in root.iter():  # values from peers may hold anything: XML 1.0 text only
+        for key in list(element.attrib):
+            element.set(key, _clean(element.attrib[key]))
+        if element.text is not None:
+            element.text = _clean(element.text)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -274,8 +293,8 @@ def study_object(
         role=ROLE_REPORT,
         life_cycle=life_cycle,
         sop_classes=tuple(
-            (uid, tuple(instances) if list_instances else (), len(instances))
-            for uid, instances in sorted(study.instances.items())
+            (uid, tuple(study.instances.get(uid, ())) if list_instances else (), n)
+            for uid, n in sorted(study.counts.items())
         ),
         accession=study.accession,
     )
@@ -447,13 +466,16 @@ class AuditTrail:
         source: Participant,
         destination: Participant,
         others: Sequence[Participant] = (),
+        problem: str = "",
+        note: str = "",
     ) -> None:
-        """DICOM Instances Transferred (A.5.3.5): one message per study (one patient each)."""
+        """DICOM Instances Transferred (A.5.3.5): one message per study (one patient each);
+        *problem* makes every one a minor failure saying so, *note* is said on success."""
         for study in studies:
-            failed = study.refused > 0
-            description = ""
-            if failed:
-                why = "; ".join(dict.fromkeys(study.reasons))[:500]
+            failed = study.refused > 0 or bool(problem)
+            description = problem or note
+            if study.refused:
+                why = "; ".join(study.reasons)[:500]
                 description = f"{study.refused} of {study.refused + study.count} refused: {why}"
             if not study.count and not failed:
                 continue
@@ -519,7 +541,10 @@ class AuditTrail:
         description: str = "",
     ) -> None:
         """AI Analysis (this node's extension): the model, what it read, what it made."""
-        made = StudyRecord(study.study_uid, accession=study.accession, instances=outputs)
+        made = StudyRecord(study.study_uid, accession=study.accession)
+        for sop_class, uids in outputs.items():
+            for uid in uids:
+                made.add(sop_class, uid)
         details = [
             ("Version", model_version.encode("utf-8")),
             ("WeightsSHA256", weights_sha256.encode("ascii")),
@@ -615,6 +640,7 @@ class SyslogTls:
         self.queue: queue.Queue[str | None] = queue.Queue(maxsize=max_queue)
         self.dropped = 0
         self.sent = 0
+        self._count_lock = threading.Lock()
         self._sock: ssl.SSLSocket | None = None
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
@@ -628,13 +654,15 @@ class SyslogTls:
             except queue.Full:
                 try:
                     self.queue.get_nowait()  # the file has it; the collector loses the oldest
-                    self.dropped += 1
-                    if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    with self._count_lock:
+                        self.dropped += 1
+                        dropped = self.dropped
+                    if dropped in (1, 10, 100) or dropped % 1000 == 0:
                         log.warning(
                             "audit syslog %s:%d: %d messages dropped (queue full)",
                             self.host,
                             self.port,
-                            self.dropped,
+                            dropped,
                         )
                 except queue.Empty:
                     pass
@@ -684,11 +712,29 @@ class SyslogTls:
                 pause = min(pause * 2, 30.0)
 
     def _connect(self) -> ssl.SSLSocket:
+        if self._sock is not None and self._closed_by_peer(self._sock):
+            self._disconnect()  # a write to it would seem to succeed, and the message be lost
         if self._sock is None:
             raw = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = self.context.wrap_socket(raw, server_hostname=self.host)
         return self._sock
+
+    def _closed_by_peer(self, sock: ssl.SSLSocket) -> bool:
+        """Whether the collector has closed the connection (it never sends anything else)."""
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable and not sock.pending():
+                return False
+            sock.settimeout(0.2)
+            try:
+                return sock.recv(4096) == b""
+            finally:
+                sock.settimeout(self.connect_timeout_s)  # a stalled collector fails a send
+        except (ssl.SSLWantReadError, TimeoutError):
+            return False
+        except (OSError, ValueError):
+            return True
 
     def _disconnect(self) -> None:
         if self._sock is not None:
@@ -710,5 +756,5 @@ def studies_of(subjects: Iterable[Subject]) -> list[StudyRecord]:
                 patient_name=s.patient_name,
                 accession=s.accession_number,
             )
-        record.add(s.sop_class_uid, s.sop_instance_uid)
+        record.tally(s.sop_class_uid)
     return list(studies.values())

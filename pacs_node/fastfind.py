@@ -18,8 +18,11 @@ what pynetdicom sends.
 
 from __future__ import annotations
 
+import select
+import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -41,6 +44,11 @@ class NotFlat(Exception):
     """The data set holds something :func:`encode_flat` does not write."""
 
 
+class SendFailed(Exception):
+    """The peer took no more bytes before the deadline, or the connection broke: the stream
+    may end inside a PDU, so the association can only be aborted."""
+
+
 def _codec(ds: Dataset) -> str:
     charset = ds.get("SpecificCharacterSet", "")
     charsets = list(charset) if isinstance(charset, (list, tuple)) else [charset]
@@ -56,7 +64,15 @@ def _codec(ds: Dataset) -> str:
 
 def encode_flat(ds: Dataset, implicit: bool) -> bytes:
     """*ds* encoded in little endian, implicit or explicit VR, as pydicom would; a data set of
-    text and number elements only (:class:`NotFlat` otherwise)."""
+    text and number elements only (:class:`NotFlat` otherwise, also for a value its character
+    set cannot hold or a number out of range: pydicom's writer decides those)."""
+    try:
+        return _encode_flat(ds, implicit)
+    except (UnicodeError, struct.error, TypeError, ValueError) as exc:
+        raise NotFlat(str(exc)) from None
+
+
+def _encode_flat(ds: Dataset, implicit: bool) -> bytes:
     codec = _codec(ds)
     out = bytearray()
     for elem in sorted(ds.elements(), key=lambda e: e.tag):
@@ -133,8 +149,9 @@ class Responder:
     """Sends pending C-FIND-RSPs for one request on *event*'s association, or says it cannot
     (:meth:`usable` False: the caller yields to pynetdicom as usual)."""
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: Any, timeout_s: float = 60.0) -> None:
         self.event = event
+        self.timeout_s = timeout_s
         self.sock: Any = None
         self.implicit = True
         context = event.context
@@ -177,6 +194,37 @@ class Responder:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            self.sock.sendall(self.buffer)
-            self.buffer = bytearray()
+        """Write the gathered PDUs (:func:`send_within`)."""
+        data, self.buffer = bytes(self.buffer), bytearray()
+        send_within(self.sock, data, self.timeout_s)
+
+
+def send_within(sock: Any, data: bytes, timeout_s: float) -> None:
+    """Write *data* to *sock*, waiting at most *timeout_s* for the peer to take each part.
+
+    The socket is shared with the DUL thread, which switches its timeout while it reads
+    (pacs_node.guard): so no ``sendall``, but select and send what it takes, never a byte
+    twice. :class:`SendFailed` when the peer stops taking them or the connection breaks.
+    """
+    view = memoryview(data)
+    offset = 0
+    deadline = time.monotonic() + timeout_s
+    while offset < len(view):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SendFailed(f"the peer took no data for {timeout_s:g} s")
+        try:
+            _, writable, _ = select.select([], [sock], [], min(remaining, 1.0))
+            if not writable:
+                continue
+            # MSG_DONTWAIT: a blocking send would wait until all of it is queued, past any
+            # deadline; this takes what fits now
+            sent = sock.send(view[offset : offset + FLUSH_BYTES], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            continue
+        except (OSError, ValueError) as exc:  # reset, or closed (fileno -1)
+            raise SendFailed(str(exc)) from None
+        if sent == 0:
+            raise SendFailed("the connection is closed")
+        offset += sent
+        deadline = time.monotonic() + timeout_s  # progress: the deadline moves on

@@ -11,8 +11,9 @@ import functools
 import ipaddress
 import logging
 import socket
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,31 +71,24 @@ def _calling_ae(event: Any) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def bindings(config: Config, files: FileStore, db: Database, trail: AuditTrail) -> list[Any]:
+def bindings(
+    config: Config, files: FileStore, db: Database, trail: AuditTrail, refused: refusals.Tally
+) -> list[Any]:
     """The node's DIMSE handlers, each bound with what it needs (pynetdicom passes the
     listed arguments after the event)."""
     from pynetdicom import evt
 
     cache = IndexCache()
     return [
-        (evt.EVT_REQUESTED, handle_requested, [config, db, trail]),
+        (evt.EVT_REQUESTED, handle_requested, [config, refused, trail]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [config, files, db, cache, trail]),
-        (evt.EVT_C_FIND, handle_find, [db, trail]),
+        (evt.EVT_C_STORE, handle_store, [config, files, db, cache, trail, refused]),
+        (evt.EVT_C_FIND, handle_find, [db, trail, config.node.network_timeout_s]),
         (evt.EVT_C_GET, handle_get, [db, files, trail]),
         (evt.EVT_C_MOVE, handle_move, [config, db, files, trail]),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [db]),
         (evt.EVT_CONN_CLOSE, handle_closed, [trail]),
     ]
-
-
-def count_refusal(db: Database, what: str, reason: str) -> None:
-    """Count a refusal for ``/metrics``; a database fault is logged, never raised."""
-    try:
-        with db.session() as session:
-            refusals.count(session, what, reason, utcnow())
-    except Exception:
-        log_failure(log, "refusal of %s (%s) not counted", what, reason)
 
 
 def _requestor(event: Any, role: audit.Code | None = audit.SOURCE) -> audit.Participant:
@@ -104,28 +98,64 @@ def _requestor(event: Any, role: audit.Code | None = audit.SOURCE) -> audit.Part
     )
 
 
-def _stored_studies(assoc: Any) -> dict[str, audit.StudyRecord]:
-    """What this association stored, by study: audited when it closes."""
-    studies: dict[str, audit.StudyRecord] | None = getattr(assoc, "_pacs_node_stored", None)
-    if studies is None:
-        studies = {}
-        assoc._pacs_node_stored = studies
-    return studies
+class StoredStudies:
+    """What one association stored, by study, audited when it closes. ``handle_closed`` runs
+    in the DUL thread, perhaps while a C-STORE is still being handled: a lock, and a store
+    after the close is audited on its own."""
+
+    _create = threading.Lock()
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.studies: dict[str, audit.StudyRecord] = {}
+        self.closed = False
+
+    @classmethod
+    def of(cls, assoc: Any) -> StoredStudies:
+        with cls._create:
+            stored: StoredStudies | None = getattr(assoc, "_pacs_node_stored", None)
+            if stored is None:
+                stored = assoc._pacs_node_stored = cls()
+            return stored
+
+
+def _audit_store(event: Any, trail: AuditTrail, ds: Dataset, outcome: Admission) -> None:
+    record = audit.from_dataset(ds)
+    if not record.study_uid:
+        return
+    stored = StoredStudies.of(event.assoc)
+    with stored.lock:
+        late = stored.closed
+        if not late:
+            record = stored.studies.setdefault(record.study_uid, record)
+        if outcome.stored:
+            record.tally(str(ds.get("SOPClassUID", "")))
+        else:
+            record.refuse(outcome.comment or outcome.label)
+    if late:
+        _emit_stored(event, trail, [record])
+
+
+def _emit_stored(event: Any, trail: AuditTrail, studies: list[audit.StudyRecord]) -> None:
+    trail.transferred(
+        studies,
+        action=audit.CREATE,
+        source=_requestor(event),
+        destination=trail.node(requestor=False, role=audit.DESTINATION),
+    )
 
 
 def handle_closed(event: Any, trail: AuditTrail) -> None:
     """The association ended (released, aborted or dropped): one DICOM Instances Transferred
     message per study it stored in."""
-    studies: dict[str, audit.StudyRecord] | None = getattr(event.assoc, "_pacs_node_stored", None)
-    if not studies:
+    if getattr(event.assoc, "_pacs_node_stored", None) is None:
         return
-    event.assoc._pacs_node_stored = None
-    trail.transferred(
-        studies.values(),
-        action=audit.CREATE,
-        source=_requestor(event),
-        destination=trail.node(requestor=False, role=audit.DESTINATION),
-    )
+    stored = StoredStudies.of(event.assoc)
+    with stored.lock:
+        stored.closed = True
+        studies, stored.studies = list(stored.studies.values()), {}
+    if studies:
+        _emit_stored(event, trail, studies)
 
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4, service-user source)
@@ -166,7 +196,9 @@ def refusal(config: Config, calling: str, called: str, address: str) -> Refused 
     return None
 
 
-def handle_requested(event: Any, config: Config, db: Database, trail: AuditTrail) -> None:
+def handle_requested(
+    event: Any, config: Config, refused_tally: refusals.Tally, trail: AuditTrail
+) -> None:
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title).strip()
     called = str(primitive.called_ae_title).strip()
@@ -178,7 +210,7 @@ def handle_requested(event: Any, config: Config, db: Database, trail: AuditTrail
         event.assoc.acse.send_reject(0x01, 0x01, refused.diagnostic)
         _wait_until_sent(event.assoc)
         trail.association_refused(calling, called, address, refused.reason)
-        count_refusal(db, "association", refused.label)
+        refused_tally.add("association", refused.label)
 
 
 REJECT_SEND_S = 2.0
@@ -263,22 +295,15 @@ def handle_store(
     db: Database,
     cache: IndexCache | None = None,
     trail: AuditTrail | None = None,
+    refused: refusals.Tally | None = None,
 ) -> Dataset:
     """C-STORE SCP: :func:`admit` the instance; a refusal is counted, and what the
     association stored (or was refused) is audited per study when it closes."""
     outcome, ds = _store(event, config, files, db, cache)
-    if not outcome.stored:
-        count_refusal(db, "instance", outcome.label)
+    if not outcome.stored and refused is not None:
+        refused.add("instance", outcome.label)
     if trail is not None and trail.enabled and ds is not None:
-        record = audit.from_dataset(ds)
-        if record.study_uid:
-            studies = _stored_studies(event.assoc)
-            record = studies.setdefault(record.study_uid, record)
-            if outcome.stored:
-                record.add(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
-            else:
-                record.refused += 1
-                record.reasons.append(outcome.comment or outcome.label)
+        _audit_store(event, trail, ds, outcome)
     return status(outcome.code, outcome.comment)
 
 
@@ -378,14 +403,15 @@ def admit(
 
 
 def handle_find(
-    event: Any, db: Database, trail: AuditTrail | None = None
+    event: Any, db: Database, trail: AuditTrail | None = None, timeout_s: float = 60.0
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """Stream the matches: each response goes out as its row is read (in partitions of
     ``query.PARTITION_SIZE``), so the first arrives at once and memory does not grow with the
-    number of matches. The query is audited when it ends."""
-    refused = ""
+    number of matches. The query is audited when it ends (pynetdicom closes the generator
+    after a final status, so the outcome is kept as it happens, not returned)."""
+    outcome = FindOutcome()
     try:
-        refused = yield from _find(event, db)
+        yield from _find(event, db, outcome, timeout_s)
     finally:
         if trail is not None and trail.enabled:
             request = event.request
@@ -395,18 +421,24 @@ def handle_find(
                 sop_class=str(request.AffectedSOPClassUID),
                 query=encoded,
                 transfer_syntax=str(event.context.transfer_syntax),
-                outcome=audit.MINOR_FAILURE if refused else audit.SUCCESS,
-                description=refused,
+                outcome=audit.MINOR_FAILURE if outcome.problem else audit.SUCCESS,
+                description=outcome.problem or f"{outcome.sent} matches",
             )
 
 
-def _find(event: Any, db: Database) -> Generator[tuple[int | Dataset, Dataset | None], None, str]:
-    """C-FIND's responses; returns why the query was refused ("" when it was answered). The
-    pending ones go out by :mod:`pacs_node.fastfind` where it can send them, the rest (and the
-    final status) by pynetdicom."""
+@dataclass
+class FindOutcome:
+    sent: int = 0
+    problem: str = ""  # why the query was refused, failed or ended early; "" when answered
+
+
+def _find(
+    event: Any, db: Database, outcome: FindOutcome, timeout_s: float
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """C-FIND's responses. The pending ones go out by :mod:`pacs_node.fastfind` where it can
+    send them, the rest (and the final status) by pynetdicom."""
     calling = _calling_ae(event)
-    sent = 0
-    responder = fastfind.Responder(event)
+    responder = fastfind.Responder(event, timeout_s)
     try:
         identifier = event.identifier
         model = _model(event)
@@ -421,37 +453,42 @@ def _find(event: Any, db: Database) -> Generator[tuple[int | Dataset, Dataset | 
                 if "SpecificCharacterSet" not in match and not _is_ascii(match):
                     match.SpecificCharacterSet = "ISO_IR 192"  # names are kept as Unicode
                 if event.is_cancelled:
-                    log.info("C-FIND from %s cancelled after %d matches", calling, sent)
-                    _flush(responder)
+                    log.info("C-FIND from %s cancelled after %d matches", calling, outcome.sent)
+                    outcome.problem = f"cancelled after {outcome.sent} matches"
+                    if responder.usable:
+                        responder.flush()
                     yield statuses.CANCEL, None
-                    return ""
+                    return
                 if responder.usable:
                     responder.send(pending, match)
                 else:
                     yield pending, match
-                sent += 1
-        _flush(responder)
+                outcome.sent += 1
+            if responder.usable:
+                responder.flush()
+    except fastfind.SendFailed as exc:
+        # the stream may end inside a PDU: nothing more can be said on this association
+        log.warning("C-FIND from %s: responses not sent (%s); aborted", calling, exc)
+        outcome.problem = f"aborted after {outcome.sent} matches: {exc}"
+        event.assoc.abort()
+        return
     except QueryError as exc:
         log.warning("C-FIND from %s refused: %s", calling, exc)
+        outcome.problem = str(exc)
         yield status(statuses.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
-        return str(exc)
+        return
     except Exception as exc:
-        log_failure(log, "C-FIND from %s failed after %d matches", calling, sent)
-        _flush(responder)
+        log_failure(log, "C-FIND from %s failed after %d matches", calling, outcome.sent)
+        outcome.problem = f"query failed: {type(exc).__name__}"
+        if responder.usable:
+            try:
+                responder.flush()
+            except fastfind.SendFailed:
+                event.assoc.abort()
+                return
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
-        return f"query failed: {type(exc).__name__}"
-    log.info("C-FIND from %s: %d matches", calling, sent)
-    return ""
-
-
-def _flush(responder: fastfind.Responder) -> None:
-    """Put what the responder holds on the wire before pynetdicom sends the final status; a
-    peer that is gone is pynetdicom's to notice."""
-    if responder.usable:
-        try:
-            responder.flush()
-        except OSError as exc:
-            log.info("C-FIND responses not all sent: %s", exc)
+        return
+    log.info("C-FIND from %s: %d matches", calling, outcome.sent)
 
 
 def _model(event: Any) -> query.Model:
@@ -496,16 +533,43 @@ def _sub_operations(
         yield statuses.PENDING, ds
 
 
-def _audit_retrieve(
+def _audited(
+    sub_operations: Iterator[tuple[int, Dataset | None]],
     db: Database,
     trail: AuditTrail | None,
     found: list[query.Stored],
     destination: audit.Participant,
     others: list[audit.Participant],
+) -> Iterator[tuple[int, Dataset | None]]:
+    """The sub-operations, and once they are over (pynetdicom asks for the next one after it
+    has sent the last), DICOM Instances Transferred (read) for each study they sent from."""
+    handed, cancelled, complete = 0, False, False
+    try:
+        for item in sub_operations:
+            if item[0] == statuses.CANCEL:
+                cancelled = True
+            else:
+                handed += 1
+            yield item
+        complete = True
+    finally:
+        if trail is not None and trail.enabled and found:
+            problem = ""
+            if cancelled:
+                problem = f"cancelled after {handed} of {len(found)} sub-operations"
+            elif not complete:
+                problem = f"ended after {handed} of {len(found)} sub-operations"
+            _audit_retrieve(db, trail, found, destination, others, problem)
+
+
+def _audit_retrieve(
+    db: Database,
+    trail: AuditTrail,
+    found: list[query.Stored],
+    destination: audit.Participant,
+    others: list[audit.Participant],
+    problem: str,
 ) -> None:
-    """DICOM Instances Transferred (read) for each study a C-GET or C-MOVE sends."""
-    if trail is None or not trail.enabled or not found:
-        return
     try:
         with db.read() as session:
             subjects = query.subjects(session, [item.sop_instance_uid for item in found])
@@ -518,6 +582,8 @@ def _audit_retrieve(
         source=trail.node(requestor=False, role=audit.SOURCE),
         destination=destination,
         others=others,
+        problem=problem,
+        note="sent; each sub-operation's status is in the final response",
     )
 
 
@@ -531,9 +597,11 @@ def handle_get(
         yield 1
         yield found, None
         return
-    _audit_retrieve(db, trail, found, _requestor(event, audit.DESTINATION), [])
     yield len(found)
-    yield from _sub_operations(event, found, files, "C-GET")
+    yield from _audited(
+        _sub_operations(event, found, files, "C-GET"),
+        db, trail, found, _requestor(event, audit.DESTINATION), [],
+    )  # fmt: skip
 
 
 def handle_move(
@@ -567,9 +635,11 @@ def handle_move(
         return
     yield peer.host, peer.port, {"contexts": contexts}
     moved_to = audit.Participant(peer.ae_title, False, audit.DESTINATION, address=peer.host)
-    _audit_retrieve(db, trail, found, moved_to, [_requestor(event, None)])
     yield len(found)
-    yield from _sub_operations(event, found, files, f"C-MOVE to {destination}")
+    yield from _audited(
+        _sub_operations(event, found, files, f"C-MOVE to {destination}"),
+        db, trail, found, moved_to, [_requestor(event, None)],
+    )  # fmt: skip
 
 
 def _move_refused(peer: Any, failure: Dataset) -> Iterator[Any]:

@@ -21,6 +21,7 @@ from pacs_node.audit import AuditTrail
 from pacs_node.config import Config, TlsSettings
 from pacs_node.handlers import bindings, resolve
 from pacs_node.process import Stop, file_store
+from storage import refusals
 from storage.db import Database
 from storage.files import FileStore
 
@@ -49,6 +50,7 @@ class Receiver:
         self.files = files
         self.db = db
         self.trail = trail or AuditTrail(config, "receive")
+        self.refused = refusals.Tally(db)
         self.server: Any = None
         self.tls_server: Any = None
         self.connection_limits: guard.ConnectionLimits | None = None
@@ -66,7 +68,7 @@ class Receiver:
         # a received data set goes to a file fragment by fragment instead of into memory
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = node.stream_to_disk
         ae = build_scp(self.config)
-        handlers = bindings(self.config, self.files, self.db, self.trail)
+        handlers = bindings(self.config, self.files, self.db, self.trail, self.refused)
         limits = guard.ConnectionLimits(
             self.known_address,
             strangers=node.max_stranger_connections,
@@ -108,6 +110,7 @@ class Receiver:
                 server.shutdown()
                 server.server_close()
         self.server = self.tls_server = None
+        self.refused.close()
 
 
 def describe(config: Config, port: int) -> str:

@@ -139,13 +139,16 @@ class Sender:
                 continue
             record = studies.get(subject.study_instance_uid)
             if record is None:
-                record = studies[subject.study_instance_uid] = audit.studies_of([subject])[0]
-                record.instances.clear()
+                record = studies[subject.study_instance_uid] = audit.StudyRecord(
+                    subject.study_instance_uid,
+                    patient_id=subject.patient_id,
+                    patient_name=subject.patient_name,
+                    accession=subject.accession_number,
+                )
             if key in refused:
-                record.refused += 1
-                record.reasons.append(refused[key])
+                record.refuse(refused[key])
             else:
-                record.add(subject.sop_class_uid, uid)
+                record.tally(subject.sop_class_uid)
         self.trail.transferred(
             studies.values(),
             action=audit.READ,

@@ -46,56 +46,75 @@ def stage_times(
     session: Session, result_pks: Sequence[int] | None = None, *, analysed_only: bool = False
 ) -> list[StageTimes]:
     """The stage times of the results *result_pks* (all when None); *analysed_only*: of the
-    results of done jobs (not the reports of skipped ones)."""
-    received = (
-        select(
-            Instance.series_pk.label("series"),
-            func.min(Instance.received_at).label("first"),
-            func.max(Instance.received_at).label("last"),
-        )
-        .group_by(Instance.series_pk)
-        .subquery()
-    )
+    results of done jobs (not the reports of skipped ones). Reads the received times of the
+    results' own series only, and the deliveries of their outputs in one pass."""
     statement = (
         select(
             Result.id,
+            Result.series_pk,
             Series.modality,
             Result.sr_sop_instance_uid,
             Result.sc_sop_instance_uids,
-            received.c.first,
-            received.c.last,
             Job.started_at,
             Job.finished_at,
         )
         .join(Series, Series.id == Result.series_pk)
         .join(Job, Job.id == Result.job_pk)
-        .join(received, received.c.series == Result.series_pk)
     )
     if result_pks is not None:
         statement = statement.where(Result.id.in_(list(result_pks)))
     if analysed_only:
         statement = statement.where(Job.state == TaskState.DONE)
     rows = session.execute(statement).all()
-    outputs = [uid for row in rows for uid in [row[2], *(row[3] or [])]]
-    sent: dict[str, tuple[datetime | None, datetime | None]] = {}
-    for start in range(0, len(outputs), 500):
-        chunk = outputs[start : start + 500]
-        for uid, finished, confirmed in session.execute(
+    if not rows:
+        return []
+    received: dict[int, tuple[datetime | None, datetime | None]] = {}
+    series = sorted({row[1] for row in rows})
+    for start in range(0, len(series), CHUNK):
+        for key, earliest, latest in session.execute(
             select(
-                Instance.sop_instance_uid,
-                func.max(Delivery.finished_at),
-                func.max(Delivery.confirmed_at),
+                Instance.series_pk, func.min(Instance.received_at), func.max(Instance.received_at)
             )
-            .join(Delivery, Delivery.instance_pk == Instance.id)
-            .where(Instance.sop_instance_uid.in_(chunk), Delivery.state == TaskState.DONE)
-            .group_by(Instance.sop_instance_uid)
+            .where(Instance.series_pk.in_(series[start : start + CHUNK]))
+            .group_by(Instance.series_pk)
         ).all():
-            sent[uid] = (finished, confirmed)
+            received[key] = (earliest, latest)
+    outputs = [uid for row in rows for uid in [row[3], *(row[4] or [])]]
+    sent = _sent(session, outputs if result_pks is not None else None)
     out = []
-    for pk, modality, sr, heatmaps, first, last, started, finished in rows:
+    for pk, series_pk, modality, sr, heatmaps, started, finished in rows:
         mine = [sent[u] for u in [sr, *(heatmaps or [])] if u in sent]
         delivered = max((d for d, _ in mine if d is not None), default=None)
         confirmed = max((c for _, c in mine if c is not None), default=None)
+        first, last = received.get(series_pk, (None, None))
         times = (first, last, started, finished, delivered, confirmed)
         out.append(StageTimes(pk, modality or "", times))
+    return out
+
+
+CHUNK = 500  # values in one IN list
+
+
+def _sent(
+    session: Session, uids: Sequence[str] | None
+) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """(last delivered, last confirmed) of each generated instance delivered (of *uids*, or
+    of all of them in one query)."""
+    base = (
+        select(
+            Instance.sop_instance_uid,
+            func.max(Delivery.finished_at),
+            func.max(Delivery.confirmed_at),
+        )
+        .join(Delivery, Delivery.instance_pk == Instance.id)
+        .where(Delivery.state == TaskState.DONE)
+        .group_by(Instance.sop_instance_uid)
+    )
+    if uids is None:
+        return {uid: (d, c) for uid, d, c in session.execute(base).all()}
+    out: dict[str, tuple[datetime | None, datetime | None]] = {}
+    for start in range(0, len(uids), CHUNK):
+        chunk = list(uids[start : start + CHUNK])
+        for uid, d, c in session.execute(base.where(Instance.sop_instance_uid.in_(chunk))).all():
+            out[uid] = (d, c)
     return out

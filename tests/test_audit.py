@@ -195,6 +195,39 @@ def test_what_the_node_does_is_audited_and_only_there_are_patients_named(
         assert identity not in logged
 
 
+def test_a_refused_query_is_audited_as_a_failure(start_node):
+    """pynetdicom closes the handler after a failure status: the outcome is kept anyway."""
+    node = start_node()
+    _, final = scu.find(node.port, scu.query("NOT-A-LEVEL", PatientID=""))
+    assert final.Status == 0xA900
+    matches, _ = scu.find(node.port, scu.query("STUDY", StudyInstanceUID=""))
+    docs = of(messages(node.config.node.storage_dir / "audit" / "audit.log"), "110112")
+    outcomes = [
+        (d.find("EventIdentification").get("EventOutcomeIndicator"),
+         d.find("EventIdentification/EventOutcomeDescription").text)
+        for d in docs
+    ]  # fmt: skip
+    assert outcomes[0][0] == "4" and "QueryRetrieveLevel" in outcomes[0][1]
+    assert outcomes[1] == ("0", f"{len(matches)} matches")
+
+
+def test_a_peer_value_that_is_not_xml_text_still_gives_valid_xml():
+    line = audit.message(
+        audit.QUERY,
+        action=audit.EXECUTE,
+        outcome=audit.SUCCESS,
+        participants=[audit.Participant("PA\x01CS", True, address="127.0.0.1")],
+        source=audit.Source("AINODE"),
+        objects=[
+            audit.study_object(
+                audit.StudyRecord("1.2\x02.3", counts={"1.2.840\x00.1": 1}, accession="A\x1b1")
+            )
+        ],
+        description="bad \x07 bytes",
+    )
+    assert SCHEMA.validate(etree.fromstring(line.encode()))
+
+
 def test_a_skipped_series_is_audited_with_the_model_and_its_reason(start_node):
     """An analysis the model declines (a leg radiograph for the chest model) is in the trail:
     minor failure, the reason, the not-analysed report as its output."""
@@ -335,6 +368,14 @@ def test_messages_reach_a_tls_syslog_collector_even_one_that_starts_late(start_n
             return got if len(got) == 2 else None
 
         got = wait_for(both, timeout_s=40, what="both alerts at rsyslog")
+    # the collector restarts: the node finds its connection closed and connects again
+    with Rsyslog(tmp_path / "rsyslog", port, pki) as collector:
+        assert not scu.association_accepted(node.port, calling="AGAIN")
+        wait_for(
+            lambda: any("AGAIN" in line for line in collector.lines()),
+            timeout_s=40,
+            what="the alert sent after the collector restarted",
+        )
     for line in got:
         pri, app, msgid, xml = line.split(" ", 3)
         assert (pri, app, msgid) == ("85", "pacs-node-node", "IHE+RFC-3881")
@@ -343,7 +384,7 @@ def test_messages_reach_a_tls_syslog_collector_even_one_that_starts_late(start_n
     callers = [set(participants(etree.fromstring(g.split(" ", 3)[3].lstrip("\ufeff").encode())))
                for g in got]  # fmt: skip
     assert {"EARLY", "LATE"} == {c for caller in callers for c in caller if c != "AINODE"}
-    assert len(of(messages(node.config.node.storage_dir / "audit" / "audit.log"), "110113")) == 2
+    assert len(of(messages(node.config.node.storage_dir / "audit" / "audit.log"), "110113")) == 3
 
 
 def test_a_collector_with_an_untrusted_certificate_gets_nothing(start_node, tmp_path, pki):

@@ -129,3 +129,55 @@ def test_a_small_maximum_pdu_gets_fragments_and_the_same_matches(stored):
     identifier.QueryRetrieveLevel = "PATIENT"
     patients = matches(256, PatientRootQueryRetrieveInformationModelFind)
     assert {str(d.PatientID) for d in patients} >= {"PID-Ü"}
+
+
+def test_a_peer_that_stops_reading_ends_the_send_at_the_deadline():
+    """A real socket pair whose far end never reads: the send gives up after the deadline
+    (the handler then aborts the association) instead of holding its thread and its database
+    read forever; a far end that reads, slowly, gets every byte exactly once."""
+    import socket
+    import threading
+    import time
+
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        start = time.monotonic()
+        with pytest.raises(fastfind.SendFailed, match="took no data"):
+            fastfind.send_within(near, b"x" * (8 << 20), timeout_s=1.0)
+        assert time.monotonic() - start < 10
+    finally:
+        near.close()
+        far.close()
+    near, far = socket.socketpair()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    got = bytearray()
+
+    def read_slowly() -> None:
+        while len(got) < len(payload):
+            chunk = far.recv(65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    near.settimeout(0.0)  # whatever mode the DUL thread left the socket in
+    fastfind.send_within(near, payload, timeout_s=5.0)
+    reader.join(timeout=30)
+    near.close()
+    far.close()
+    assert bytes(got) == payload
+
+
+def test_values_the_fast_encoder_cannot_write_go_to_pydicom():
+    ds = Dataset()
+    ds.PatientID = "P1"
+    ds.BodyPartExamined = "CHÈST"  # not ASCII, and no character set says which
+    with pytest.raises(fastfind.NotFlat):
+        fastfind.encode_flat(ds, True)
+    ds = Dataset()
+    ds.add_new(0x00280010, "US", 70000)  # Rows out of range for US
+    with pytest.raises(fastfind.NotFlat):
+        fastfind.encode_flat(ds, True)

@@ -326,6 +326,17 @@ def test_bearer_token_is_required_when_set(start_node, tmp_path):
     assert get_json(url, "/dicomweb/studies", headers=good) == []
     basic = {"Authorization": "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()}
     assert get_json(url, "/dicomweb/studies", headers=basic) == []
+    # a browser's cached credentials on a request another site made it send: refused
+    cross = {**basic, "Sec-Fetch-Site": "cross-site"}
+    assert request(url, "/dicomweb/studies", headers=cross)[0] == 401
+    # audited: wrong tokens, once a minute per client (with how many more); no credentials
+    # at all (every browser's first request) is not an attack
+    from tests.test_audit import messages, of
+
+    trail = of(messages(node.config.node.storage_dir / "audit" / "audit.log"), "110114")
+    assert len(trail) == 1
+    said = trail[0].find("EventIdentification/EventOutcomeDescription").text
+    assert said.startswith("wrong token") and "/dicomweb/studies" in said
 
 
 def test_slow_http_clients_do_not_starve_dimse(start_node, tmp_path):
@@ -415,11 +426,22 @@ def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_pa
     analysed = (("le", "+Inf"), ("modality", "CR"), ("stage", "analysed"))
     assert samples[("pacs_node_stage_seconds_bucket", analysed)] == 1
     assert 0 < samples[("pacs_node_stage_seconds_sum", analysed[1:])] < 600
-    refused = {k[1]: v for k, v in samples.items() if k[0] == "pacs_node_refused_total"}
-    assert refused == {
+    expected = {
         (("reason", "no_pixel_data"), ("what", "instance")): 2,
         (("reason", "unknown_called_ae"), ("what", "association")): 1,
     }
+
+    def refused() -> dict[Any, float] | None:  # the counts are written once a second
+        body = request(node.web.url, "/metrics")[2].decode()
+        got = {
+            tuple(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+            if s.name == "pacs_node_refused_total"
+        }
+        return got if got == expected else None
+
+    assert wait_for(refused, timeout_s=10, what="the refusal counts") == expected
     model = (("model", "cxr-efficientnet-lite0"),)
     assert samples[("pacs_node_inference_seconds_count", model)] == 1
     # the model's own time is part of the job's, and not all of it

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -46,12 +49,17 @@ class BearerToken:
     def __init__(self, app: Any, token: str, trail: AuditTrail | None = None) -> None:
         self.app, self.token = app, token.encode()
         self.trail = trail
+        self._last_audit: dict[str, tuple[float, int]] = {}  # client -> (when, suppressed)
 
-    def _authorised(self, given: bytes) -> bool:
+    def _authorised(self, given: bytes, headers: dict[bytes, bytes]) -> bool:
         scheme, _, credentials = given.partition(b" ")
         if scheme.lower() == b"bearer":
             return hmac.compare_digest(credentials.strip(), self.token)
         if scheme.lower() == b"basic":
+            # a browser sends its cached credentials with requests other sites make it send
+            # (an <img> of a WADO URL): those are not the user's
+            if headers.get(b"sec-fetch-site", b"") == b"cross-site":
+                return False
             try:
                 decoded = base64.b64decode(credentials.strip(), validate=True)
             except ValueError:
@@ -59,17 +67,31 @@ class BearerToken:
             return hmac.compare_digest(decoded.partition(b":")[2], self.token)
         return False
 
+    def _audit(self, client: str, path: str) -> None:
+        """A wrong token is audited (User Authentication, failed), once a minute per client
+        with how many were not: a flood of them must not fill the disk. A request without
+        credentials is not: every browser's first request is one."""
+        if self.trail is None:
+            return
+        now = time.monotonic()
+        last, suppressed = self._last_audit.get(client, (-AUDIT_EVERY_S, 0))
+        if now - last < AUDIT_EVERY_S:
+            self._last_audit[client] = (last, suppressed + 1)
+            return
+        if len(self._last_audit) > 10_000:
+            self._last_audit.clear()
+        self._last_audit[client] = (now, 0)
+        more = f" ({suppressed} more in the last minute, not audited)" if suppressed else ""
+        self.trail.login_failed(client, f"wrong token{more}", path)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            given = dict(scope.get("headers", [])).get(b"authorization", b"")
-            if not self._authorised(given):
-                if self.trail is not None:
+            headers = dict(scope.get("headers", []))
+            given = headers.get(b"authorization", b"")
+            if not self._authorised(given, headers):
+                if given:
                     client = scope.get("client") or ("?", 0)
-                    self.trail.login_failed(
-                        str(client[0]),
-                        "no token" if not given else "wrong token",
-                        scope.get("path", ""),
-                    )
+                    self._audit(str(client[0]), scope.get("path", ""))
                 response = PlainTextResponse(
                     "a token is required (Authorization: Bearer <web.token>, or HTTP Basic "
                     "with web.token as the password)\n",
@@ -82,6 +104,9 @@ class BearerToken:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+AUDIT_EVERY_S = 60.0
 
 
 def build_app(
@@ -123,14 +148,20 @@ def build_app(
         body = await asyncio.to_thread(generate_latest, scrape)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(dicomweb.close)  # the last refusal counts written
+
     app: Any = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", home),
             Route("/dashboard/retry", retry, methods=["POST"]),
             Route("/healthz", health),
             Route("/metrics", metrics_page),
             Mount("/dicomweb", routes=dicomweb.routes()),
-        ]
+        ],
     )
     if config.web.token:
         app = BearerToken(app, config.web.token, trail)

@@ -45,10 +45,10 @@ from starlette.routing import Route
 from pacs_node import audit, statuses
 from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
-from pacs_node.handlers import Admission, admit, count_refusal
+from pacs_node.handlers import Admission, admit
 from pacs_node.web.multipart import MultipartError, TooLarge, content_type_params, read_parts
 from pacs_node.web.multipart import related_body as _related_body
-from storage import query
+from storage import query, refusals
 from storage.db import Database
 from storage.errors import QueryError
 from storage.files import FileStore
@@ -113,6 +113,10 @@ class DicomWeb:
     ) -> None:
         self.config, self.db, self.files, self.base = config, db, files, base
         self.trail = trail
+        self.refused = refusals.Tally(db)
+
+    def close(self) -> None:
+        self.refused.close()
 
     def _client(self, request: Request, role: audit.Code | None) -> audit.Participant:
         address = request.client.host if request.client else ""
@@ -464,14 +468,13 @@ class DicomWeb:
         studies: dict[str, audit.StudyRecord] = {}
         for r in results:
             if not r.admission.stored:
-                count_refusal(self.db, "instance", r.admission.label)
+                self.refused.add("instance", r.admission.label)
             if r.subject is not None and r.subject.study_uid:
                 record = studies.setdefault(r.subject.study_uid, r.subject)
                 if r.admission.stored:
-                    record.add(r.sop_class, r.sop_uid)
+                    record.tally(r.sop_class)
                 else:
-                    record.refused += 1
-                    record.reasons.append(r.admission.comment)
+                    record.refuse(r.admission.comment)
         self.trail.transferred(
             studies.values(),
             action=audit.CREATE,
