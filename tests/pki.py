@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,16 @@ def make_pki(tmp_path: Path) -> Path:
         )
     _self_signed(d, "stranger")
     return d
+
+
+def tls_settings(pki: Path) -> Any:
+    """TLS on (a free port) with the server certificate of :func:`make_pki`'s CA."""
+    from pacs_node.config import TlsSettings
+
+    return TlsSettings(
+        enabled=True,
+        port=0,
+        cert_file=pki / "server.pem",
+        key_file=pki / "server.key",
+        ca_file=pki / "ca.pem",
+    )

@@ -343,22 +343,27 @@ class Rsyslog:
             self.proc.wait(timeout=10)
 
 
-def test_messages_reach_a_tls_syslog_collector_even_one_that_starts_late(start_node, tmp_path, pki):
-    """rsyslog (imtcp with the gtls driver, octet-counted frames) receives each message whole:
-    facility authpriv, severity notice, MSGID IHE+RFC-3881; a message recorded while the
-    collector was down arrives once it is up (the file had it all along)."""
+def _syslog_node(start_node, tmp_path: Path, ca_file: Path):
+    """A node that knows only PACS and sends its audit trail to a syslog port on 127.0.0.1
+    (nothing listens yet), trusting *ca_file*: (node, port)."""
     if not Path(RSYSLOG).exists():
         if IN_CI:
             pytest.fail("rsyslog (with rsyslog-gnutls) must be installed in CI")
         pytest.skip("needs rsyslog and rsyslog-gnutls")
     port = free_port()
-    settings = AuditSettings(
-        syslog_host="127.0.0.1", syslog_port=port, syslog_ca_file=pki / "ca.pem"
-    )
+    settings = AuditSettings(syslog_host="127.0.0.1", syslog_port=port, syslog_ca_file=ca_file)
     config = make_config(tmp_path, peers=(Peer("PACS", "127.0.0.1", 104),))
     node = start_node(
         replace(config, audit=settings, node=replace(config.node, accept_unknown_peers=False))
     )
+    return node, port
+
+
+def test_messages_reach_a_tls_syslog_collector_even_one_that_starts_late(start_node, tmp_path, pki):
+    """rsyslog (imtcp with the gtls driver, octet-counted frames) receives each message whole:
+    facility authpriv, severity notice, MSGID IHE+RFC-3881; a message recorded while the
+    collector was down arrives once it is up (the file had it all along)."""
+    node, port = _syslog_node(start_node, tmp_path, pki / "ca.pem")
     assert not scu.association_accepted(node.port, calling="EARLY")  # collector not up yet
     with Rsyslog(tmp_path / "rsyslog", port, pki) as collector:
         assert not scu.association_accepted(node.port, calling="LATE")
@@ -390,18 +395,7 @@ def test_messages_reach_a_tls_syslog_collector_even_one_that_starts_late(start_n
 def test_a_collector_with_an_untrusted_certificate_gets_nothing(start_node, tmp_path, pki):
     """The node checks the collector's certificate: one the CA did not sign gets no message
     (the node says why in its log); the file still has every message."""
-    if not Path(RSYSLOG).exists():
-        if IN_CI:
-            pytest.fail("rsyslog (with rsyslog-gnutls) must be installed in CI")
-        pytest.skip("needs rsyslog and rsyslog-gnutls")
-    port = free_port()
-    settings = AuditSettings(
-        syslog_host="127.0.0.1", syslog_port=port, syslog_ca_file=pki / "stranger.pem"
-    )
-    config = make_config(tmp_path, peers=(Peer("PACS", "127.0.0.1", 104),))
-    node = start_node(
-        replace(config, audit=settings, node=replace(config.node, accept_unknown_peers=False))
-    )
+    node, port = _syslog_node(start_node, tmp_path, pki / "stranger.pem")
     with Rsyslog(tmp_path / "rsyslog", port, pki) as collector:
         assert not scu.association_accepted(node.port, calling="NOSY")
         trail = node.config.node.storage_dir / "audit" / "audit.log"

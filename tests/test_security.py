@@ -17,7 +17,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from pacs_node.config import Peer, TlsSettings
+from pacs_node.config import Peer
 from tests import scu
 from tests.conftest import CR_CHEST, make_config
 
@@ -62,13 +62,9 @@ def _client_context(pki: Path, cert: str | None) -> ssl.SSLContext:
 
 
 def test_tls_port_accepts_only_clients_with_a_trusted_certificate(start_node, tmp_path, pki):
-    tls = TlsSettings(
-        enabled=True,
-        port=0,
-        cert_file=pki / "server.pem",
-        key_file=pki / "server.key",
-        ca_file=pki / "ca.pem",
-    )
+    from tests.pki import tls_settings
+
+    tls = tls_settings(pki)
     node = start_node(replace(make_config(tmp_path), tls=tls))
     port = node.tls_port
     assert port and port != node.port

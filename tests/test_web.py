@@ -445,9 +445,11 @@ def test_metrics_count_what_the_node_did_in_prometheus_format(start_node, tmp_pa
     model = (("model", "cxr-efficientnet-lite0"),)
     assert samples[("pacs_node_inference_seconds_count", model)] == 1
     # the model's own time is part of the job's, and not all of it
-    assert 0 < samples[("pacs_node_inference_seconds_sum", model)] < samples[
-        ("pacs_node_stage_seconds_sum", analysed[1:])
-    ]
+    assert (
+        0
+        < samples[("pacs_node_inference_seconds_sum", model)]
+        < samples[("pacs_node_stage_seconds_sum", analysed[1:])]
+    )
 
 
 SEGMENTS = st.sampled_from(
@@ -568,15 +570,9 @@ def test_https_with_the_certificate_of_dicom_tls(start_node, tmp_path, pki):
     handshake, and nothing is served in the clear."""
     import ssl
 
-    from pacs_node.config import TlsSettings
+    from tests.pki import tls_settings
 
-    tls = TlsSettings(
-        enabled=True,
-        port=0,
-        cert_file=pki / "server.pem",
-        key_file=pki / "server.key",
-        ca_file=pki / "ca.pem",
-    )
+    tls = tls_settings(pki)
     node = start_node(replace(make_config(tmp_path), tls=tls, web=WebSettings(port=0)), web=True)
     assert node.web.url.startswith("https://127.0.0.1:")
     path = cr_copy(tmp_path, "HTTPS-1")
