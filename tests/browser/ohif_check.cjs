@@ -6,7 +6,8 @@
 // URL: the viewer page of the study; SR_TEXT: text of the SR's series in the study browser;
 // FINDING_TEXT: the finding the SR carries. The script waits for the series list, records
 // its text, dismisses OHIF's notice and tour, double-clicks the SR's entry to open it, waits
-// for the finding, and keeps a screenshot; console messages, failed requests and the text of
+// for the finding (answering OHIF's "continue tracking measurements" prompt with Yes, which
+// hydrates the SR), and keeps a screenshot; console messages, failed requests and the text of
 // the drawn annotations go into the JSON for diagnosis. It never decides pass or fail itself:
 // the test reads the JSON.
 const { report } = require('./report.cjs');
@@ -31,12 +32,36 @@ async function openOnce(page, url, srText, findingText, timeout, out) {
   // the entry is draggable and playwright may never see it "stable": force the clicks
   await target.dblclick({ timeout: 30000, force: true });
   out.opened = true;
-  try {
-    await page.getByText(findingText, { exact: false }).first().waitFor({ timeout: 45000 });
-    out.findingShown = true;
-  } catch (e) {
-    out.errors.push(`finding not shown: ${String(e).slice(0, 200)}`);
+  // OHIF shows the SR in its SR viewport and asks "Do you want to continue tracking
+  // measurements for this study?": its finding is drawn, and listed, once the SR is
+  // hydrated, which "Yes" does (without an answer it is drawn only in some runs)
+  const finding = page.getByText(findingText, { exact: false }).first();
+  const prompt = page.getByText('continue tracking measurements', { exact: false });
+  const deadline = Date.now() + 60000;
+  out.answeredPrompt = false;
+  let nudges = 0;
+  while (Date.now() < deadline && !out.findingShown) {
+    if (await finding.isVisible().catch(() => false)) {
+      out.findingShown = true;
+      break;
+    }
+    if (!out.answeredPrompt && await prompt.first().isVisible().catch(() => false)) {
+      const yes = page.getByRole('button', { name: 'Yes', exact: true });
+      const button = (await yes.count()) ? yes.first() : page.getByText('Yes', { exact: true }).first();
+      await button.click({ timeout: 10000, force: true }).catch(e => out.errors.push(`Yes: ${String(e).slice(0, 150)}`));
+      out.answeredPrompt = true;
+    }
+    // a viewport that has not drawn the SR's annotations yet draws them when it is resized:
+    // nudge the window by a pixel every few seconds
+    nudges += 1;
+    if (nudges % 6 === 0) {
+      const size = page.viewportSize();
+      await page.setViewportSize({ width: size.width + (nudges % 12 === 0 ? -1 : 1), height: size.height });
+      out.resized = (out.resized || 0) + 1;
+    }
+    await page.waitForTimeout(500);
   }
+  if (!out.findingShown) out.errors.push(`finding not shown within 60 s (prompt answered: ${out.answeredPrompt})`);
 }
 
 async function main() {
