@@ -34,7 +34,7 @@ import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +137,16 @@ class StudyRecord:
     refused: int = 0
     reasons: list[str] = field(default_factory=list)  # the first few distinct ones
 
+    @classmethod
+    def of(cls, subject: Subject) -> StudyRecord:
+        """The (empty) record of a ``storage.query.Subject``'s study and patient."""
+        return cls(
+            subject.study_instance_uid,
+            patient_id=subject.patient_id,
+            patient_name=subject.patient_name,
+            accession=subject.accession_number,
+        )
+
     def add(self, sop_class: str, sop_instance: str) -> None:
         """One instance, its UID kept (the AI Analysis lists them)."""
         self.instances.setdefault(sop_class, []).append(sop_instance)
@@ -170,7 +180,6 @@ class ObjectRecord:
     details: tuple[tuple[str, bytes], ...] = ()
     sop_classes: tuple[tuple[str, tuple[str, ...], int], ...] = ()  # (UID, instances, count)
     accession: str = ""
-    description: str = ""
 
 
 def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
@@ -210,7 +219,8 @@ def message(
     description: str = "",
     when: datetime | None = None,
 ) -> str:
-    """One AuditMessage (PS3.15 A.5.1) as a line of XML (no declaration, no new line)."""
+    """One AuditMessage (PS3.15 A.5.1) as a line of XML (no declaration, no new line); every
+    value made XML 1.0 text on one line at the end (:func:`_clean`), tokens also collapsed."""
     root = ET.Element("AuditMessage")
     moment = (when or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="milliseconds")
     ident = ET.SubElement(
@@ -222,13 +232,13 @@ def message(
     for event_type in event_types:
         _coded(ident, "EventTypeCode", event_type)
     if description:
-        ET.SubElement(ident, "EventOutcomeDescription").text = _clean(description)[:1000]
+        ET.SubElement(ident, "EventOutcomeDescription").text = description[:1000]
     for p in participants:
-        attrs = {"UserID": _clean(p.user_id) or "?", "UserIsRequestor": str(p.requestor).lower()}
+        attrs = {"UserID": p.user_id or "?", "UserIsRequestor": str(p.requestor).lower()}
         if p.alternative_id:
-            attrs["AlternativeUserID"] = _clean(p.alternative_id)
+            attrs["AlternativeUserID"] = p.alternative_id
         if p.user_name:
-            attrs["UserName"] = _clean(p.user_name)
+            attrs["UserName"] = p.user_name
         if p.address:
             attrs["NetworkAccessPointID"] = _token(p.address)
             attrs["NetworkAccessPointTypeCode"] = _address_type(p.address)
@@ -413,6 +423,16 @@ class AuditTrail:
             participants=[self.node(requestor=False, role=APPLICATION)],
         )
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """A role's life: Application Start now, Application Stop and :meth:`close` at the end."""
+        self.application(started=True)
+        try:
+            yield
+        finally:
+            self.application(started=False)
+            self.close()
+
     def close(self, timeout_s: float = 2.0) -> None:
         if self.syslog is not None:
             self.syslog.close(timeout_s)
@@ -577,12 +597,11 @@ class AuditTrail:
 
 def from_dataset(ds: Dataset) -> StudyRecord:
     """A :class:`StudyRecord` (no instances yet) from a data set's patient and study."""
-    get = ds.get
     return StudyRecord(
-        str(get("StudyInstanceUID", "") or ""),
-        patient_id=str(get("PatientID", "") or ""),
-        patient_name=str(get("PatientName", "") or ""),
-        accession=str(get("AccessionNumber", "") or ""),
+        str(ds.get("StudyInstanceUID", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        patient_name=str(ds.get("PatientName", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or ""),
     )
 
 
@@ -747,14 +766,8 @@ def studies_of(subjects: Iterable[Subject]) -> list[StudyRecord]:
     """One :class:`StudyRecord` per study of *subjects* (``storage.query.Subject`` rows)."""
     studies: dict[str, StudyRecord] = {}
     for s in subjects:
-        uid = s.study_instance_uid
-        record = studies.get(uid)
+        record = studies.get(s.study_instance_uid)
         if record is None:
-            record = studies[uid] = StudyRecord(
-                uid,
-                patient_id=s.patient_id,
-                patient_name=s.patient_name,
-                accession=s.accession_number,
-            )
+            record = studies[s.study_instance_uid] = StudyRecord.of(s)
         record.tally(s.sop_class_uid)
     return list(studies.values())

@@ -199,6 +199,9 @@ class Config:
                 return peer
         return None
 
+    def model_named(self, name: str) -> ModelBinding | None:
+        return next((m for m in self.models if m.name == name), None)
+
     def model_for(self, modality: str) -> ModelBinding | None:
         for binding in self.models:
             if binding.enabled and modality in binding.modalities:

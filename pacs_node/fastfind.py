@@ -150,10 +150,10 @@ class Responder:
     (:meth:`usable` False: the caller yields to pynetdicom as usual)."""
 
     def __init__(self, event: Any, timeout_s: float = 60.0) -> None:
-        self.event = event
         self.timeout_s = timeout_s
         self.sock: Any = None
         self.implicit = True
+        self.buffer = bytearray()
         context = event.context
         syntax = str(context.transfer_syntax)
         assoc_socket = getattr(event.assoc.dul, "socket", None)
@@ -168,7 +168,6 @@ class Responder:
         self.sop_class = str(request.AffectedSOPClassUID)
         self.message_id = int(request.MessageID)
         self._commands: dict[int, bytes] = {}
-        self.buffer = bytearray()
         self.sent = 0
 
     @property
@@ -194,7 +193,9 @@ class Responder:
             self.flush()
 
     def flush(self) -> None:
-        """Write the gathered PDUs (:func:`send_within`)."""
+        """Write the gathered PDUs (:func:`send_within`); nothing to do when none are."""
+        if not self.buffer:
+            return
         data, self.buffer = bytes(self.buffer), bytearray()
         send_within(self.sock, data, self.timeout_s)
 

@@ -92,10 +92,8 @@ def bindings(
 
 
 def _requestor(event: Any, role: audit.Code | None = audit.SOURCE) -> audit.Participant:
-    requestor = event.assoc.requestor
-    return audit.Participant(
-        str(requestor.ae_title).strip(), True, role, address=str(requestor.address)
-    )
+    address = str(event.assoc.requestor.address)
+    return audit.Participant(_calling_ae(event), True, role, address=address)
 
 
 class StoredStudies:
@@ -120,14 +118,17 @@ class StoredStudies:
 
 
 def _audit_store(event: Any, trail: AuditTrail, ds: Dataset, outcome: Admission) -> None:
-    record = audit.from_dataset(ds)
-    if not record.study_uid:
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    if not study_uid:
         return
     stored = StoredStudies.of(event.assoc)
     with stored.lock:
         late = stored.closed
-        if not late:
-            record = stored.studies.setdefault(record.study_uid, record)
+        record = None if late else stored.studies.get(study_uid)
+        if record is None:  # the study's first instance on this association (or a late one)
+            record = audit.from_dataset(ds)
+            if not late:
+                stored.studies[study_uid] = record
         if outcome.stored:
             record.tally(str(ds.get("SOPClassUID", "")))
         else:
@@ -455,8 +456,7 @@ def _find(
                 if event.is_cancelled:
                     log.info("C-FIND from %s cancelled after %d matches", calling, outcome.sent)
                     outcome.problem = f"cancelled after {outcome.sent} matches"
-                    if responder.usable:
-                        responder.flush()
+                    responder.flush()
                     yield statuses.CANCEL, None
                     return
                 if responder.usable:
@@ -464,8 +464,7 @@ def _find(
                 else:
                     yield pending, match
                 outcome.sent += 1
-            if responder.usable:
-                responder.flush()
+            responder.flush()
     except fastfind.SendFailed as exc:
         # the stream may end inside a PDU: nothing more can be said on this association
         log.warning("C-FIND from %s: responses not sent (%s); aborted", calling, exc)
@@ -480,12 +479,11 @@ def _find(
     except Exception as exc:
         log_failure(log, "C-FIND from %s failed after %d matches", calling, outcome.sent)
         outcome.problem = f"query failed: {type(exc).__name__}"
-        if responder.usable:
-            try:
-                responder.flush()
-            except fastfind.SendFailed:
-                event.assoc.abort()
-                return
+        try:
+            responder.flush()
+        except fastfind.SendFailed:
+            event.assoc.abort()
+            return
         yield status(statuses.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
         return
     log.info("C-FIND from %s: %d matches", calling, outcome.sent)

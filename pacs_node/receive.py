@@ -136,12 +136,12 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     receiver = Receiver(config, files, db)
     receiver.start()
-    receiver.trail.application(started=True)
-    print(describe(config, receiver.port), flush=True)
     try:
-        stop.event.wait()
+        with receiver.trail.running():
+            print(describe(config, receiver.port), flush=True)
+            try:
+                stop.event.wait()
+            finally:
+                receiver.stop()
     finally:
-        receiver.stop()
-        receiver.trail.application(started=False)
-        receiver.trail.close()
         db.dispose()

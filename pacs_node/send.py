@@ -139,12 +139,7 @@ class Sender:
                 continue
             record = studies.get(subject.study_instance_uid)
             if record is None:
-                record = studies[subject.study_instance_uid] = audit.StudyRecord(
-                    subject.study_instance_uid,
-                    patient_id=subject.patient_id,
-                    patient_name=subject.patient_name,
-                    accession=subject.accession_number,
-                )
+                record = studies[subject.study_instance_uid] = audit.StudyRecord.of(subject)
             if key in refused:
                 record.refuse(refused[key])
             else:
@@ -280,17 +275,15 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     owner = owner_id()
     role = Sender(config, db, file_store(config), owner=owner)
-    role.trail.application(started=True)
     log.info("send role %s ready", owner)
     try:
-        run_loop(
-            role.deliver_due,
-            config.worker.poll_interval_s,
-            stop,
-            sweep=role.sweep,
-            sweep_every_s=max(1.0, config.worker.lease_s / 4),
-        )
+        with role.trail.running():
+            run_loop(
+                role.deliver_due,
+                config.worker.poll_interval_s,
+                stop,
+                sweep=role.sweep,
+                sweep_every_s=max(1.0, config.worker.lease_s / 4),
+            )
     finally:
-        role.trail.application(started=False)
-        role.trail.close()
         db.dispose()

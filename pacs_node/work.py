@@ -285,7 +285,7 @@ class Worker:
         made: dict[str, list[str]] = {}
         for ds in outputs or []:
             made.setdefault(str(ds.SOPClassUID), []).append(str(ds.SOPInstanceUID))
-        binding = next((m for m in self.config.models if m.name == work.model_name), None)
+        binding = self.config.model_named(work.model_name)
         try:
             digest = weights_sha256(binding.path or binding.name) if binding else ""
         except Exception:  # a model that cannot be found has no weights to hash
@@ -318,7 +318,7 @@ class Worker:
     def _analyse(self, work: SeriesWork) -> Analysis:
         from ai.analysis import analyse_datasets, read_dicom
 
-        binding = next((m for m in self.config.models if m.name == work.model_name), None)
+        binding = self.config.model_named(work.model_name)
         if binding is None:
             raise ModelError(f"model {work.model_name!r} is no longer configured")
         datasets: list[Dataset] = []
@@ -623,18 +623,18 @@ def run(config: Config, stop: Stop) -> None:
         db, Job, owner=owner, lease_s=config.worker.lease_s, on_deadline=on_deadline
     ).start()
     worker = Worker(config, db, files, owner=owner, watchdog=watchdog)
-    worker.trail.application(started=True)
     log.info("work role %s ready", owner)
     try:
-        run_loop(
-            lambda: int(worker.run_one()),
-            config.worker.poll_interval_s,
-            stop,
-            sweep=worker.sweep,
-            sweep_every_s=max(1.0, config.worker.lease_s / 4),
-        )
+        with worker.trail.running():
+            try:
+                run_loop(
+                    lambda: int(worker.run_one()),
+                    config.worker.poll_interval_s,
+                    stop,
+                    sweep=worker.sweep,
+                    sweep_every_s=max(1.0, config.worker.lease_s / 4),
+                )
+            finally:
+                watchdog.stop()
     finally:
-        watchdog.stop()
-        worker.trail.application(started=False)
-        worker.trail.close()
         db.dispose()

@@ -13,9 +13,10 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -24,11 +25,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.errors import SchemaError
 from storage.models import Base
 
+T = TypeVar("T")
+
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 HEAD_REVISION = "0007"  # the newest file in storage/migrations/versions (a test checks)
 BASELINE_REVISION = "0001"  # the schema of 0.2.0, made before migrations existed
 MIGRATION_LOCK_ID = 7_340_211  # a PostgreSQL advisory lock: one process migrates at a time
+
+
+IN_LIST_MAX = 500  # values in one SQL IN list, well inside every database's parameter limit
+
+
+def chunks(values: Sequence[T], size: int = IN_LIST_MAX) -> Iterator[list[T]]:
+    """*values* in lists of at most *size*, for IN lists."""
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])
 
 
 def make_engine(url: str, *, immediate: bool = False) -> Engine:

@@ -15,6 +15,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from storage.db import chunks
 from storage.models import Delivery, Instance, Job, Result, Series, TaskState
 
 STAGES = ("received", "complete", "queued", "analysed", "delivered", "confirmed")
@@ -70,12 +71,12 @@ def stage_times(
         return []
     received: dict[int, tuple[datetime | None, datetime | None]] = {}
     series = sorted({row[1] for row in rows})
-    for start in range(0, len(series), CHUNK):
+    for chunk in chunks(series):
         for key, earliest, latest in session.execute(
             select(
                 Instance.series_pk, func.min(Instance.received_at), func.max(Instance.received_at)
             )
-            .where(Instance.series_pk.in_(series[start : start + CHUNK]))
+            .where(Instance.series_pk.in_(chunk))
             .group_by(Instance.series_pk)
         ).all():
             received[key] = (earliest, latest)
@@ -90,9 +91,6 @@ def stage_times(
         times = (first, last, started, finished, delivered, confirmed)
         out.append(StageTimes(pk, modality or "", times))
     return out
-
-
-CHUNK = 500  # values in one IN list
 
 
 def _sent(
@@ -113,8 +111,7 @@ def _sent(
     if uids is None:
         return {uid: (d, c) for uid, d, c in session.execute(base).all()}
     out: dict[str, tuple[datetime | None, datetime | None]] = {}
-    for start in range(0, len(uids), CHUNK):
-        chunk = list(uids[start : start + CHUNK])
+    for chunk in chunks(uids):
         for uid, d, c in session.execute(base.where(Instance.sop_instance_uid.in_(chunk))).all():
             out[uid] = (d, c)
     return out

@@ -62,6 +62,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
+from storage.db import chunks
 from storage.errors import QueryError
 from storage.models import Instance, Series, Study
 
@@ -604,7 +605,7 @@ def subjects(session: Session, sop_instance_uids: Sequence[str]) -> list[Subject
     retrieve of a whole archive stays within the database's parameter limits)."""
     found: list[Subject] = []
     uids = list(dict.fromkeys(sop_instance_uids))
-    for start in range(0, len(uids), 500):
+    for chunk in chunks(uids):
         rows = session.execute(
             select(
                 Study.study_instance_uid,
@@ -616,7 +617,7 @@ def subjects(session: Session, sop_instance_uids: Sequence[str]) -> list[Subject
             )
             .join(Series, Series.id == Instance.series_pk)
             .join(Study, Study.id == Series.study_pk)
-            .where(Instance.sop_instance_uid.in_(uids[start : start + 500]))
+            .where(Instance.sop_instance_uid.in_(chunk))
         ).all()
         found.extend(Subject(*row) for row in rows)
     return found

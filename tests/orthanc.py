@@ -115,6 +115,13 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:*port*."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for(
     predicate: Callable[[], T],
     timeout_s: float,
@@ -511,11 +518,9 @@ class StoreScp:
             stderr=subprocess.DEVNULL,
         )
 
-        def listening() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_for(listening, timeout_s=20, interval_s=0.05, what="storescp to listen")
+        wait_for(
+            lambda: port_open(self.port), timeout_s=20, interval_s=0.05, what="storescp to listen"
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

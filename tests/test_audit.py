@@ -27,7 +27,7 @@ from pacs_node.config import AuditSettings, Peer, WebSettings, load
 from storage.models import Result
 from tests import scu
 from tests.conftest import CR_CHEST, CT_SERIES, DICOM, make_config
-from tests.orthanc import StoreScp, dcmtk_available, free_port, wait_for
+from tests.orthanc import StoreScp, dcmtk_available, free_port, port_open, wait_for
 from tests.test_web import request
 
 SCHEMA = etree.RelaxNG(etree.parse(str(Path(__file__).with_name("audit_message.rng"))))
@@ -324,14 +324,10 @@ class Rsyslog:
             stdout=subprocess.DEVNULL,
             stderr=open(self.folder / "rsyslog.err", "wb"),  # noqa: SIM115
         )
-        wait_for(self._listening, timeout_s=20, interval_s=0.1, what="rsyslog to listen")
+        wait_for(
+            lambda: port_open(self.port), timeout_s=20, interval_s=0.1, what="rsyslog to listen"
+        )
         return self
-
-    def _listening(self) -> bool:
-        import socket
-
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def lines(self) -> list[str]:
         path = self.folder / "received.log"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from tests.orthanc import (
     dcmtk_env,
     free_port,
     orthanc_available,
+    port_open,
     storescp_cmd,
     wait_for,
 )
@@ -38,12 +38,6 @@ pytestmark = [
 CXR = SHARED_DATA / "dicom" / "cxr" / "dwv__gdcm-CR-MONO1-10-chest.dcm"
 CXR_STUDY_UID = "1.2.392.200036.9125.0.199302241758.16"
 CXR_SOP_UID = "1.2.392.200036.9125.0.19950720112207"
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _dcmdump_tag(path: Path, keyword: str) -> str:
@@ -89,7 +83,7 @@ def storescp(tmp_path: Path, scp_port: int) -> Iterator[Path]:
     )
     try:
         wait_for(
-            lambda: proc.poll() is None and _port_open(scp_port),
+            lambda: proc.poll() is None and port_open(scp_port),
             timeout_s=10,
             interval_s=0.05,
             what=f"storescp listening on port {scp_port}",

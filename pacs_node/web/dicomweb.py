@@ -427,10 +427,9 @@ class DicomWeb:
             return _text(400, f"malformed multipart body: {exc}")
         if not parts:
             return _text(400, "the multipart body holds no part")
-        client = request.client.host if request.client else "?"
         sender = self._client(request, audit.SOURCE)
         results = await asyncio.to_thread(
-            self._store_parts, parts, study, f"STOW-RS {client}", sender
+            self._store_parts, parts, study, f"STOW-RS {sender.address or '?'}", sender
         )
         stored = [r for r in results if r.admission.stored]
         answer: dict[str, Any] = {}

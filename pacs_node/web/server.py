@@ -79,13 +79,13 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     web = WebServer(config, db, file_store(config))
     web.start()
-    web.trail.application(started=True)
-    # logged, not printed: the receive role's "listening on" line is the one on stdout
-    log.info("web role: DICOMweb on %s/dicomweb, dashboard on %s/", web.url, web.url)
     try:
-        stop.event.wait()
+        with web.trail.running():
+            # logged, not printed: the receive role's "listening on" line is the one on stdout
+            log.info("web role: DICOMweb on %s/dicomweb, dashboard on %s/", web.url, web.url)
+            try:
+                stop.event.wait()
+            finally:
+                web.stop()
     finally:
-        web.stop()
-        web.trail.application(started=False)
-        web.trail.close()
         db.dispose()
