@@ -46,15 +46,19 @@ class FileStore:
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root).resolve()
+        self._prefix = os.path.join(self.root, "")  # the root and a separator
         self.min_free_bytes = min_free_bytes
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
 
     def abspath(self, relpath: str | Path) -> Path:
-        path = (self.root / relpath).resolve()
-        if self.root not in path.parents:
+        """The file's path under the root. The check is on the path's text (".." and absolute
+        paths), not on symbolic links: resolving them cost more than indexing an instance on
+        the C-STORE path, and nothing but the operator can make a link in the storage folder."""
+        path = os.path.normpath(os.path.join(self.root, relpath))
+        if not path.startswith(self._prefix):
             raise InvalidInstanceError(f"path {relpath} escapes the storage folder")
-        return path
+        return Path(path)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
