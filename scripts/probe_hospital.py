@@ -1,0 +1,214 @@
+"""Remove the hospital from frozen features, then probe again (issue 8).
+
+Every fine-tuned and frozen model so far tells the hospital apart within one class (the "source
+probe" of ``probe_backbones.py``: 0.71-0.74 balanced accuracy, chance 0.5), and its leave-one-
+source-out rows are poor. This asks whether taking out the directions that carry the hospital
+helps a model on a hospital it never saw, before spending hours of fine-tuning on the idea.
+
+The method is iterative nullspace projection (Ravfogel et al., 2020), aimed at what is purely
+hospital: among images *of the same class*, a linear classifier of the source is fitted, its
+weight directions are projected out of the features, and again, ``k`` times. What separates,
+say, NIH's normal films from the teaching set's normal films is not the diagnosis, so it can go
+without taking the diagnosis with it (a direction that separates whole classes is never fitted).
+Then the same logistic regression as ``probe_backbones.py`` (L2 chosen on validation).
+
+Everything is fitted on the training split of each fold only: the held-out source takes no part
+in the projection, the standardisation or the choice of L2. Reported per ``k``: validation and
+test macro-F1 (all sources seen), each held-out source's sensitivity or specificity for COVID-19
+called by argmax, and the source probe after the projection.
+
+    python scripts/probe_hospital.py --data ../shared/data --out build/probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from probe_backbones import (  # noqa: E402
+    COVID,
+    LABELS,
+    Probe,
+    class_weights,
+    features,
+    fit_logistic,
+    parse_options,
+    read_samples,
+    scores,
+)
+
+from ai import metrics  # noqa: E402
+from ai.dataset import Sample, make_splits  # noqa: E402
+
+
+def hospital_directions(x: np.ndarray, part: list[Sample], k: int) -> np.ndarray:
+    """An orthonormal basis (d x m) of the directions that tell the source apart within a
+    class, found *k* rounds deep on *x* (standardised rows of *part*)."""
+    d = x.shape[1]
+    basis = np.zeros((d, 0))
+    for _ in range(k):
+        proj = x - (x @ basis) @ basis.T
+        found = []
+        for label in LABELS:
+            rows = [i for i, s in enumerate(part) if s.label == label]
+            sources = sorted({part[i].source for i in rows})
+            if len(sources) < 2:
+                continue
+            y = np.array([sources.index(part[i].source) for i in rows])
+            n = len(sources)
+            theta = fit_logistic(proj[rows], y, n, 1e-1, class_weights(y, n))
+            weights = theta[: d * n].reshape(d, n)
+            found.append(weights - weights.mean(1, keepdims=True))  # n - 1 directions
+        if not found:
+            break
+        new = np.concatenate(found, axis=1)
+        new -= basis @ (basis.T @ new)
+        u, sv, _ = np.linalg.svd(new, full_matrices=False)
+        basis = np.concatenate([basis, u[:, sv > 1e-6 * sv.max()]], axis=1)
+    return basis
+
+
+class ProjectedProbe(Probe):
+    """:class:`Probe` whose standardised features lose the hospital directions of the
+    training split before the logistic regression."""
+
+    def __init__(self, feats: np.ndarray, samples: list[Sample], k: int):
+        super().__init__(feats, samples)
+        self.k = k
+        self.raw = feats
+
+    def train(self, train, val, n=3, labels=LABELS):  # type: ignore[no-untyped-def]
+        tr = self.rows(train)
+        mu, sd = self.raw[tr].mean(0), self.raw[tr].std(0) + 1e-6
+        basis = hospital_directions((self.raw[tr] - mu) / sd, train, self.k)
+        z = (self.raw - mu) / sd
+        self.f = z - (z @ basis) @ basis.T
+        self.dims_removed = basis.shape[1]
+        return super().train(train, val, n, labels)
+
+
+def source_probe_held_out(feats: np.ndarray, samples: list[Sample], k: int) -> float:
+    """The source probe of ``probe_backbones.py`` (balanced accuracy of the source within a
+    class, 5-fold by patient group, mean over classes) with the projection fitted, like the
+    source classifier, on each fold's training part only: the same number measured on the
+    projection's own training images is meaningless (it falls below chance)."""
+    groups = sorted({s.group for s in samples})
+    rng = np.random.default_rng(0)
+    fold_of = dict(zip(groups, rng.permutation(len(groups)) % 5, strict=True))
+    truth: dict[str, list[int]] = {label: [] for label in LABELS}
+    guess: dict[str, list[int]] = {label: [] for label in LABELS}
+    for fold in range(5):
+        train = [s for s in samples if fold_of[s.group] != fold]
+        probe = ProjectedProbe(feats, samples, k)
+        tr = probe.rows(train)
+        mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
+        z = (feats - mu) / sd
+        basis = hospital_directions(z[tr], train, k)
+        z = z - (z @ basis) @ basis.T
+        for label in LABELS:
+            part = [s for s in samples if s.label == label]
+            sources = sorted({s.source for s in part})
+            if len(sources) < 2:
+                continue
+            fit = [s for s in part if fold_of[s.group] != fold]
+            test = [s for s in part if fold_of[s.group] == fold]
+            y = np.array([sources.index(s.source) for s in fit])
+            n = len(sources)
+            theta = fit_logistic(z[probe.rows(fit)], y, n, 1e-1, class_weights(y, n))
+            d = z.shape[1]
+            logits = z[probe.rows(test)] @ theta[: d * n].reshape(d, n) + theta[d * n :]
+            truth[label] += [sources.index(s.source) for s in test]
+            guess[label] += list(logits.argmax(1))
+    accs = []
+    for label in LABELS:
+        if not truth[label]:
+            continue
+        n = max(truth[label]) + 1
+        cm = metrics.confusion_matrix(np.array(truth[label]), np.array(guess[label]), n)
+        accs.append(float(np.mean(np.diag(cm) / np.maximum(cm.sum(1), 1))))
+    return round(float(np.mean(accs)), 3)
+
+
+def loso(probe: ProjectedProbe, source: str, settings: dict) -> dict:
+    splits = make_splits({**settings, "hold_out_source": source}, LABELS)
+    predict_fn, _, _ = probe.train(splits["train"], splits["validation"])
+    held = splits["held_out"]
+    called = predict_fn(held).argmax(1) == COVID
+    is_covid = np.array([s.label == "covid" for s in held])
+    out: dict[str, float] = {"n": len(held), "dims_removed": probe.dims_removed}
+    if is_covid.any():
+        out["sensitivity"] = round(float(called[is_covid].mean()), 3)
+    if (~is_covid).any():
+        out["specificity"] = round(float((~called[~is_covid]).mean()), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "probe")
+    ap.add_argument("--preprocess", default="square,crop=0.8,mask_border=0.06,clahe")
+    ap.add_argument("--variant", default="lite0")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", default="0,1,2,5,10,20")
+    args = ap.parse_args()
+    options = parse_options(args.preprocess)
+    settings = {
+        "task": "cxr",
+        "data_dir": str(args.data),
+        "seed": 0,
+        "stratify": "source",
+        "manifest": str(args.data / "manifest.csv"),
+    }
+    samples = read_samples([args.data], "cxr", LABELS, args.data / "manifest.csv")
+    sources = sorted({s.source for s in samples})
+    splits = make_splits(settings, LABELS)
+    feats = features(args.variant, args.size, samples, options, args.out / "features")
+    rows = []
+    for k in (int(v) for v in args.rounds.split(",")):
+        probe = ProjectedProbe(feats, samples, k)
+        predict_fn, _, l2 = probe.train(splits["train"], splits["validation"])
+        row = {
+            "k": k,
+            "dims_removed": probe.dims_removed,
+            "l2": l2,
+            "validation": scores(predict_fn(splits["validation"]), splits["validation"]),
+            "test": scores(predict_fn(splits["test"]), splits["test"]),
+            "source_probe_balanced_accuracy": source_probe_held_out(feats, samples, k),
+            "loso": {s: loso(ProjectedProbe(feats, samples, k), s, settings) for s in sources},
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"hospital_{args.variant}_{args.size}.json"
+    (args.out / name).write_text(json.dumps(rows, indent=1) + "\n")
+    print(
+        "\n| Rounds k | Dims removed | Val macro-F1 | Test macro-F1 | Test COVID AUC | "
+        + " | ".join(f"LOSO {s}" for s in sources)
+        + " | Source probe |"
+    )
+    print("|---:|---:|---:|---:|---:|" + "---|" * len(sources) + "---:|")
+    for r in rows:
+        cells = []
+        for s in sources:
+            d = r["loso"][s]
+            cells.append(
+                ", ".join(f"{k[:4]} {d[k]:.2f}" for k in ("sensitivity", "specificity") if k in d)
+            )
+        print(
+            f"| {r['k']} | {r['dims_removed']} | {r['validation']['macro_f1']:.3f} | "
+            f"{r['test']['macro_f1']:.3f} | {r['test']['covid_auc']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r['source_probe_balanced_accuracy']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
