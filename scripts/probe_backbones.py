@@ -185,25 +185,35 @@ def source_probe(probe: Probe, samples: list[Sample]) -> float:
     return round(float(np.mean(accs)), 3)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "probe")
     ap.add_argument("--preprocess", default="square,crop=0.8,mask_border=0.06,clahe")
+
+
+def prepare(data: Path) -> tuple[dict, list[Sample], list[str], dict[str, list[Sample]]]:
+    """The split settings of ``pacs-node train`` (seed 0, stratified by source), every chest
+    X-ray, their sources and the splits."""
+    settings = {
+        "task": "cxr",
+        "data_dir": str(data),
+        "seed": 0,
+        "stratify": "source",
+        "manifest": str(data / "manifest.csv"),
+    }
+    samples = read_samples([data], "cxr", LABELS, data / "manifest.csv")
+    sources = sorted({s.source for s in samples})
+    return settings, samples, sources, make_splits(settings, LABELS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(ap)
     ap.add_argument("--variants", default="lite0,lite1,lite2")
     ap.add_argument("--sizes", default="224,native")
     args = ap.parse_args()
     options = parse_options(args.preprocess)
-    settings = {
-        "task": "cxr",
-        "data_dir": str(args.data),
-        "seed": 0,
-        "stratify": "source",
-        "manifest": str(args.data / "manifest.csv"),
-    }
-    samples = read_samples([args.data], "cxr", LABELS, args.data / "manifest.csv")
-    sources = sorted({s.source for s in samples})
-    splits = make_splits(settings, LABELS)
+    settings, samples, sources, splits = prepare(args.data)
     rows = []
     for name in args.variants.split(","):
         v = backbones.variant(name)
@@ -224,12 +234,22 @@ def main() -> None:
             print(json.dumps(row))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print_table(rows, sources, ("Backbone", "Size"), lambda r: (r["backbone"], r["size"]))
+
+
+def print_table(rows: list[dict], sources: list[str], heads: tuple[str, ...], first) -> None:  # type: ignore[no-untyped-def]
+    """The rows as a Markdown table: the *heads* columns (their values from *first*), then
+    validation and test scores, each held-out source's rate and the source probe."""
     print(
-        "\n| Backbone | Size | Val macro-F1 | Test macro-F1 | Test COVID AUC | "
+        "\n| "
+        + " | ".join(heads)
+        + " | Val macro-F1 | Test macro-F1 | Test COVID AUC | "
         + " | ".join(f"LOSO {s}" for s in sources)
         + " | Source probe |"
     )
-    print("|---|---:|---:|---:|---:|" + "---|" * len(sources) + "---:|")
+    print(
+        "|---" + "|---:" * (len(heads) - 1) + "|---:|---:|---:|" + "---|" * len(sources) + "---:|"
+    )
     for r in rows:
         cells = []
         for s in sources:
@@ -238,7 +258,8 @@ def main() -> None:
                 ", ".join(f"{k[:4]} {d[k]:.2f}" for k in ("sensitivity", "specificity") if k in d)
             )
         print(
-            f"| {r['backbone']} | {r['size']} | {r['validation']['macro_f1']:.3f} | "
+            "| " + " | ".join(str(v) for v in first(r)) + " | "
+            f"{r['validation']['macro_f1']:.3f} | "
             f"{r['test']['macro_f1']:.3f} | {r['test']['covid_auc']:.3f} | "
             + " | ".join(cells)
             + f" | {r['source_probe_balanced_accuracy']:.3f} |"

@@ -33,19 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from probe_backbones import (  # noqa: E402
-    COVID,
     LABELS,
     Probe,
+    add_common_arguments,
     class_weights,
     features,
     fit_logistic,
+    loso,
     parse_options,
-    read_samples,
+    prepare,
+    print_table,
     scores,
 )
 
 from ai import metrics  # noqa: E402
-from ai.dataset import Sample, make_splits  # noqa: E402
+from ai.dataset import Sample  # noqa: E402
 
 
 def hospital_directions(x: np.ndarray, part: list[Sample], k: int) -> np.ndarray:
@@ -136,40 +138,15 @@ def source_probe_held_out(feats: np.ndarray, samples: list[Sample], k: int) -> f
     return round(float(np.mean(accs)), 3)
 
 
-def loso(probe: ProjectedProbe, source: str, settings: dict) -> dict:
-    splits = make_splits({**settings, "hold_out_source": source}, LABELS)
-    predict_fn, _, _ = probe.train(splits["train"], splits["validation"])
-    held = splits["held_out"]
-    called = predict_fn(held).argmax(1) == COVID
-    is_covid = np.array([s.label == "covid" for s in held])
-    out: dict[str, float] = {"n": len(held), "dims_removed": probe.dims_removed}
-    if is_covid.any():
-        out["sensitivity"] = round(float(called[is_covid].mean()), 3)
-    if (~is_covid).any():
-        out["specificity"] = round(float((~called[~is_covid]).mean()), 3)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "probe")
-    ap.add_argument("--preprocess", default="square,crop=0.8,mask_border=0.06,clahe")
+    add_common_arguments(ap)
     ap.add_argument("--variant", default="lite0")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", default="0,1,2,5,10,20")
     args = ap.parse_args()
     options = parse_options(args.preprocess)
-    settings = {
-        "task": "cxr",
-        "data_dir": str(args.data),
-        "seed": 0,
-        "stratify": "source",
-        "manifest": str(args.data / "manifest.csv"),
-    }
-    samples = read_samples([args.data], "cxr", LABELS, args.data / "manifest.csv")
-    sources = sorted({s.source for s in samples})
-    splits = make_splits(settings, LABELS)
+    settings, samples, sources, splits = prepare(args.data)
     feats = features(args.variant, args.size, samples, options, args.out / "features")
     rows = []
     for k in (int(v) for v in args.rounds.split(",")):
@@ -182,32 +159,16 @@ def main() -> None:
             "validation": scores(predict_fn(splits["validation"]), splits["validation"]),
             "test": scores(predict_fn(splits["test"]), splits["test"]),
             "source_probe_balanced_accuracy": source_probe_held_out(feats, samples, k),
-            "loso": {s: loso(ProjectedProbe(feats, samples, k), s, settings) for s in sources},
+            "loso": {
+                s: loso(ProjectedProbe(feats, samples, k), samples, s, settings) for s in sources
+            },
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"hospital_{args.variant}_{args.size}.json"
     (args.out / name).write_text(json.dumps(rows, indent=1) + "\n")
-    print(
-        "\n| Rounds k | Dims removed | Val macro-F1 | Test macro-F1 | Test COVID AUC | "
-        + " | ".join(f"LOSO {s}" for s in sources)
-        + " | Source probe |"
-    )
-    print("|---:|---:|---:|---:|---:|" + "---|" * len(sources) + "---:|")
-    for r in rows:
-        cells = []
-        for s in sources:
-            d = r["loso"][s]
-            cells.append(
-                ", ".join(f"{k[:4]} {d[k]:.2f}" for k in ("sensitivity", "specificity") if k in d)
-            )
-        print(
-            f"| {r['k']} | {r['dims_removed']} | {r['validation']['macro_f1']:.3f} | "
-            f"{r['test']['macro_f1']:.3f} | {r['test']['covid_auc']:.3f} | "
-            + " | ".join(cells)
-            + f" | {r['source_probe_balanced_accuracy']:.3f} |"
-        )
+    print_table(rows, sources, ("Rounds k", "Dims removed"), lambda r: (r["k"], r["dims_removed"]))
 
 
 if __name__ == "__main__":
