@@ -7,15 +7,18 @@ the questions the roles ask about them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from storage import tasks
 from storage.models import Delivery, Instance, Job, TaskState, utcnow
+from storage.prepared import Prepared, prepare
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,29 @@ def enqueue(
 
 def postpone(session: Session, job_id: int, not_before: datetime) -> bool:
     """Move a still-queued job's start to *not_before* (a new slice of its series arrived);
-    False when it is no longer queued. One statement: the hot path of a CT series' ingest."""
-    result = session.connection().execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == TaskState.QUEUED)
-        .values(not_before=not_before)
+    False when it is no longer queued. One statement, compiled once: the hot path of a CT
+    series' ingest."""
+    conn = session.connection()
+    result = _postpone_statement(conn.dialect).run(
+        conn,
+        {
+            "job_id": job_id,
+            "queued": TaskState.QUEUED,
+            "new_start": not_before,
+            "updated_at": utcnow(),
+        },
     )
     return bool(result.rowcount)
+
+
+@functools.cache
+def _postpone_statement(dialect: Dialect) -> Prepared:
+    statement = (
+        update(Job)
+        .where(Job.id == bindparam("job_id"), Job.state == bindparam("queued"))
+        .values(not_before=bindparam("new_start"))
+    )  # updated_at (set on every update) is a parameter too
+    return prepare(statement, dialect)
 
 
 def skip(session: Session, series_pk: int, reason: str) -> Job:

@@ -284,3 +284,19 @@ def test_on_postgresql_concurrent_claims_skip_each_others_rows(postgres_url):
         assert owners == {ids[0]: "host:41", ids[1]: "host:42", ids[2]: "host:42"}
     finally:
         db.dispose()
+
+
+def test_postpone_moves_a_queued_job_only_and_the_new_start_holds(db):
+    """``queue.postpone`` runs a statement compiled once and passed to the driver
+    (``storage.prepared``): the start it writes must read back and compare as SQLAlchemy's own
+    writes do (SQLite keeps DateTime as text), and a job that is no longer queued is left."""
+    job_id = _job(db, "1.2.7", at=T0)
+    later = T0 + timedelta(seconds=90, microseconds=250)
+    with db.session() as session:
+        assert queue.postpone(session, job_id, later) is True
+    assert _get(db, job_id).not_before == later
+    assert _claim(db, now=later - timedelta(microseconds=1)) == []  # not before its new start
+    assert _claim(db, now=later) == [job_id]
+    with db.session() as session:  # claimed: running, not queued
+        assert queue.postpone(session, job_id, later + timedelta(seconds=5)) is False
+    assert _get(db, job_id).not_before == later
