@@ -41,7 +41,10 @@ STUDY_FIELDS: tuple[tuple[str, str, int], ...] = (
     ("referring_physician_name", "ReferringPhysicianName", 324),
 )
 # with the character set, which says how their bytes decode
-STUDY_TAGS = (*(tag_for_keyword(keyword) for _, keyword, _ in STUDY_FIELDS), 0x00080005)
+STUDY_TAGS: tuple[int, ...] = (
+    *(int(tag_for_keyword(keyword) or 0) for _, keyword, _ in STUDY_FIELDS),
+    0x00080005,
+)
 LAST_RECEIVED_STEP_S = 1.0  # series.last_received_at is refreshed at most this often
 
 

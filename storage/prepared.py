@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Prepared:
 def prepare(statement: ClauseElement, dialect: Dialect) -> Prepared:
     """*statement*, whose parameters are all named ``bindparam``s, compiled for *dialect*."""
     compiled = statement.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)  # a DML or SELECT statement
     keys = tuple(compiled.positiontup or ()) if compiled.positional else tuple(compiled.binds)
     processors = {}
     for key in keys:
