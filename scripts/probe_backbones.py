@@ -144,10 +144,15 @@ def scores(probs: np.ndarray, part: list[Sample]) -> dict[str, float]:
 def loso(probe: Probe, samples: list[Sample], source: str, settings: dict) -> dict:
     splits = make_splits({**settings, "hold_out_source": source}, LABELS)
     predict_fn, _, _ = probe.train(splits["train"], splits["validation"])
-    held = splits["held_out"]
-    called = predict_fn(held).argmax(1) == COVID
+    return held_out_rates(predict_fn(splits["held_out"]), splits["held_out"])
+
+
+def held_out_rates(probs: np.ndarray, held: list[Sample]) -> dict:
+    """COVID-19 called by argmax on a held-out source: its sensitivity (COVID-19 images) and
+    specificity (the others), where it has images of each."""
+    called = probs.argmax(1) == COVID
     is_covid = np.array([s.label == "covid" for s in held])
-    out = {"n": len(held)}
+    out: dict = {"n": len(held)}
     if is_covid.any():
         out["sensitivity"] = round(float(called[is_covid].mean()), 3)
     if (~is_covid).any():

@@ -39,6 +39,7 @@ from probe_backbones import (  # noqa: E402
     class_weights,
     features,
     fit_logistic,
+    held_out_rates,
     loso,
     parse_options,
     prepare,
@@ -47,7 +48,7 @@ from probe_backbones import (  # noqa: E402
 )
 
 from ai import metrics  # noqa: E402
-from ai.dataset import Sample  # noqa: E402
+from ai.dataset import Sample, make_splits  # noqa: E402
 
 
 def hospital_directions(x: np.ndarray, part: list[Sample], k: int) -> np.ndarray:
@@ -138,16 +139,56 @@ def source_probe_held_out(feats: np.ndarray, samples: list[Sample], k: int) -> f
     return round(float(np.mean(accs)), 3)
 
 
+def nested_loso(feats: np.ndarray, samples: list[Sample], settings: dict, grid: list[int]) -> dict:
+    """Leave one source out with *k* chosen without the held-out source: for each candidate k,
+    every other source is held out in turn from the rest (the outer source excluded as well),
+    and the k with the best mean held-out rate is the one used on the outer source."""
+    sources = sorted({s.source for s in samples})
+    out = {}
+    for outer in sources:
+        inner_mean = {}
+        for k in grid:
+            rates = []
+            for inner in (s for s in sources if s != outer):
+                split = make_splits(
+                    {**settings, "hold_out_source": inner, "exclude_sources": [outer]}, LABELS
+                )
+                predict_fn, _, _ = ProjectedProbe(feats, samples, k).train(
+                    split["train"], split["validation"]
+                )
+                held = held_out_rates(predict_fn(split["held_out"]), split["held_out"])
+                rates += [held[key] for key in ("sensitivity", "specificity") if key in held]
+            inner_mean[k] = round(float(np.mean(rates)), 3)
+        best = max(grid, key=lambda k: (inner_mean[k], -k))
+        row = loso(ProjectedProbe(feats, samples, best), samples, outer, settings)
+        out[outer] = {"k": best, "inner_mean_rate": inner_mean, **row}
+        print(json.dumps({"outer": outer, **out[outer]}), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(ap)
     ap.add_argument("--variant", default="lite0")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", default="0,1,2,5,10,20")
+    ap.add_argument(
+        "--nested",
+        default="",
+        help="k values to choose from by nested leave-one-source-out (e.g. 0,5,10); "
+        "then only that is run",
+    )
     args = ap.parse_args()
     options = parse_options(args.preprocess)
     settings, samples, sources, splits = prepare(args.data)
     feats = features(args.variant, args.size, samples, options, args.out / "features")
+    if args.nested:
+        grid = [int(v) for v in args.nested.split(",")]
+        result = nested_loso(feats, samples, settings, grid)
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"hospital_nested_{args.variant}_{args.size}.json"
+        (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
+        return
     rows = []
     for k in (int(v) for v in args.rounds.split(",")):
         probe = ProjectedProbe(feats, samples, k)
