@@ -22,10 +22,12 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
+from typing import cast
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import (
+    DataElement,
     RawDataElement,
     convert_raw_data_element,
     empty_value_for_VR,
@@ -68,7 +70,7 @@ def read_header(path: Path, defer_bytes: int) -> FileDataset | None:
                 elements = _walk(data, start, implicit, defer_bytes)
             except _Unsure:
                 return None
-    dataset = Dataset(elements)
+    dataset = Dataset(cast("dict[BaseTag, RawDataElement | DataElement]", elements))
     encoding: str | list[str] = default_encoding
     if CHARSET in elements:
         charset = convert_raw_data_element(elements[BaseTag(CHARSET)]).value
@@ -115,7 +117,8 @@ def _sequence_end(data: mmap.mmap, pos: int, implicit: bool) -> int:
     while True:
         if pos + 8 > len(data):
             raise _Unsure  # cut off inside the sequence
-        tag, length = (lambda g, e, n: (g << 16 | e, n))(*_TAG.unpack_from(data, pos))
+        group, elem, length = _TAG.unpack_from(data, pos)
+        tag = group << 16 | elem
         if tag == SEQUENCE_END:
             return pos
         if tag != ITEM:
