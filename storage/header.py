@@ -33,10 +33,15 @@ from pydicom.dataelem import (
     empty_value_for_VR,
 )
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+
+try:  # pydicom's own reader of the file meta (private; tested against dcmread)
+    from pydicom.filereader import _read_file_meta_info
+except ImportError:  # a pydicom without it: every file is left to dcmread
+    _read_file_meta_info = None  # type: ignore[assignment]
 
 STANDARD_VRS = {vr.value.encode(): vr.value for vr in VR}
 LONG_VRS = {VR(vr).value for vr in EXPLICIT_VR_LENGTH_32}
@@ -52,6 +57,8 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 def read_header(path: Path, defer_bytes: int) -> FileDataset | None:
     """The file's data set as pydicom reads it with ``defer_size=defer_bytes``; ``None`` when
     the file is not one this reader reads exactly (pydicom reads it then)."""
+    if _read_file_meta_info is None:
+        return None
     with open(path, "rb") as fp:
         preamble = read_preamble(fp, False)
         file_meta = _read_file_meta_info(fp)
@@ -154,6 +161,8 @@ def _walk(
         tag, vr, length, header = _element(data, pos, implicit)
         if tag == ITEM_END:  # an item delimiter where an element belongs: pydicom stops
             break
+        if tag in (ITEM, SEQUENCE_END):  # an item where an element belongs: malformed
+            raise _Unsure
         value_tell = pos + header
         value: bytes | None
         if length == UNDEFINED:
