@@ -109,7 +109,7 @@ def source_probe_held_out(feats: np.ndarray, samples: list[Sample], k: int) -> f
     guess: dict[str, list[int]] = {label: [] for label in LABELS}
     for fold in range(5):
         train = [s for s in samples if fold_of[s.group] != fold]
-        probe = ProjectedProbe(feats, samples, k)
+        probe = Probe(feats, samples)  # for its rows(); the projection is fitted here
         tr = probe.rows(train)
         mu, sd = feats[tr].mean(0), feats[tr].std(0) + 1e-6
         z = (feats - mu) / sd

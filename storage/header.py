@@ -1,12 +1,11 @@
-"""A received file's data set, read as ``pydicom.dcmread(path, defer_size=...)`` reads it, in a
-fifth of the time, for the encodings nearly every sender uses.
+"""A received file's data set, read as ``pydicom.dcmread(path, defer_size=...)`` reads it, in
+about half the time, for the encodings nearly every sender uses.
 
 The receive role reads every file pynetdicom streamed to disk once, to check and index it; that
 read was 1.2-1.7 ms of the 12 ms of CPU a C-STORE of a CT slice cost (pydicom's element
 generator is written for every encoding and option). :func:`read_header` walks the top level of
-a Part 10 file whose data set is little endian with explicit or implicit VR (native or
-encapsulated pixel data: every transfer syntax but the big endian, deflated and private ones)
-and builds the same :class:`~pydicom.dataset.FileDataset`: the same raw elements, values
+a Part 10 file whose data set is little endian with explicit or implicit VR and builds the
+same :class:`~pydicom.dataset.FileDataset`: the same raw elements, values
 longer than *defer_bytes* left in the file, the same file meta and original encoding. Anything
 it does not read exactly as pydicom would (encapsulated pixel data and other elements of
 undefined length that are not sequences; a VR that is not one of the Standard's; an implicit VR
@@ -50,7 +49,6 @@ CHARSET = 0x00080005
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _LONG = struct.Struct("<L")
-_TAG = struct.Struct("<HHL")  # an item's or delimiter's tag and length
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
@@ -124,7 +122,7 @@ def _sequence_end(data: mmap.mmap, pos: int, implicit: bool) -> int:
     while True:
         if pos + 8 > len(data):
             raise _Unsure  # cut off inside the sequence
-        group, elem, length = _TAG.unpack_from(data, pos)
+        group, elem, length = _IMPLICIT.unpack_from(data, pos)  # an item: tag and length
         tag = group << 16 | elem
         if tag == SEQUENCE_END:
             return pos
