@@ -193,17 +193,24 @@ class Worker:
         try:
             with self.db.session() as session:
                 job = self._held_job(session, work)
-                newer = session.scalar(
-                    select(Job.id).where(
+                # instances that came while this job was claimed queued a job of their own
+                # (the receive role cannot move a claimed job's start): the same request, so
+                # it is folded into this one, which waits for the later of the two starts
+                newer = session.scalars(
+                    select(Job)
+                    .where(
                         Job.series_pk == job.series_pk,
                         Job.id > job.id,
                         Job.state == TaskState.QUEUED,
                     )
-                )
-                if newer is not None:  # more instances came while this job was claimed
-                    tasks.skip(session, job, f"replaced by job {newer}: more instances", now)
-                else:
-                    tasks.defer(job, now + timedelta(seconds=verdict.wait_s), now)
+                    .order_by(Job.id)
+                ).all()
+                start = now + timedelta(seconds=verdict.wait_s)
+                for duplicate in newer:
+                    start = max(start, duplicate.not_before)
+                    job.model_name = duplicate.model_name  # as the receive role queued it last
+                    session.delete(duplicate)
+                tasks.defer(job, start, now)
         except LeaseLost:
             log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
             return None
