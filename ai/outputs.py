@@ -13,31 +13,29 @@ from __future__ import annotations
 import copy
 import datetime
 import functools
-import io
 import logging
 import math
 import re
-import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID, ExplicitVRLittleEndian
-from pydicom.valuerep import DA, DT, TM, validate_value
+from pydicom.valuerep import DS, validate_value
 
 from ai import DISCLAIMER
 from ai.eligibility import charset_terms
+from ai.templates import Templates, Value, forget_encoding
+from ai.templates import read as read_template
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +318,12 @@ def _value_is_valid(elem: DataElement) -> bool:
     return True
 
 
+def source_header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
+    """What the builders copy from a source (``prepared=`` of :func:`build_sr`,
+    :func:`build_sc` and :func:`build_pm`): made once when one source gets several results."""
+    return _header(ds)
+
+
 def _header(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
     """A deep copy of the source's public header attributes, never touching Pixel Data.
 
@@ -562,6 +566,7 @@ def add_predecessor(sr: Dataset, earlier: SrReference) -> None:
     item = Dataset()
     item.StudyInstanceUID = earlier.study_instance_uid
     item.ReferencedSeriesSequence = [series]
+    forget_encoding(sr)
     sr.PredecessorDocumentsSequence = [item]
 
 
@@ -577,6 +582,7 @@ def build_sr(
     software_version: str,
     regions: Sequence[Region] = (),
     use_template: bool = True,
+    prepared: tuple[Dataset, list[DataElement]] | None = None,
 ) -> Dataset:
     """Build a Comprehensive SR (TID 1500 Measurement Report) holding ``prediction``.
 
@@ -595,8 +601,10 @@ def build_sr(
     Parameters
     ----------
     use_template:
-        Reuse the SR highdicom built for an earlier input of the same shape (see
-        :class:`SrTemplates`): the same content, a few milliseconds instead of ~25.
+        Fill in the SR highdicom built for an earlier input of the same shape (see
+        :mod:`ai.templates`): the same bytes, a millisecond instead of ~25.
+    prepared:
+        ``_header(sources[0])``, when the caller has it already.
 
     Returns
     -------
@@ -614,24 +622,26 @@ def build_sr(
         software_version,
     )
     _check_new_uids(srcs, series_instance_uid, sop_instance_uid)
-    header, person_names = _header(srcs[0])
+    header, person_names = prepared or _header(srcs[0])
     regions = list(regions)
     uids = [str(ds.SOPInstanceUID) for ds in srcs]
     for region in regions:
         if str(region.source.SOPInstanceUID) not in uids:
             raise ValueError("a region must be on one of the sources")
     placed = tuple(uids.index(str(r.source.SOPInstanceUID)) for r in regions)
-    key = SrTemplates.shape(
+    key = _sr_shape(
         srcs, header, person_names, prediction,
         (series_number, instance_number, manufacturer, software_version, placed),
     )  # fmt: skip
+    own = _sr_own_uids(series_instance_uid, sop_instance_uid, len(regions))
+
+    def values(copied: frozenset[int]) -> dict[Any, Value]:
+        return _sr_values(srcs, header, person_names, prediction, regions, own, copied)
+
     if use_template:
         template = SR_TEMPLATES.get(key)
         if template is not None:
-            return template.fill(
-                srcs, header, person_names, prediction, series_instance_uid, sop_instance_uid,
-                regions,
-            )  # fmt: skip
+            return read_template(template.fill(values(template.info)))
     sr = _build_sr(
         srcs,
         header,
@@ -646,7 +656,10 @@ def build_sr(
         software_version=software_version,
     )
     if use_template:
-        SR_TEMPLATES.put(key, SrTemplate.of(sr, srcs, header, series_instance_uid, len(regions)))
+        copied = _copied_tags(sr, header, person_names, str(srcs[0].SOPClassUID))
+        SR_TEMPLATES.offer(
+            key, sr, _sr_rule(_uid_roles(srcs, own), copied), lambda: values(copied), copied
+        )
     return sr
 
 
@@ -912,164 +925,46 @@ def _sr_document(
     return sr
 
 
-class SrTemplate:
-    """An SR highdicom built, to be filled in for another input of the same shape.
-
-    Two inputs have the same *shape* (:meth:`SrTemplates.shape`) when everything that decides
-    the SR's structure and constant text is equal: the model and its classes, the label and
-    whether it is indeterminate, the stated rule, the number of source images with their SOP
-    classes and how they fall into series, and which header attributes the first source has
-    (and which are empty). What differs between two such inputs is filled in: the UIDs (the
-    SR's, its tracking identifier, the sources' study, series and instance UIDs), the
-    probabilities, the reason an input is indeterminate, the Patient and Study attributes
-    (copied from the source as highdicom copies them) and the creation times. A test builds
-    SRs both ways for several inputs and finds them equal.
-    """
-
-    def __init__(
-        self,
-        encoded: bytes,
-        source_uids: list[tuple[str, str, str]],
-        own_uids: tuple[str, str, str],
-        copied: tuple[str, ...],
-        n_regions: int = 0,
-    ) -> None:
-        self.encoded = encoded
-        self.source_uids = source_uids
-        self.own_uids = own_uids  # series, SOP instance, tracking identifier
-        self.copied = copied
-        self.n_regions = n_regions
-
-    @classmethod
-    def of(
-        cls,
-        sr: Dataset,
-        srcs: Sequence[Dataset],
-        header: Dataset,
-        series_instance_uid: str,
-        n_regions: int = 0,
-    ) -> SrTemplate:
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        sop_uid = str(sr.SOPInstanceUID)
-        copied = tuple(
-            kw
-            for kw in _patient_study_keywords(str(srcs[0].SOPClassUID))
-            if kw in sr and kw in header and sr[kw].value == header[kw].value
-        )
-        return cls(
-            buffer.getvalue(),
-            [_uids_of(ds) for ds in srcs],
-            (series_instance_uid, sop_uid, _name_uid("tracking", sop_uid)),
-            copied,
-            n_regions,
-        )
-
-    def fill(
-        self,
-        srcs: Sequence[Dataset],
-        header: Dataset,
-        person_names: Sequence[DataElement],
-        prediction: Prediction,
-        series_instance_uid: str,
-        sop_instance_uid: str,
-        regions: Sequence[Region] = (),
-    ) -> Dataset:
-        sr = pydicom.dcmread(io.BytesIO(self.encoded))
-        # by the attribute a UID sits in: a study and a series may share a UID (seen in real
-        # files), and each must still become its own new one
-        uids: dict[str, dict[str, str]] = {"study": {}, "series": {}, "instance": {}, "": {}}
-        own_series, own_sop, own_tracking = self.own_uids
-        uids["series"][own_series] = series_instance_uid
-        uids["instance"][own_sop] = sop_instance_uid
-        uids[""][own_tracking] = _name_uid("tracking", sop_instance_uid)
-        for number in range(1, self.n_regions + 1):
-            uids[""][_name_uid("tracking", own_sop, str(number))] = _name_uid(
-                "tracking", sop_instance_uid, str(number)
-            )
-        for old, new in zip(self.source_uids, (_uids_of(ds) for ds in srcs), strict=True):
-            for kind, before, after in zip(("study", "series", "instance"), old, new, strict=True):
-                uids[kind][before] = after
-        # every measurement group holds the probabilities: each region's, or the one group's
-        probabilities = [_probability_ds(p) for p in prediction.probabilities]
-        values = iter(probabilities * max(1, self.n_regions))
-        graphics = iter([[float(v) for v in r.graphic_data().ravel()] for r in regions])
-        reason = f"Not determined: {prediction.indeterminate}"[:1024]
-        _substitute(sr.file_meta, uids, values, reason, graphics)
-        _substitute(sr, uids, values, reason, graphics)
-        for kw in self.copied:
-            sr[kw] = copy.deepcopy(header[kw])
-        for elem in person_names:
-            sr[elem.tag] = copy.deepcopy(elem)
-        now = datetime.datetime.now()
-        sr.InstanceCreationDate, sr.InstanceCreationTime = DA(now.date()), TM(now.time())
-        if "ContentDate" in sr:
-            sr.ContentDate, sr.ContentTime = DA(now.date()), TM(now.time())
-        for item in sr.get("ContributingEquipmentSequence", []):
-            if "ContributionDateTime" in item:
-                item.ContributionDateTime = DT(now)
-        return sr
+def _sr_shape(
+    srcs: Sequence[Dataset],
+    header: Dataset,
+    person_names: Sequence[DataElement],
+    prediction: Prediction,
+    settings: tuple[Any, ...],
+) -> tuple[Any, ...]:
+    """What decides an SR's structure and constant text (see :mod:`ai.templates`): the model
+    and its classes, the label and whether it is indeterminate, the stated rule, the number of
+    source images with their SOP classes and how they fall into series, and which header
+    attributes the first source has (and which are empty). The rest is filled in: the UIDs
+    (the SR's, its tracking identifiers, the sources'), the probabilities, the regions' boxes,
+    the reason an input is indeterminate, the Patient and Study attributes and the times."""
+    series = [str(ds.SeriesInstanceUID) for ds in srcs]
+    return (
+        "SR",
+        prediction.model_name,
+        prediction.model_version,
+        prediction.task,
+        tuple(c.name for c in prediction.classes),
+        prediction.label.name,
+        bool(prediction.indeterminate),
+        prediction.rule_text(),
+        tuple(str(ds.SOPClassUID) for ds in srcs),
+        tuple(series.index(s) for s in series),
+        _header_shape(header, person_names),
+        settings,
+    )
 
 
-class SrTemplates:
-    """SR templates by shape, one store per process (bounded; thread-safe)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[Any, ...], SrTemplate] = OrderedDict()
-
-    @staticmethod
-    def shape(
-        srcs: Sequence[Dataset],
-        header: Dataset,
-        person_names: Sequence[DataElement],
-        prediction: Prediction,
-        settings: tuple[Any, ...],
-    ) -> tuple[Any, ...]:
-        series = [str(ds.SeriesInstanceUID) for ds in srcs]
-        return (
-            prediction.model_name,
-            prediction.model_version,
-            prediction.task,
-            tuple(c.name for c in prediction.classes),
-            prediction.label.name,
-            bool(prediction.indeterminate),
-            prediction.rule_text(),
-            tuple(str(ds.SOPClassUID) for ds in srcs),
-            tuple(series.index(s) for s in series),
-            tuple((int(e.tag), e.VR, e.is_empty) for e in header),
-            str(header.get("SpecificCharacterSet", "")),
-            tuple((int(e.tag), e.is_empty) for e in person_names),
-            settings,
-        )
-
-    def get(self, key: tuple[Any, ...]) -> SrTemplate | None:
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: tuple[Any, ...], template: SrTemplate) -> None:
-        with self._lock:
-            self._items[key] = template
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+def _header_shape(header: Dataset, person_names: Sequence[DataElement]) -> tuple[Any, ...]:
+    return (
+        tuple((int(e.tag), e.VR, e.is_empty) for e in header),
+        str(header.get("SpecificCharacterSet", "")),
+        tuple((int(e.tag), e.is_empty) for e in person_names),
+    )
 
 
-SR_TEMPLATES = SrTemplates()
-
-
-def _uids_of(ds: Dataset) -> tuple[str, str, str]:
-    return (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-
-
-def _probability_ds(probability: float) -> Dataset:
-    """A probability's measured value item, as highdicom writes a NUM item's value."""
-    item: Dataset = hd.sr.NumContentItem(
-        name=codes.DCM.Finding, value=round(probability, 6), unit=PROBABILITY_UNIT
-    ).MeasuredValueSequence[0]
-    return item
-
-
+# by the attribute a UID sits in: a study and a series may share a UID (seen in real files),
+# and each must still become its own new one
 _UID_KIND = {
     "StudyInstanceUID": "study",
     "SeriesInstanceUID": "series",
@@ -1077,34 +972,171 @@ _UID_KIND = {
     "ReferencedSOPInstanceUID": "instance",
     "MediaStorageSOPInstanceUID": "instance",
 }
+# set to the time of building
+_NOW_KEYWORDS = frozenset(
+    {
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "DateOfSecondaryCapture",
+        "TimeOfSecondaryCapture",
+    }
+)
+_NOW_VR = {"DA": "%Y%m%d", "TM": "%H%M%S.%f", "DT": "%Y%m%d%H%M%S.%f"}
 
 
-def _substitute(
-    ds: Dataset, uids: dict[str, dict[str, str]], values: Any, reason: str, graphics: Any
-) -> None:
-    """Replace, depth first in document order, the template's UIDs, probabilities, region
-    coordinates and indeterminate reason with this input's."""
-    for elem in _elements_of(ds, _SUBSTITUTED_VRS):
-        if elem.keyword == "MeasuredValueSequence":  # a NUM item's value, both encodings
-            for item in elem.value:
-                new = next(values)
-                for kw in ("NumericValue", "FloatingPointValue"):
-                    if kw in item or kw in new:
-                        setattr(item, kw, new.get(kw))
-        elif elem.keyword == "GraphicData":  # a region's SCOORD
-            elem.value = next(graphics)
-        elif elem.VR == "SQ":
-            for item in elem.value:
-                if _is_image_library(item):
-                    _substitute_uids(item, uids)  # its numbers describe the images: kept
-                else:
-                    _substitute(item, uids, values, reason, graphics)
-        elif elem.VR == "UI" and isinstance(elem.value, str):
-            kind = uids[_UID_KIND.get(elem.keyword, "")]
-            if elem.value in kind:
-                elem.value = kind[elem.value]
-        elif elem.keyword == "TextValue" and str(elem.value).startswith("Not determined: "):
-            elem.value = reason
+def _uid_roles(
+    srcs: Sequence[Dataset], own: Mapping[str, str]
+) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """(kind, UID) -> role: the sources' study, series and instance UIDs, and *own* (role ->
+    UID of the kind ""; "series" and "sop" are the result's own series and instance)."""
+    roles: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for i, ds in enumerate(srcs):
+        for kind, uid in zip(("study", "series", "instance"), _uids_of(ds), strict=True):
+            roles.setdefault((kind, uid), ("src", i, kind))
+    for role, uid in own.items():
+        kind = {"series": "series", "sop": "instance"}.get(role, "")
+        roles[(kind, uid)] = ("own", role)
+    return roles
+
+
+def _uid_values(srcs: Sequence[Dataset], own: Mapping[str, str]) -> dict[Any, str]:
+    values: dict[Any, str] = {}
+    for i, ds in enumerate(srcs):
+        for kind, uid in zip(("study", "series", "instance"), _uids_of(ds), strict=True):
+            values[("uid", ("src", i, kind))] = uid
+    for role, uid in own.items():
+        values[("uid", ("own", role))] = uid
+    return values
+
+
+def _common_rule(
+    roles: Mapping[tuple[str, str], tuple[Any, ...]], copied: frozenset[int]
+) -> Callable[[DataElement, tuple[Dataset, ...]], Any]:
+    """The slots every result has: UIDs by role, the root attributes copied from the source
+    (*copied* tags) and the times of building."""
+
+    def rule(elem: DataElement, parents: tuple[Dataset, ...]) -> Any:
+        if elem.VR == "UI" and isinstance(elem.value, str):
+            role = roles.get((_UID_KIND.get(elem.keyword, ""), elem.value))
+            return None if role is None else ("uid", role)
+        if not parents:
+            if int(elem.tag) in copied:
+                return ("top", int(elem.tag))
+            if elem.keyword in _NOW_KEYWORDS:
+                return ("now", elem.VR)
+        elif elem.keyword == "ContributionDateTime":
+            return ("now", "DT")
+        return None
+
+    return rule
+
+
+def _common_values(
+    header: Dataset, person_names: Sequence[DataElement], copied: frozenset[int]
+) -> dict[Any, Value]:
+    now = datetime.datetime.now()
+    values: dict[Any, Value] = {("now", vr): now.strftime(fmt) for vr, fmt in _NOW_VR.items()}
+    for elem in person_names:
+        values[("top", int(elem.tag))] = elem
+    for tag in copied:
+        if ("top", tag) not in values:
+            values[("top", tag)] = header[tag]
+    return values
+
+
+def _copied_tags(
+    built: Dataset, header: Dataset, person_names: Sequence[DataElement], sop_class_uid: str
+) -> frozenset[int]:
+    """The root attributes *built* took from the source: its person names, and the Patient
+    and Study attributes of the source's IOD that it holds with the header's value."""
+    tags = {int(e.tag) for e in person_names}
+    for kw in _patient_study_keywords(sop_class_uid):
+        if kw in built and kw in header and built[kw].value == header[kw].value:
+            tags.add(int(header[kw].tag))
+    return frozenset(tags)
+
+
+def _sr_rule(
+    roles: Mapping[tuple[str, str], tuple[Any, ...]], copied: frozenset[int]
+) -> Callable[[], Callable[[DataElement, tuple[Dataset, ...]], Any]]:
+    """The SR's slots: the common ones, each measurement group's probabilities, each region's
+    box and the indeterminate reason; an Image Library entry keeps its numbers (they
+    describe the image)."""
+
+    def make() -> Callable[[DataElement, tuple[Dataset, ...]], Any]:
+        common = _common_rule(roles, copied)
+        counts = {"prob": 0, "graphic": 0}
+
+        def rule(elem: DataElement, parents: tuple[Dataset, ...]) -> Any:
+            name = common(elem, parents)
+            if name is not None or any(_is_image_library(p) for p in parents):
+                return name
+            kind = {"MeasuredValueSequence": "prob", "GraphicData": "graphic"}.get(elem.keyword)
+            if kind is not None:
+                counts[kind] += 1
+                return (kind, counts[kind] - 1)
+            if elem.keyword == "TextValue" and str(elem.value).startswith("Not determined: "):
+                return ("reason",)
+            return None
+
+        return rule
+
+    return make
+
+
+def _sr_values(
+    srcs: Sequence[Dataset],
+    header: Dataset,
+    person_names: Sequence[DataElement],
+    prediction: Prediction,
+    regions: Sequence[Region],
+    own: Mapping[str, str],
+    copied: frozenset[int],
+) -> dict[Any, Value]:
+    values = _common_values(header, person_names, copied)
+    values.update(_uid_values(srcs, own))
+    probabilities = [_probability_ds(p) for p in prediction.probabilities]
+    # every measurement group holds the probabilities: each region's, or the one group's
+    for n in range(len(probabilities) * max(1, len(regions))):
+        values[("prob", n)] = DataElement(0x0040A300, "SQ", [probabilities[n % len(probabilities)]])
+    for n, region in enumerate(regions):
+        values[("graphic", n)] = DataElement(
+            0x00700022, "FL", [float(v) for v in region.graphic_data().ravel()]
+        )
+    values[("reason",)] = f"Not determined: {prediction.indeterminate}"[:1024]
+    return values
+
+
+def _sr_own_uids(series_instance_uid: str, sop_instance_uid: str, n_regions: int) -> dict[str, str]:
+    own = {
+        "series": series_instance_uid,
+        "sop": sop_instance_uid,
+        "tracking": _name_uid("tracking", sop_instance_uid),
+    }
+    for number in range(1, n_regions + 1):
+        own[f"tracking{number}"] = _name_uid("tracking", sop_instance_uid, str(number))
+    return own
+
+
+SR_TEMPLATES = Templates()
+IMAGE_TEMPLATES = Templates(size=16)  # secondary captures and maps: up to ~1 MB each
+
+
+def _uids_of(ds: Dataset) -> tuple[str, str, str]:
+    return (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+
+def _probability_ds(probability: float) -> Dataset:
+    """A probability's measured value item, as highdicom's NumContentItem writes it (a test
+    compares the two)."""
+    value = round(float(probability), 6)
+    item = Dataset()
+    item.NumericValue = DS(value, auto_format=True)
+    item.FloatingPointValue = value
+    item.MeasurementUnitsCodeSequence = [PROBABILITY_UNIT]
+    return item
 
 
 def _is_image_library(item: Dataset) -> bool:
@@ -1113,29 +1145,6 @@ def _is_image_library(item: Dataset) -> bool:
         "DCM",
         "111028",
     )
-
-
-_SUBSTITUTED_VRS = frozenset({"SQ", "UI", "FL", "UT"})  # sequences, UIDs, GraphicData, TextValue
-
-
-def _elements_of(ds: Dataset, vrs: frozenset[str]) -> Iterator[DataElement]:
-    """The elements of *ds* whose VR is one of *vrs*, in order, decoding only those (a template
-    read from bytes holds raw elements; decoding every one cost most of a fill)."""
-    for tag in list(ds.keys()):
-        raw = ds._dict[tag]  # raw or decoded, both carry the VR of an explicit-VR file
-        if raw.VR in vrs or raw.VR is None:
-            yield ds[tag]
-
-
-def _substitute_uids(ds: Dataset, uids: dict[str, dict[str, str]]) -> None:
-    for elem in _elements_of(ds, frozenset({"SQ", "UI"})):
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _substitute_uids(item, uids)
-        elif elem.VR == "UI" and isinstance(elem.value, str):
-            kind = uids[_UID_KIND.get(elem.keyword, "")]
-            if elem.value in kind:
-                elem.value = kind[elem.value]
 
 
 @functools.cache
@@ -1303,6 +1312,8 @@ def build_sc(
     instance_number: int = 1,
     manufacturer: str = "pacs-node",
     software_version: str,
+    use_template: bool = True,
+    prepared: tuple[Dataset, list[DataElement]] | None = None,
 ) -> Dataset:
     """Build an RGB Secondary Capture of ``overlay_rgb`` in the study of ``source``.
 
@@ -1328,8 +1339,24 @@ def build_sc(
     if max(pixels.shape[:2]) > 65535:
         raise ValueError("overlay_rgb is too large for a DICOM image")
 
-    header, person_names = _header(src)
+    header, person_names = prepared or _header(src)
     orientation = _patient_orientation(src)
+    comments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM heatmap overlay."
+    key = (
+        "SC",
+        *_image_shape(src, header, person_names, prediction),
+        tuple(orientation or ()),
+        pixels.shape,
+        (series_number, instance_number, manufacturer, software_version),
+    )
+    own = {"series": series_instance_uid, "sop": sop_instance_uid}
+
+    def values(copied: frozenset[int]) -> dict[Any, Value]:
+        return _image_values(src, header, person_names, own, copied, pixels, comments)
+
+    template = IMAGE_TEMPLATES.get(key) if use_template else None
+    if template is not None:
+        return read_template(template.fill(values(template.info)))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=np.ascontiguousarray(pixels),
@@ -1364,7 +1391,7 @@ def build_sc(
         sc.Laterality = src.Laterality
 
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM heatmap overlay."
+    sc.ImageComments = comments
     sc.DerivationDescription = (
         f"Grad-CAM heatmap of {prediction.model_name} {prediction.model_version} "
         f"blended over the source image, with burned-in text. {DISCLAIMER}"
@@ -1382,7 +1409,87 @@ def build_sc(
         for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if kw in src:
                 setattr(sc, kw, copy.deepcopy(src[kw].value))
+    if use_template:
+        _offer_image(key, sc, src, header, person_names, own, values)
     return sc
+
+
+def _image_shape(
+    src: Dataset, header: Dataset, person_names: Sequence[DataElement], prediction: Prediction
+) -> tuple[Any, ...]:
+    """What decides a secondary capture's or Parametric Map's constant content, besides its
+    size (see :mod:`ai.templates`); the UIDs, the Patient and Study attributes, the times,
+    the pixels and the Image Comments are filled in."""
+    lossy = tuple(
+        str(src.get(kw, ""))
+        for kw in (
+            "LossyImageCompression",
+            "LossyImageCompressionRatio",
+            "LossyImageCompressionMethod",
+        )
+    )
+    return (
+        prediction.model_name,
+        prediction.model_version,
+        prediction.task,
+        tuple(c.name for c in prediction.classes),
+        prediction.label.name,
+        str(src.SOPClassUID),
+        _header_shape(header, person_names),
+        str(header.get("BodyPartExamined", "")),
+        str(src.get("Laterality", "")),
+        lossy,
+    )
+
+
+def _image_rule(
+    roles: Mapping[tuple[str, str], tuple[Any, ...]], copied: frozenset[int]
+) -> Callable[[], Callable[[DataElement, tuple[Dataset, ...]], Any]]:
+    """A secondary capture's or map's slots: the common ones, the pixels, the comments."""
+
+    def make() -> Callable[[DataElement, tuple[Dataset, ...]], Any]:
+        common = _common_rule(roles, copied)
+
+        def rule(elem: DataElement, parents: tuple[Dataset, ...]) -> Any:
+            name = common(elem, parents)
+            if name is None and not parents and elem.keyword in ("PixelData", "ImageComments"):
+                return (elem.keyword,)
+            return name
+
+        return rule
+
+    return make
+
+
+def _image_values(
+    src: Dataset,
+    header: Dataset,
+    person_names: Sequence[DataElement],
+    own: Mapping[str, str],
+    copied: frozenset[int],
+    pixels: np.ndarray,
+    comments: str,
+) -> dict[Any, Value]:
+    values = _common_values(header, person_names, copied)
+    values.update(_uid_values([src], own))
+    values[("PixelData",)] = np.ascontiguousarray(pixels).tobytes()
+    values[("ImageComments",)] = comments
+    return values
+
+
+def _offer_image(
+    key: tuple[Any, ...],
+    built: Dataset,
+    src: Dataset,
+    header: Dataset,
+    person_names: Sequence[DataElement],
+    own: Mapping[str, str],
+    values: Callable[[frozenset[int]], dict[Any, Value]],
+) -> None:
+    copied = _copied_tags(built, header, person_names, str(src.SOPClassUID))
+    IMAGE_TEMPLATES.offer(
+        key, built, _image_rule(_uid_roles([src], own), copied), lambda: values(copied), copied
+    )
 
 
 # ------------------------------------------------------------------------------- PM
@@ -1417,6 +1524,8 @@ def build_pm(
     instance_number: int = 1,
     manufacturer: str = "pacs-node",
     software_version: str,
+    use_template: bool = True,
+    prepared: tuple[Dataset, list[DataElement]] | None = None,
 ) -> Dataset:
     """The Grad-CAM map of one source image as a DICOM Parametric Map, on the source's pixel
     grid, that viewers overlay on the image and switch on and off.
@@ -1442,7 +1551,33 @@ def build_pm(
         raise ValueError("heatmap must be finite")
     stored = np.round(np.clip(heat, 0.0, 1.0) * PM_SCALE).astype(np.uint16)
 
-    header, person_names = _header(src)
+    header, person_names = prepared or _header(src)
+    comments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM relevance map."
+    # a map of an image with its own geometry (CT) differs in it from slice to slice: built
+    # in full; one in a frame of reference of its own (radiographs) is filled in
+    has_geometry = all(kw in src and not src[kw].is_empty for kw in _GEOMETRY)
+    key = (
+        "PM",
+        *_image_shape(src, header, person_names, prediction),
+        prediction.label.meaning,
+        stored.shape,
+        tuple(_spacing(src)),
+        (series_number, instance_number, manufacturer, software_version),
+    )
+    own = {
+        "series": series_instance_uid,
+        "sop": sop_instance_uid,
+        "frame": _name_uid("frame-of-reference", sop_instance_uid),
+        "dimensions": _name_uid("dimension-organization", sop_instance_uid),
+    }
+
+    def values(copied: frozenset[int], header: Dataset = header) -> dict[Any, Value]:
+        return _image_values(src, header, person_names, own, copied, stored, comments)
+
+    template = IMAGE_TEMPLATES.get(key) if use_template and not has_geometry else None
+    if template is not None:
+        return read_template(template.fill(values(template.info)))
+    header = copy.deepcopy(header)  # changed below; a prepared header is shared
     for kw in ("Rows", "Columns", *_GEOMETRY, "PixelSpacing", "SliceThickness"):
         if kw in src and not src[kw].is_empty:
             header[kw] = copy.deepcopy(src[kw])
@@ -1450,7 +1585,7 @@ def build_pm(
     if not all(kw in header for kw in _GEOMETRY):
         # the map's own frame of reference: the image plane at the origin, the source's pixel
         # spacing; given to highdicom as if the source had it (the source is not changed)
-        header.FrameOfReferenceUID = _name_uid("frame-of-reference", sop_instance_uid)
+        header.FrameOfReferenceUID = own["frame"]
         header.ImagePositionPatient = [0.0, 0.0, 0.0]
         header.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         header.SliceThickness = 1.0
@@ -1493,5 +1628,21 @@ def build_pm(
     pm.BodyPartExamined = header.get("BodyPartExamined") or "CHEST"
     if src.get("Laterality") in ("R", "L"):
         pm.Laterality = src.Laterality
-    pm.ImageComments = f"{DISCLAIMER}. {overlay_lines(prediction)[0]}. Grad-CAM relevance map."
+    pm.ImageComments = comments
+    # highdicom's Dimension Organization UID is random: one derived from the map's, so that a
+    # retry makes the same map (and a fill the same as highdicom)
+    dimensions = str(pm.DimensionOrganizationSequence[0].DimensionOrganizationUID)
+    _set_uids(pm, {dimensions: own["dimensions"]})
+    if use_template and not has_geometry:
+        _offer_image(key, pm, src, header, person_names, own, values)
     return pm
+
+
+def _set_uids(ds: Dataset, new: Mapping[str, str]) -> None:
+    """Replace the UI values *new* names, at every depth."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _set_uids(item, new)
+        elif elem.VR == "UI" and isinstance(elem.value, str) and elem.value in new:
+            elem.value = new[elem.value]

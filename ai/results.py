@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from ai.analysis import Analysis
@@ -21,6 +22,7 @@ from ai.outputs import (
     hot_spot,
     overlay_lines,
     render_overlay,
+    source_header,
 )
 
 SR_SERIES_NUMBER = 9901
@@ -56,6 +58,13 @@ def build_results(
         if item.dataset is None:
             raise ValueError(f"explained image {item.name} has no dataset")
         explained.append((item, item.dataset))
+    headers: dict[int, tuple[Dataset, list[DataElement]]] = {}  # each source's, made once
+
+    def prepared(ds: Dataset) -> tuple[Dataset, list[DataElement]]:
+        if id(ds) not in headers:
+            headers[id(ds)] = source_header(ds)
+        return headers[id(ds)]
+
     boxes = [(ds, hot_spot(item.heatmap)) for item, ds in explained]
     regions = [Region(ds, box) for ds, box in boxes if box is not None]
     sr = build_sr(
@@ -66,6 +75,7 @@ def build_results(
         sop_instance_uid=derived_uid("sr", *key),
         series_number=SR_SERIES_NUMBER,
         software_version=software_version,
+        prepared=prepared(analysis.used[0]),
     )
     outputs = [sr]
     sc_series_uid = derived_uid("sc-series", *key)
@@ -84,6 +94,7 @@ def build_results(
                 series_number=SC_SERIES_NUMBER,
                 instance_number=number,
                 software_version=software_version,
+                prepared=prepared(source),
             )
         )
         if parametric_maps:
@@ -97,6 +108,7 @@ def build_results(
                     series_number=PM_SERIES_NUMBER,
                     instance_number=number,
                     software_version=software_version,
+                    prepared=prepared(source),
                 )
             )
     return outputs

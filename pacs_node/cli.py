@@ -342,6 +342,7 @@ def _write_dicom_outputs(out_dir: Path, analysis: Any) -> list[str]:
     from pydicom.uid import ParametricMapStorage
 
     from ai.results import build_results
+    from ai.templates import encoded
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -354,7 +355,7 @@ def _write_dicom_outputs(out_dir: Path, analysis: Any) -> list[str]:
         else:
             kind = f"sc{int(ds.InstanceNumber)}"
         target = out_dir / f"{stem}_{kind}.dcm"
-        ds.save_as(target, enforce_file_format=True)
+        target.write_bytes(encoded(ds))  # the bytes the worker writes
         written.append(str(target))
     return written
 

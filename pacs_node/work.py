@@ -11,7 +11,6 @@ and :class:`pacs_node.node.Node`).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from ai.outputs import SrReference, add_predecessor
 from ai.results import build_not_analysed, build_results
 from ai.runtime import load_runtime_classifier, weights_sha256
 from ai.selection import Candidate, RuleSkip, choose_series, not_chosen_reason, select_images
+from ai.templates import encoded
 from pacs_node import __version__, audit
 from pacs_node.assembly import SINGLE_IMAGE_MODALITIES
 from pacs_node.audit import AuditTrail
@@ -476,9 +476,7 @@ class Worker:
         written = []
         for ds in outputs:
             relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            size = self.files.write_atomic(relpath, partial(_write_bytes, buffer.getvalue()))
+            size = self.files.write_atomic(relpath, partial(_write_bytes, encoded(ds)))
             written.append((ds, relpath, size))
         return written
 

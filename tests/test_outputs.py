@@ -17,15 +17,18 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 
+import ai.outputs
 from ai.outputs import (
     DISCLAIMER,
     ClassCode,
     Prediction,
+    build_pm,
     build_sc,
     build_sr,
     overlay_lines,
     render_overlay,
 )
+from ai.templates import encoded
 
 DATA = Path(os.environ.get("PACS_NODE_TEST_DICOM", "/work/shared/data/dicom"))
 CR = DATA / "cxr/dwv__gdcm-CR-MONO1-10-chest.dcm"
@@ -638,7 +641,7 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     """The fast path (an earlier SR of the same shape, filled in) gives byte for byte the SR
     that highdicom builds for the new input, except its creation times; with a Grad-CAM
     region, its box is filled in too."""
-    from ai.outputs import SR_TEMPLATES, Region, SrTemplates, _header
+    from ai.outputs import SR_TEMPLATES, Region, _header, _sr_shape
 
     name, sources, prediction = case
     first = Prediction(**{**prediction.__dict__, "indeterminate": indeterminate})
@@ -648,11 +651,15 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     )
     if second.label != first.label:  # a different label is a different shape: keep the label
         second = first
+    # the first input of a shape is built and kept; the second is built too and checked
+    # against the kept one (ai.templates.Templates); from the third on, the template fills
     _sr(sources, first, (Region(sources[0], (1, 2, 30, 40)),) if with_region else ())
+    second_input = _as_another_study(sources, "Second^Patient")
+    _sr(second_input, first, (Region(second_input[0], (3, 4, 31, 41)),) if with_region else ())
     others = _as_another_study(sources, "Other^Patient")
     header, names = _header(others[0])
     settings = (9901, 1, "pacs-node", "0.1.0", (0,) if with_region else ())
-    assert SR_TEMPLATES.get(SrTemplates.shape(others, header, names, second, settings))
+    assert SR_TEMPLATES.get(_sr_shape(others, header, names, second, settings))
     series_uid, sop_uid = generate_uid(), generate_uid()
     kwargs = dict(
         series_instance_uid=series_uid,
@@ -666,3 +673,72 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     assert fast.StudyInstanceUID == others[0].StudyInstanceUID
     mine, theirs = _encoded_like(fast, slow)
     assert mine == theirs, name
+
+
+def _aligned(slow: Dataset, fast: Dataset) -> bytes:
+    """*slow* encoded with *fast*'s times (the one thing a template's fill may change)."""
+    for kw in ai.outputs._NOW_KEYWORDS:
+        if kw in fast:
+            setattr(slow, kw, fast[kw].value)
+    for theirs, mine in zip(
+        slow.get("ContributingEquipmentSequence", []),
+        fast.get("ContributingEquipmentSequence", []),
+        strict=True,
+    ):
+        if "ContributionDateTime" in mine:
+            theirs.ContributionDateTime = mine.ContributionDateTime
+    return encoded(slow)
+
+
+@pytest.mark.parametrize("name", ["cr", "dx", "cr_j2k", "ct_slice"])
+def test_images_filled_from_a_template_are_the_bytes_highdicom_builds(name):
+    """The secondary capture and the Parametric Map of a third input of one shape are filled
+    from the first one's bytes (the second checked them, ai.templates.Templates): the file the
+    worker writes is, byte for byte, what highdicom and pydicom make for the third input,
+    except the times. A CT slice's map (its own geometry) is always built in full."""
+    from ai.outputs import IMAGE_TEMPLATES
+
+    path = CT_SLICE if name == "ct_slice" else CASES[name][0]()[0]
+    source = _headers([path])[0]
+    prediction = CT_PRED if name == "ct_slice" else CXR_PRED
+    rows, cols = int(source.Rows), int(source.Columns)
+    rng = np.random.default_rng(7)
+    IMAGE_TEMPLATES.clear()
+    for n, src in enumerate(
+        [source, *(_as_another_study([source], f"Patient{n}^Test")[0] for n in range(2))]
+    ):
+        heat = rng.random((rows, cols)).astype(np.float32)
+        overlay = rng.integers(0, 255, (rows, cols, 3), dtype=np.uint8)
+        kwargs = dict(series_instance_uid=generate_uid(), software_version="0.1.0")
+        sc_uid, pm_uid = generate_uid(), generate_uid()
+        sc = build_sc(src, overlay, prediction, sop_instance_uid=sc_uid, **kwargs)
+        pm = build_pm(src, heat, prediction, sop_instance_uid=pm_uid, **kwargs)
+        filled = "_pacs_node_encoded" in sc.__dict__, "_pacs_node_encoded" in pm.__dict__
+        if n < 2:
+            assert filled == (False, False)  # the first kept, the second built and checked
+            continue
+        assert filled == (True, name != "ct_slice")
+        slow_sc = build_sc(
+            src, overlay, prediction, sop_instance_uid=sc_uid, use_template=False, **kwargs
+        )
+        slow_pm = build_pm(
+            src, heat, prediction, sop_instance_uid=pm_uid, use_template=False, **kwargs
+        )
+        assert encoded(sc) == _aligned(slow_sc, sc)
+        assert encoded(pm) == _aligned(slow_pm, pm)
+        assert sc.PatientName == src.PatientName and sc.StudyInstanceUID == src.StudyInstanceUID
+        assert np.array_equal(pm.pixel_array, np.round(heat * 1000).astype(np.uint16))
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 0.93, 0.123456789, 1e-7, 0.5000004])
+def test_a_probability_item_is_what_highdicom_writes(p):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from ai.outputs import PROBABILITY_UNIT, _probability_ds
+
+    theirs = hd.sr.NumContentItem(
+        name=codes.DCM.Finding, value=round(p, 6), unit=PROBABILITY_UNIT
+    ).MeasuredValueSequence[0]
+    assert _probability_ds(p) == theirs
+    assert str(_probability_ds(p).NumericValue) == str(theirs.NumericValue)
