@@ -5,15 +5,18 @@ time; the association to a destination stays open while more deliveries for it a
 burst of results streams over one association instead of one association per poll. Each
 outcome is recorded (``done``, a retry after backoff, or ``failed``) as soon as its batch is
 answered. With ``peers[].confirm_deliveries`` (on by default) a batch the peer answered with
-Success is checked first: a C-FIND (IMAGE level) for the instances sent. One the peer does not
-hold is a failed attempt, sent again after the backoff; when the peer cannot be asked (it does
-not answer C-FIND) the delivery is done and marked "unconfirmed" with the reason, for
-``pacs-node status``. Storage Commitment (N-ACTION) is not implemented.
+Success is confirmed (:mod:`pacs_node.confirm`): by Storage Commitment where the peer offers
+it, else by a C-FIND (IMAGE level) for the instances sent. One the peer does not hold is a
+failed attempt, sent again after the backoff; when the peer cannot be asked the delivery is done
+and marked "unconfirmed" with the reason, for ``pacs-node status``. A peer that could not be
+asked is not asked again for :data:`ASK_AGAIN_S` (a burst would otherwise open two refused
+associations after every batch).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,6 +36,7 @@ from storage.models import Delivery, Instance, TaskState, utcnow
 log = logging.getLogger(__name__)
 
 BATCH = 32  # deliveries claimed (and recorded) at a time
+ASK_AGAIN_S = 60.0  # after a peer could not confirm deliveries (neither way)
 
 
 class Sender:
@@ -52,6 +56,8 @@ class Sender:
         self.files = files
         self.owner = owner or owner_id()
         self.trail = trail or AuditTrail(config, "send")
+        # peer -> (monotonic time until which it is not asked to confirm, why not)
+        self._unconfirmable: dict[str, tuple[float, str]] = {}
 
     def _claim(self, destination: str | None) -> list[tuple[int, str, Path]]:
         where = [] if destination is None else [Delivery.destination_ae == destination]
@@ -157,6 +163,11 @@ class Sender:
         """Ask *peer* to confirm the deliveries it accepted (:mod:`pacs_node.confirm`): by
         Storage Commitment where it offers it (the answer comes later, to the receive role),
         else by C-FIND; what it does not hold is sent again (done -> queued)."""
+        now = utcnow()
+        until, why = self._unconfirmable.get(peer.ae_title, (0.0, ""))
+        if time.monotonic() < until:
+            self._confirmed(keys, f"unconfirmed: {why}", now, stamp=False)
+            return
         items = confirm.sent_items(self.db, keys)
         why_not = (
             confirm.request_commitment(self.config, self.db, peer, items)
@@ -169,6 +180,11 @@ class Sender:
             return
         held, unasked = confirm.held_by_peer(self.config, peer, items)
         if held is None:
+            self._unconfirmable[peer.ae_title] = (
+                time.monotonic() + ASK_AGAIN_S,
+                f"{unasked} (asked again after {ASK_AGAIN_S:.0f} s)",
+            )
+            log.info("%s cannot confirm deliveries (%s; %s)", peer.ae_title, why_not, unasked)
             self._confirmed(keys, f"unconfirmed: {unasked}", now, stamp=False)
             return
         self._confirmed(sorted(held), confirm.FOUND, now, stamp=True)

@@ -15,7 +15,9 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
+from pynetdicom import _config as pynetdicom_config
 
 from pacs_node import statuses
 from pacs_node.ae import build_scu
@@ -32,6 +34,8 @@ GENERATED_SOP_CLASSES = (
     UID("1.2.840.10008.5.1.4.1.1.30"),  # Parametric Map
 )
 MAX_CONTEXTS = 64  # of the 128 an association may carry; leaves room for both syntaxes
+# a C-STORE of a file path sends its data set without decoding it (pynetdicom >= 2.1)
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,25 @@ def send(config: Config, peer: Peer, items: Sequence[tuple[int, Path]]) -> list[
     return [o for batch in stream(config, peer, items, lambda: []) for o in batch]
 
 
-def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, Dataset]], list[Outcome]]:
-    datasets: list[tuple[int, Dataset]] = []
+@dataclass(frozen=True)
+class _File:
+    """A file to send: its path and what its File Meta Information says it holds."""
+
+    path: Path
+    SOPClassUID: UID
+    transfer_syntax: UID
+
+
+def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, _File]], list[Outcome]]:
+    """The files' meta information (the data sets are read when sent)."""
+    datasets: list[tuple[int, _File]] = []
     outcomes: list[Outcome] = []
     for key, path in items:
         try:
-            datasets.append((key, pydicom.dcmread(path)))
+            meta = read_file_meta_info(path)
+            datasets.append(
+                (key, _File(path, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)))
+            )
         except Exception as exc:
             outcomes.append(Outcome(key, None, f"cannot read {path.name}: {exc}", permanent=True))
     return datasets, outcomes
@@ -133,11 +150,19 @@ def _keep_responses(assoc: Any) -> None:
     assoc._serve_request = serve_or_return
 
 
-def _store(assoc: object, key: int, ds: Dataset) -> Outcome:
-    if not assoc.is_established:  # type: ignore[attr-defined]
+def _store(assoc: Any, key: int, item: _File) -> Outcome:
+    if not assoc.is_established:
         return Outcome(key, None, "association ended before sending")
     try:
-        answer = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+        as_written = any(
+            cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax
+            for cx in assoc.accepted_contexts
+        )
+        # in the file's own transfer syntax, pynetdicom sends the encoded data set as it lies
+        # on disk (STORE_SEND_CHUNKED_DATASET); another one accepted needs it decoded and
+        # encoded again
+        what: Path | Dataset = item.path if as_written else pydicom.dcmread(item.path)
+        answer = assoc.send_c_store(what)
     except Exception as exc:  # e.g. no accepted presentation context for the class
         return Outcome(key, None, f"{type(exc).__name__}: {exc}", permanent=True)
     code = int(answer.Status) if "Status" in answer else None
