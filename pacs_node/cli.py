@@ -88,6 +88,10 @@ def cmd_role(args: argparse.Namespace) -> int:
 
         receive.run(config, stop)
     elif args.command == "work":
+        if config.worker.nice > 0:
+            # before the first thread: Linux sets a niceness thread by thread, and threads
+            # take their creator's
+            os.nice(config.worker.nice)
         from pacs_node import work
 
         work.run(config, stop)

@@ -147,6 +147,9 @@ class WorkerSettings:
     # the heatmap also as a DICOM Parametric Map (besides the secondary capture); off for a
     # PACS that refuses Parametric Map Storage
     parametric_map: bool = True
+    # the work role's scheduling niceness (0-19): analysis yields the CPU to the DICOM services,
+    # so a burst of analyses never slows what a PACS is sending (0: as the other roles)
+    nice: int = 10
 
     def priority(self, modality: str) -> int:
         return dict(self.modality_priority).get(modality, 0)
@@ -424,6 +427,9 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
     processes = _take(table, "processes", int, "worker", d.processes)
     if not 1 <= processes <= 64:
         raise ConfigError(f"worker.processes: must be 1 to 64, got {processes}")
+    nice = _take(table, "nice", int, "worker", d.nice)
+    if not 0 <= nice <= 19:
+        raise ConfigError(f"worker.nice: must be 0 to 19, got {nice}")
     priorities = _take(table, "modality_priority", dict, "worker", dict(d.modality_priority))
     for modality, value in priorities.items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -452,6 +458,7 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
             table, "report_not_analysed", bool, "worker", d.report_not_analysed
         ),
         parametric_map=_take(table, "parametric_map", bool, "worker", d.parametric_map),
+        nice=nice,
     )
 
 

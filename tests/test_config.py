@@ -58,6 +58,7 @@ def test_documented_example_loads_with_every_key():
         ),
         ("[worker]\nmax_attempts = 0\n", "worker.max_attempts: must be at least 1"),
         ("[worker]\nprocesses = 0\n", "worker.processes: must be 1 to 64"),
+        ("[worker]\nnice = 20\n", "worker.nice: must be 0 to 19"),
         ('[worker]\nmodality_priority = { CR = "high" }\n', "worker.modality_priority.CR"),
         ("[node]\nreceive_processes = 2\nport = 0\n", "node.receive_processes"),
         ('[worker]\nct_quiet_period_s = "five"\n', "worker.ct_quiet_period_s: expected a number"),

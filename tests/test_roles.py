@@ -118,6 +118,11 @@ def test_an_input_that_kills_its_worker_every_time_ends_failed_and_the_rest_are_
             timeout_s=60,
             what="the worker restarted after the second kill",
         )
+        wait_for(lambda: f":{workers[-1]} ready" in node.log(), timeout_s=120, what="ready")
+        niceness = [
+            os.getpriority(os.PRIO_PROCESS, workers[-1]),
+            os.getpriority(os.PRIO_PROCESS, node.role_pids("receive[0]")[-1]),
+        ]
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -131,6 +136,9 @@ def test_an_input_that_kills_its_worker_every_time_ends_failed_and_the_rest_are_
     for ds in others:
         assert by_series[str(ds.SeriesInstanceUID)][0] == TaskState.DONE
     assert set(kills) == set(workers[:2])  # restarted after each kill
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness[0] == min(19, base + 10)  # worker.nice: analysis yields the CPU ...
+    assert niceness[1] == base  # ... to the DICOM services
     assert "work[0] (pid" in node.log() and "exited with status -9" in node.log()
 
 
