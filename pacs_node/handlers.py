@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import IntegrityError
 
 from ai.eligibility import has_pixels
-from pacs_node import assembly, audit, fastfind, statuses
+from pacs_node import assembly, audit, fastfind, statuses, wake
 from pacs_node.ae import STORAGE_COMMITMENT_PUSH
 from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.logs import log_failure
+from pacs_node.wake import Nudger
 from storage import query, queue, refusals
 from storage.db import Database
 from storage.errors import InvalidInstanceError, OutOfSpaceError, QueryError
@@ -80,10 +81,11 @@ def bindings(
     from pynetdicom import evt
 
     cache = IndexCache()
+    workers = Nudger(files.root, wake.WORK)
     return [
         (evt.EVT_REQUESTED, handle_requested, [config, refused, trail]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [config, files, db, cache, trail, refused]),
+        (evt.EVT_C_STORE, handle_store, [config, files, db, cache, trail, refused, workers.nudge]),
         (evt.EVT_C_FIND, handle_find, [db, trail, config.node.network_timeout_s]),
         (evt.EVT_C_GET, handle_get, [db, files, trail]),
         (evt.EVT_C_MOVE, handle_move, [config, db, files, trail]),
@@ -298,10 +300,14 @@ def handle_store(
     cache: IndexCache | None = None,
     trail: AuditTrail | None = None,
     refused: refusals.Tally | None = None,
+    stored: Callable[[], None] | None = None,
 ) -> Dataset:
     """C-STORE SCP: :func:`admit` the instance; a refusal is counted, and what the
-    association stored (or was refused) is audited per study when it closes."""
+    association stored (or was refused) is audited per study when it closes. *stored* is
+    called after an instance is stored (the work roles are nudged: :mod:`pacs_node.wake`)."""
     outcome, ds = _store(event, config, files, db, cache)
+    if outcome.stored and stored is not None:
+        stored()
     if not outcome.stored and refused is not None:
         refused.add("instance", outcome.label)
     if trail is not None and trail.enabled and ds is not None:

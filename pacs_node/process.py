@@ -72,6 +72,7 @@ class Stop:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.wakes: list[threading.Event] = []  # set too, so that a waiting loop sees it
 
     def install(self) -> Stop:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +82,8 @@ class Stop:
     def _handle(self, signum: int, _frame: Any) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
         self.event.set()
+        for event in self.wakes:
+            event.set()
 
     def wait(self, seconds: float) -> bool:
         return self.event.wait(seconds)
@@ -101,12 +104,18 @@ def run_loop(
     *,
     sweep: Callable[[], object] | None = None,
     sweep_every_s: float = 1.0,
+    wake: threading.Event | None = None,
 ) -> None:
     """Call *step* until *stop*; straight again while it finds work, else after the poll
-    interval; *sweep* (taking back expired leases) first, at most every *sweep_every_s*. A
-    failing round is logged and the loop goes on."""
+    interval or as soon as *wake* is set (:mod:`pacs_node.wake`); *sweep* (taking back
+    expired leases) first, at most every *sweep_every_s*. A failing round is logged and the
+    loop goes on."""
     last_sweep = -sweep_every_s
+    if wake is not None:
+        stop.wakes.append(wake)
     while not stop:
+        if wake is not None:
+            wake.clear()  # before the step: a nudge during it makes the next one come at once
         try:
             if sweep is not None and time.monotonic() - last_sweep >= sweep_every_s:
                 last_sweep = time.monotonic()
@@ -116,7 +125,10 @@ def run_loop(
             log.exception("round failed; going on")
             did = 0
         if not did:
-            stop.wait(poll_interval_s)
+            if wake is None:
+                stop.wait(poll_interval_s)
+            else:
+                wake.wait(poll_interval_s)
 
 
 class Watchdog:

@@ -16,6 +16,7 @@ associations after every batch).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from pacs_node import audit, confirm, sender
+from pacs_node import audit, confirm, sender, wake
 from pacs_node.audit import AuditTrail
 from pacs_node.config import Config, Peer
 from pacs_node.logs import log_failure
@@ -290,7 +291,10 @@ def run(config: Config, stop: Stop) -> None:
     """``pacs-node send``: deliver what is due until stopped."""
     db = Database(config.node.resolved_database_url)
     owner = owner_id()
-    role = Sender(config, db, file_store(config), owner=owner)
+    files = file_store(config)
+    role = Sender(config, db, files, owner=owner)
+    nudged = threading.Event()
+    listener = wake.listen(files.root, wake.SEND, nudged)  # the work roles nudge it
     log.info("send role %s ready", owner)
     try:
         with role.trail.running():
@@ -300,6 +304,9 @@ def run(config: Config, stop: Stop) -> None:
                 stop,
                 sweep=role.sweep,
                 sweep_every_s=max(1.0, config.worker.lease_s / 4),
+                wake=nudged,
             )
     finally:
+        if listener is not None:
+            listener.close()
         db.dispose()

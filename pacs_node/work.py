@@ -12,6 +12,7 @@ and :class:`pacs_node.node.Node`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from ai.results import build_not_analysed, build_results
 from ai.runtime import load_runtime_classifier, weights_sha256
 from ai.selection import Candidate, RuleSkip, choose_series, not_chosen_reason, select_images
 from ai.templates import encoded
-from pacs_node import __version__, audit
+from pacs_node import __version__, audit, wake
 from pacs_node.assembly import SINGLE_IMAGE_MODALITIES
 from pacs_node.audit import AuditTrail
 from pacs_node.completeness import judge
@@ -87,6 +88,7 @@ class Worker:
         owner: str | None = None,
         watchdog: Watchdog | None = None,
         trail: AuditTrail | None = None,
+        owed: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.db = db
@@ -94,6 +96,7 @@ class Worker:
         self.owner = owner or owner_id()
         self.watchdog = watchdog
         self.trail = trail or AuditTrail(config, "work")
+        self.owed = owed  # called when results are owed to a peer (the send role is nudged)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -463,6 +466,8 @@ class Worker:
                 )
             session.add(Result(job_pk=job.id, series_pk=job.series_pk, **result))
             transition(session, job)
+        if destinations and self.owed is not None:
+            self.owed()
         if replaces is not None:
             log.info(
                 "job %d (series %s): its SR supersedes %s",
@@ -654,7 +659,10 @@ def run(config: Config, stop: Stop) -> None:
     watchdog = Watchdog(
         db, Job, owner=owner, lease_s=config.worker.lease_s, on_deadline=on_deadline
     ).start()
-    worker = Worker(config, db, files, owner=owner, watchdog=watchdog)
+    senders = wake.Nudger(files.root, wake.SEND)
+    worker = Worker(config, db, files, owner=owner, watchdog=watchdog, owed=senders.nudge)
+    nudged = threading.Event()
+    listener = wake.listen(files.root, wake.WORK, nudged)
     log.info("work role %s ready", owner)
     try:
         with worker.trail.running():
@@ -665,8 +673,12 @@ def run(config: Config, stop: Stop) -> None:
                     stop,
                     sweep=worker.sweep,
                     sweep_every_s=max(1.0, config.worker.lease_s / 4),
+                    wake=nudged,
                 )
             finally:
                 watchdog.stop()
     finally:
+        if listener is not None:
+            listener.close()
+        senders.close()
         db.dispose()
