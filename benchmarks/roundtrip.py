@@ -157,6 +157,12 @@ def main() -> int:
                             what="every delivery finished",
                         )
                         stages[kind].append(stage_times(db_path, uid, epoch))
+                        times = stages[kind][-1]
+                        print(
+                            f"round {r + 1} {kind}: {rows[kind][-1][0]:.2f} s; job "
+                            f"{times[4] - times[3]:.3f} s, delivery {times[7] - times[6]:.3f} s",
+                            flush=True,
+                        )
             finally:
                 node.stop()
     print(
