@@ -40,16 +40,17 @@ def schedule(
     config: Config,
     now: datetime,
     cache: IndexCache | None = None,
-) -> None:
-    """Queue or skip the series of a newly stored instance. With *cache*, the next slice of a
-    series whose job is still queued only moves that job's start (one statement)."""
+) -> datetime | None:
+    """Queue or skip the series of a newly stored instance; the start of the job it queued or
+    moved (None: none). With *cache*, the next slice of a series whose job is still queued
+    only moves that job's start (one statement)."""
     if indexed.generated:
-        return
+        return None
     not_before = now + timedelta(seconds=start_delay_s(config, indexed.modality, indexed.source_ae))
     if cache is not None and indexed.is_new:
         job_id = cache.queued_job(indexed.series_pk)
         if job_id is not None and queue.postpone(session, job_id, not_before):
-            return
+            return not_before
     modality = indexed.modality or "(none)"
     if not has_pixels(ds):
         queue.skip(
@@ -57,19 +58,19 @@ def schedule(
             indexed.series_pk,
             f"not an image ({sop_class_name(ds)}): stored, not analysed",
         )
-        return
+        return None
     binding = config.model_for(indexed.modality)
     if binding is None and not config.worker.report_not_analysed:
         queue.skip(
             session, indexed.series_pk, f"no model for modality {modality}: stored, not analysed"
         )
-        return
+        return None
     # no model: still a job (model_name ""), which the work role skips with an SR that says
     # so; this role builds no DICOM objects
     if not indexed.is_new:
         latest = queue.latest_job(session, indexed.series_pk)
         if latest is not None and latest.state != TaskState.FAILED:
-            return  # the same instance again: its series is queued or already analysed
+            return None  # the same instance again: its series is queued or already analysed
     job = queue.enqueue(
         session,
         indexed.series_pk,
@@ -79,6 +80,7 @@ def schedule(
     )
     if cache is not None:
         cache.put_queued_job(indexed.series_pk, job.id)
+    return not_before
 
 
 def start_delay_s(config: Config, modality: str, source_ae: str) -> float:

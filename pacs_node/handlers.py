@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,7 @@ class Admission:
     code: int
     comment: str = ""
     label: str = ""
+    due: datetime | None = None  # stored: when the job it queued starts (None: none queued)
 
     @property
     def stored(self) -> bool:
@@ -304,10 +306,11 @@ def handle_store(
 ) -> Dataset:
     """C-STORE SCP: :func:`admit` the instance; a refusal is counted, and what the
     association stored (or was refused) is audited per study when it closes. *stored* is
-    called after an instance is stored (the work roles are nudged: :mod:`pacs_node.wake`)."""
+    called after an instance is stored whose job is due at once (the work roles are nudged:
+    :mod:`pacs_node.wake`; a CT slice moves its series' start later, which no one need know)."""
     outcome, ds = _store(event, config, files, db, cache)
-    if outcome.stored and stored is not None:
-        stored()
+    if stored is not None and outcome.due is not None and outcome.due <= utcnow():
+        stored()  # due now (a radiograph): the work roles need not wait for their poll
     if not outcome.stored and refused is not None:
         refused.add("instance", outcome.label)
     if trail is not None and trail.enabled and ds is not None:
@@ -408,7 +411,7 @@ def admit(
         return Admission(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, why, "no_pixel_data")
     try:
         sender = source if sender_ae is None else sender_ae
-        receive_instance(config, files, db, ds, incoming, sender, cache)
+        due = receive_instance(config, files, db, ds, incoming, sender, cache)
     except OutOfSpaceError as exc:
         log.error("%s %s from %s refused: %s", how, sop_uid, source, exc)
         return Admission(statuses.OUT_OF_RESOURCES, str(exc), "out_of_space")
@@ -419,7 +422,7 @@ def admit(
         log_failure(log, "%s %s from %s failed", how, sop_uid, source)
         why = f"could not store: {type(exc).__name__}"
         return Admission(statuses.OUT_OF_RESOURCES, why, "storage_fault")
-    return Admission(statuses.SUCCESS)
+    return Admission(statuses.SUCCESS, due=due)
 
 
 def handle_find(
@@ -740,9 +743,10 @@ def receive_instance(
     incoming: bytes | Path,
     calling_ae: str,
     cache: IndexCache | None = None,
-) -> None:
+) -> datetime | None:
     """Put the file in place durably (the bytes, or the file pynetdicom streamed to disk),
-    then index and schedule it in one transaction."""
+    then index and schedule it in one transaction; the start of the job it queued or moved
+    (:func:`pacs_node.assembly.schedule`)."""
     relpath = instance_relpath(
         ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
     )
@@ -765,7 +769,7 @@ def receive_instance(
                         source_ae=calling_ae,
                         cache=cache,
                     )
-                    assembly.schedule(session, indexed, ds, config, utcnow(), cache)
+                    due = assembly.schedule(session, indexed, ds, config, utcnow(), cache)
                 break
             except IntegrityError:
                 # another association inserted the same study or series first (PostgreSQL
@@ -787,3 +791,4 @@ def receive_instance(
         ds.get("Modality", ""),
         calling_ae,
     )
+    return due

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pacs_node import audit, statuses
+from pacs_node import audit, statuses, wake
 from pacs_node.audit import AuditTrail
 from pacs_node.config import Config
 from pacs_node.handlers import Admission, admit
@@ -52,6 +52,7 @@ from storage import query, refusals
 from storage.db import Database
 from storage.errors import QueryError
 from storage.files import FileStore
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class DicomWeb:
         self, config: Config, db: Database, files: FileStore, base: str, trail: AuditTrail
     ) -> None:
         self.config, self.db, self.files, self.base = config, db, files, base
+        self.workers = wake.Nudger(files.root, wake.WORK)  # told of a radiograph due at once
         self.trail = trail
         self.refused = refusals.Tally(db)
 
@@ -516,6 +518,8 @@ class DicomWeb:
             how="STOW-RS",
             sender_ae="",  # no DICOM peer is owed the results: they are queried back
         )
+        if admission.due is not None and admission.due <= utcnow():
+            self.workers.nudge()
         url = (
             f"{self.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{sop_uid}"
