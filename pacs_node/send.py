@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 32  # deliveries claimed (and recorded) at a time
 ASK_AGAIN_S = 60.0  # after a peer could not confirm deliveries (neither way)
+LINGER_S = 0.5  # an association with nothing more to send waits this long for more
 
 
 class Sender:
@@ -51,12 +52,14 @@ class Sender:
         *,
         owner: str | None = None,
         trail: AuditTrail | None = None,
+        nudged: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.files = files
         self.owner = owner or owner_id()
         self.trail = trail or AuditTrail(config, "send")
+        self.nudged = nudged  # set when results are owed (pacs_node.wake): worth lingering for
         # peer -> (monotonic time until which it is not asked to confirm, why not)
         self._unconfirmable: dict[str, tuple[float, str]] = {}
 
@@ -99,7 +102,17 @@ class Sender:
             return len(items)
 
         def more() -> list[tuple[int, Path]]:
-            return [(k, p) for k, _, p in self._claim(destination)]
+            # with nothing due, the association is kept for up to LINGER_S while a work role
+            # may still owe more (it nudges): a burst of results goes over one association
+            # instead of one per finished job
+            deadline = time.monotonic() + (LINGER_S if self.nudged is not None else 0.0)
+            while True:
+                batch = [(k, p) for k, _, p in self._claim(destination)]
+                left = deadline - time.monotonic()
+                if batch or left <= 0 or self.nudged is None:
+                    return batch
+                self.nudged.wait(left)
+                self.nudged.clear()
 
         tried = 0
         delivered: list[int] = []
@@ -292,9 +305,9 @@ def run(config: Config, stop: Stop) -> None:
     db = Database(config.node.resolved_database_url)
     owner = owner_id()
     files = file_store(config)
-    role = Sender(config, db, files, owner=owner)
     nudged = threading.Event()
     listener = wake.listen(files.root, wake.SEND, nudged)  # the work roles nudge it
+    role = Sender(config, db, files, owner=owner, nudged=nudged if listener else None)
     log.info("send role %s ready", owner)
     try:
         with role.trail.running():
