@@ -55,6 +55,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def role_pids(node: NodeProcess) -> dict[str, int]:
     found = re.findall(r"(\S+) started \(pid (\d+)\)", node.log())
     return {name: int(pid) for name, pid in found}  # the latest pid of each role
@@ -142,7 +149,11 @@ def main() -> int:
                         f"round {r + 1}: node {node_s:.2f} s (inputs accepted in {sent_s:.2f} s); "
                         f"transfer alone {inputs_s:.2f} + {outputs_s:.2f} s; ratio "
                         f"{(inputs_s + outputs_s) / node_s:.3f}; CPU s by role: "
-                        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items()),
+                        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items())
+                        + "; peak RSS MiB by role: "
+                        + ", ".join(
+                            f"{name} {peak_rss_mib(pid):.0f}" for name, pid in pids.items()
+                        ),
                         flush=True,
                     )
             finally:

@@ -7,7 +7,7 @@ For each round the CR chest X-ray and a CT series (the 30 real slices repeated t
 analyses them anew), are uploaded to Orthanc and sent to the node. Reported per study: the time
 from Orthanc's send to the SR and SC being in Orthanc, and, as the in-run reference that makes
 numbers comparable across noisy machines, the time Orthanc's synchronous C-STORE itself took.
-The node runs as ``pacs-node serve`` (its real processes, shipped models, poll interval 0.05 s,
+The node runs as ``pacs-node serve`` (its real processes, shipped models, the default poll interval,
 1 s CT quiet period: the CT figure includes that wait, which is how the node decides today that
 a CT series is complete).
 """
@@ -108,6 +108,13 @@ def main() -> int:
         help="slices of the CT series (the 30 real ones, repeated)",
     )
     parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.2,
+        help="worker.poll_interval_s (0.2 s, the default; the roles of one machine wake each "
+        "other, so it only bounds a lost wake-up)",
+    )
+    parser.add_argument(
         "--no-parametric-map",
         action="store_true",
         help="worker.parametric_map = false (the heatmap as a secondary capture only)",
@@ -126,7 +133,7 @@ def main() -> int:
                 f'[node]\nport = {node_port}\nstorage_dir = "data"\naccept_unknown_peers = false\n'
                 f'[[peers]]\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\n'
                 f"port = {orthanc.dicom_port}\n"
-                f"[worker]\npoll_interval_s = 0.05\nct_quiet_period_s = {QUIET_S}\n"
+                f"[worker]\npoll_interval_s = {args.poll}\nct_quiet_period_s = {QUIET_S}\n"
                 f"parametric_map = {pm}\n",
             )
             node.start()

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 BATCH = 32  # deliveries claimed (and recorded) at a time
 ASK_AGAIN_S = 60.0  # after a peer could not confirm deliveries (neither way)
 LINGER_S = 0.5  # an association with nothing more to send waits this long for more
-GATHER_S = 0.05  # ... and, told more is owed, this long for what comes with it
 
 
 class Sender:
@@ -112,11 +111,8 @@ class Sender:
                 left = deadline - time.monotonic()
                 if batch or left <= 0 or self.nudged is None:
                     return batch
-                if self.nudged.wait(left):
-                    # more is owed: let a little gather first, so that a burst goes in
-                    # batches (one claim and one record per batch) instead of one per job
-                    time.sleep(min(GATHER_S, left))
-                    self.nudged.clear()
+                self.nudged.wait(left)
+                self.nudged.clear()
 
         tried = 0
         delivered: list[int] = []
