@@ -72,7 +72,8 @@ def test_an_input_that_kills_its_worker_every_time_ends_failed_and_the_rest_are_
     node = NodeProcess(
         tmp_path,
         f'[node]\nport = {port}\nstorage_dir = "data"\n'
-        "[worker]\nmax_attempts = 2\nretry_backoff_s = 0.2\npoll_interval_s = 0.1\nlease_s = 600\n",
+        "[worker]\nmax_attempts = 2\nretry_backoff_s = 0.2\npoll_interval_s = 0.1\nlease_s = 600\n"
+        "nice = 10\n",
     )
     node.start()
     poison, *others = [_cr_study() for _ in range(4)]
