@@ -629,9 +629,11 @@ def build_sr(
         if str(region.source.SOPInstanceUID) not in uids:
             raise ValueError("a region must be on one of the sources")
     placed = tuple(uids.index(str(r.source.SOPInstanceUID)) for r in regions)
+    library = [r.source for r in regions] if regions else srcs  # the Image Library's images
     key = _sr_shape(
         srcs, header, person_names, prediction,
-        (series_number, instance_number, manufacturer, software_version, placed),
+        (series_number, instance_number, manufacturer, software_version, placed,
+         _library_values(library)),
     )  # fmt: skip
     own = _sr_own_uids(series_instance_uid, sop_instance_uid, len(regions))
 
@@ -640,8 +642,8 @@ def build_sr(
 
     if use_template:
         template = SR_TEMPLATES.get(key)
-        if template is not None:
-            return read_template(template.fill(values(template.info)))
+        if template is not None and template.info.fits(header):
+            return read_template(template.fill(values(template.info.copied)))
     sr = _build_sr(
         srcs,
         header,
@@ -656,11 +658,66 @@ def build_sr(
         software_version=software_version,
     )
     if use_template:
-        copied = _copied_tags(sr, header, person_names, str(srcs[0].SOPClassUID))
-        SR_TEMPLATES.offer(
-            key, sr, _sr_rule(_uid_roles(srcs, own), copied), lambda: values(copied), copied
-        )
+        kept = _Kept.of(sr, header, person_names, str(srcs[0].SOPClassUID))
+        if kept is not None:
+            SR_TEMPLATES.offer(
+                key,
+                sr,
+                _sr_rule(_uid_roles(srcs, own), kept.copied),
+                lambda: values(kept.copied),
+                kept,
+            )
     return sr
+
+
+# what highdicom's Image Library entry may say of an image besides its UIDs (substituted) and
+# dates (which it does not list; a test checks): a template is for images that share them
+_LIBRARY_SHAPE = tuple(
+    kw
+    for kw in _LIBRARY_KEYWORDS
+    if kw not in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    and kw not in ("StudyDate", "StudyTime", "ContentDate", "ContentTime")
+)
+
+
+def _library_values(library: Sequence[Dataset]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(str(ds.get(kw, "")) for kw in _LIBRARY_SHAPE) for ds in library)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """What a template keeps besides its bytes: the root attributes filled in from the source
+    (*copied*), and those it holds with the value the source had that are not filled in
+    (*frozen*: a fill is only for a source with the same values)."""
+
+    copied: frozenset[int]
+    frozen: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def of(
+        cls, built: Dataset, header: Dataset, person_names: Sequence[DataElement], sop_class: str
+    ) -> _Kept | None:
+        """None when *built* holds a Patient or Study attribute it did not copy as it was (a
+        template could give another patient's value): such results are always built."""
+        copied = _copied_tags(built, header, person_names, sop_class)
+        for kw in _patient_study_keywords(sop_class):
+            if kw in built and int(built[kw].tag) not in copied:
+                return None
+        frozen = []
+        for elem in built:
+            tag = int(elem.tag)
+            if tag in copied or elem.VR in ("SQ", "UI") or tag not in header:
+                continue
+            if header[tag].value == elem.value:
+                frozen.append((tag, str(elem.value)))
+        return cls(copied, tuple(frozen))
+
+    def fits(self, header: Dataset) -> bool:
+        for tag, value in self.frozen:
+            elem = header.get(tag)
+            if elem is None or str(elem.value) != value:
+                return False
+        return True
 
 
 # Procedure reported when nothing was analysed: SNOMED CT "Imaging (procedure)".
@@ -1355,8 +1412,8 @@ def build_sc(
         return _image_values(src, header, person_names, own, copied, pixels, comments)
 
     template = IMAGE_TEMPLATES.get(key) if use_template else None
-    if template is not None:
-        return read_template(template.fill(values(template.info)))
+    if template is not None and template.info.fits(header):
+        return read_template(template.fill(values(template.info.copied)))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=np.ascontiguousarray(pixels),
@@ -1486,10 +1543,15 @@ def _offer_image(
     own: Mapping[str, str],
     values: Callable[[frozenset[int]], dict[Any, Value]],
 ) -> None:
-    copied = _copied_tags(built, header, person_names, str(src.SOPClassUID))
-    IMAGE_TEMPLATES.offer(
-        key, built, _image_rule(_uid_roles([src], own), copied), lambda: values(copied), copied
-    )
+    kept = _Kept.of(built, header, person_names, str(src.SOPClassUID))
+    if kept is not None:
+        IMAGE_TEMPLATES.offer(
+            key,
+            built,
+            _image_rule(_uid_roles([src], own), kept.copied),
+            lambda: values(kept.copied),
+            kept,
+        )
 
 
 # ------------------------------------------------------------------------------- PM
@@ -1575,8 +1637,9 @@ def build_pm(
         return _image_values(src, header, person_names, own, copied, stored, comments)
 
     template = IMAGE_TEMPLATES.get(key) if use_template and not has_geometry else None
-    if template is not None:
-        return read_template(template.fill(values(template.info)))
+    if template is not None and template.info.fits(header):
+        return read_template(template.fill(values(template.info.copied)))
+    copied_from = header
     header = copy.deepcopy(header)  # changed below; a prepared header is shared
     for kw in ("Rows", "Columns", *_GEOMETRY, "PixelSpacing", "SliceThickness"):
         if kw in src and not src[kw].is_empty:
@@ -1634,7 +1697,7 @@ def build_pm(
     dimensions = str(pm.DimensionOrganizationSequence[0].DimensionOrganizationUID)
     _set_uids(pm, {dimensions: own["dimensions"]})
     if use_template and not has_geometry:
-        _offer_image(key, pm, src, header, person_names, own, values)
+        _offer_image(key, pm, src, copied_from, person_names, own, values)
     return pm
 
 

@@ -641,7 +641,7 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     """The fast path (an earlier SR of the same shape, filled in) gives byte for byte the SR
     that highdicom builds for the new input, except its creation times; with a Grad-CAM
     region, its box is filled in too."""
-    from ai.outputs import SR_TEMPLATES, Region, _header, _sr_shape
+    from ai.outputs import SR_TEMPLATES, Region, _header, _library_values, _sr_shape
 
     name, sources, prediction = case
     first = Prediction(**{**prediction.__dict__, "indeterminate": indeterminate})
@@ -658,7 +658,8 @@ def test_an_sr_filled_from_a_template_is_the_sr_highdicom_builds(case, indetermi
     _sr(second_input, first, (Region(second_input[0], (3, 4, 31, 41)),) if with_region else ())
     others = _as_another_study(sources, "Other^Patient")
     header, names = _header(others[0])
-    settings = (9901, 1, "pacs-node", "0.1.0", (0,) if with_region else ())
+    library = _library_values([others[0]] if with_region else others)
+    settings = (9901, 1, "pacs-node", "0.1.0", (0,) if with_region else (), library)
     assert SR_TEMPLATES.get(_sr_shape(others, header, names, second, settings))
     series_uid, sop_uid = generate_uid(), generate_uid()
     kwargs = dict(
@@ -742,3 +743,54 @@ def test_a_probability_item_is_what_highdicom_writes(p):
     ).MeasuredValueSequence[0]
     assert _probability_ds(p) == theirs
     assert str(_probability_ds(p).NumericValue) == str(theirs.NumericValue)
+
+
+def test_what_a_template_cannot_fill_in_keeps_it_from_another_image():
+    """The Image Library states each image's size: a third radiograph of another size is not
+    filled from the first two's template (its SR is built, and says its own size); the
+    library lists no dates (a template is for any study date; the Study's dates are filled in
+    from the source as Patient and Study attributes)."""
+    from ai.outputs import SR_TEMPLATES, Region
+
+    source = _headers([CR])[0]
+    SR_TEMPLATES.clear()
+    first, second = _as_another_study([source], "A^A")[0], _as_another_study([source], "B^B")[0]
+    for ds in (first, second):
+        _sr([ds], CXR_PRED, (Region(ds, (1, 2, 30, 40)),))
+    other = _as_another_study([source], "C^C")[0]
+    other.Rows, other.Columns = 600, 500
+    sr = _sr([other], CXR_PRED, (Region(other, (1, 2, 30, 40)),))
+    assert "_pacs_node_encoded" not in sr.__dict__  # built in full
+    library = next(
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+    )
+
+    def items(ds):
+        for item in ds.get("ContentSequence", []):
+            yield item
+            yield from items(item)
+
+    found = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i
+        for i in items(library)
+        if "ConceptNameCodeSequence" in i
+    }
+    assert float(found["Pixel Data Rows"].MeasuredValueSequence[0].NumericValue) == 600
+    assert float(found["Pixel Data Columns"].MeasuredValueSequence[0].NumericValue) == 500
+    assert not [i for i in items(library) if i.ValueType in ("DATE", "TIME", "DATETIME")]
+    # the same size again is filled in, from the first template
+    again = _as_another_study([source], "D^D")[0]
+    assert "_pacs_node_encoded" in _sr([again], CXR_PRED, (Region(again, (1, 2, 30, 40)),)).__dict__
+
+
+def test_a_template_is_not_filled_for_a_source_whose_kept_value_differs():
+    from ai.outputs import _Kept
+
+    kept = _Kept(frozenset(), ((0x00180015, "CHEST"),))
+    header = Dataset()
+    header.BodyPartExamined = "CHEST"
+    assert kept.fits(header)
+    header.BodyPartExamined = "ABDOMEN"
+    assert not kept.fits(header)
+    del header.BodyPartExamined
+    assert not kept.fits(header)
