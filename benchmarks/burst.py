@@ -43,6 +43,10 @@ def make_studies(out: Path, count: int) -> list[Path]:
         ds = copy.deepcopy(template)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        # another patient and study each time, as a real burst has
+        ds.PatientName, ds.PatientID = f"Burst^Patient{i:03d}", f"BURST{i:05d}"
+        ds.AccessionNumber = f"ACC{i:05d}"
+        ds.StudyDate, ds.StudyTime = f"2026{1 + i % 12:02d}{1 + i % 28:02d}", f"{i % 24:02d}1500"
         path = out / f"cr{i:03d}.dcm"
         ds.save_as(path)
         files.append(path)
