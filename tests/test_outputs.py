@@ -773,3 +773,63 @@ def test_a_template_is_not_filled_for_a_source_whose_kept_value_differs():
     assert not kept.fits(header)
     del header.BodyPartExamined
     assert not kept.fits(header)
+
+
+def _image_files() -> list[Path]:
+    found = []
+    for path in sorted(DATA.glob("**/*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        if "Rows" in ds and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+            found.append(path)
+    return found
+
+
+def _three(src, overlay, heat, prediction, uids, kwargs, *, use_template):  # type: ignore[no-untyped-def]
+    """The SR (with a region), SC and Parametric Map of one source."""
+    from ai.outputs import Region
+
+    regions = (Region(src, (1, 2, 30, 40)),)
+    return [
+        build_sr([src], prediction, sop_instance_uid=uids[0], regions=regions,
+                 use_template=use_template, **kwargs),
+        build_sc(src, overlay, prediction, sop_instance_uid=uids[1], use_template=use_template,
+                 **kwargs),
+        build_pm(src, heat, prediction, sop_instance_uid=uids[2], use_template=use_template,
+                 **kwargs),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _image_files() if DATA.is_dir() else [], ids=lambda p: p.name[:40])
+def test_every_shared_image_gets_from_templates_the_bytes_highdicom_builds(path):
+    """Each single-frame image of the shared data as the source of three studies of other
+    patients and dates (UTF-8 names for the radiographs): the third study's SR, secondary
+    capture and Parametric Map, filled in or built, are what highdicom and pydicom make."""
+    from ai.outputs import IMAGE_TEMPLATES, SR_TEMPLATES
+
+    base = _headers([path])[0]
+    radiograph = str(base.get("Modality", "")) in ("CR", "DX")
+    if radiograph:
+        base.SpecificCharacterSet = "ISO_IR 192"
+    prediction = CT_PRED if str(base.get("Modality", "")) == "CT" else CXR_PRED
+    rows, cols = int(base.Rows), int(base.Columns)
+    rng = np.random.default_rng(3)
+    SR_TEMPLATES.clear()
+    IMAGE_TEMPLATES.clear()
+    for n in range(3):
+        src = _as_another_study([base], ("Müller^Jürgen" if radiograph else "Doe^John") + str(n))[0]
+        src.StudyDate, src.StudyTime = f"2025010{n + 1}", f"10{n}000"
+        heat = rng.random((rows, cols)).astype(np.float32)
+        overlay = rng.integers(0, 255, (min(rows, 600), min(cols, 600), 3), dtype=np.uint8)
+        kwargs = dict(series_instance_uid=generate_uid(), software_version="0.1.0")
+        uids = [generate_uid() for _ in range(3)]
+
+        args = (src, overlay, heat, prediction, uids, kwargs)
+        made = _three(*args, use_template=True)
+        if n == 2:
+            for mine, theirs in zip(made, _three(*args, use_template=False), strict=True):
+                assert encoded(mine) == _aligned(theirs, mine), mine.Modality
+            assert "_pacs_node_encoded" in made[0].__dict__  # the SR, at least, was filled in
