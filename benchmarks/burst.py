@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import CR_CHEST  # noqa: E402
 from tests.orthanc import DCMTK, OrthancServer, StoreScp, dcmtk_env, free_port  # noqa: E402
-from tests.processes import NodeProcess  # noqa: E402
+from tests.processes import NodeProcess, peak_rss_mib  # noqa: E402
 
 
 def make_studies(out: Path, count: int) -> list[Path]:
@@ -57,13 +57,6 @@ def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def role_pids(node: NodeProcess) -> dict[str, int]:

@@ -38,7 +38,7 @@ from tests.orthanc import (  # noqa: E402
     dcmtk_env,
     free_port,
 )
-from tests.processes import NodeProcess  # noqa: E402
+from tests.processes import NodeProcess, peak_rss_mib  # noqa: E402
 
 
 def make_files(out: Path, count: int) -> list[Path]:
@@ -88,13 +88,6 @@ start_server(ae, ("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE
 print("listening", flush=True)
 threading.Event().wait()
 """
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.orthanc import DCMTK, dcmtk_env, free_port  # noqa: E402
-from tests.processes import NodeProcess  # noqa: E402
+from tests.processes import NodeProcess, peak_rss_mib  # noqa: E402
 
 
 def big_ct(path: Path, mib: int) -> int:
@@ -47,13 +47,6 @@ def big_ct(path: Path, mib: int) -> int:
     return path.stat().st_size
 
 
-def vm_hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure(tmp: Path, name: str, stream: bool, instance: Path) -> tuple[float, float, float]:
     port = free_port()
     workdir = tmp / name
@@ -66,14 +59,14 @@ def measure(tmp: Path, name: str, stream: bool, instance: Path) -> tuple[float, 
     )
     node.start()
     assert node.proc is not None
-    before = vm_hwm_mib(node.proc.pid)
+    before = peak_rss_mib(node.proc.pid)
     start = time.perf_counter()
     run = subprocess.run(
         [DCMTK["storescu"], "-aec", "AINODE", "127.0.0.1", str(port), str(instance)],
         env=dcmtk_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    after = vm_hwm_mib(node.proc.pid)
+    after = peak_rss_mib(node.proc.pid)
     node.stop()
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-500:])

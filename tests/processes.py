@@ -12,6 +12,14 @@ from storage.db import Database
 from tests.orthanc import wait_for
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MiB; NaN where it is not stated."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class NodeProcess:
     """``pacs-node serve`` as a child process that can be killed and started again."""
 
