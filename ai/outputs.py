@@ -657,7 +657,7 @@ def build_sr(
         manufacturer=manufacturer,
         software_version=software_version,
     )
-    if use_template:
+    if use_template and SR_TEMPLATES.undecided(key):
         kept = _Kept.of(sr, header, person_names, str(srcs[0].SOPClassUID))
         if kept is not None:
             SR_TEMPLATES.offer(
@@ -1543,6 +1543,8 @@ def _offer_image(
     own: Mapping[str, str],
     values: Callable[[frozenset[int]], dict[Any, Value]],
 ) -> None:
+    if not IMAGE_TEMPLATES.undecided(key):
+        return
     kept = _Kept.of(built, header, person_names, str(src.SOPClassUID))
     if kept is not None:
         IMAGE_TEMPLATES.offer(
@@ -1633,26 +1635,27 @@ def build_pm(
         "dimensions": _name_uid("dimension-organization", sop_instance_uid),
     }
 
-    def values(copied: frozenset[int], header: Dataset = header) -> dict[Any, Value]:
+    def values(copied: frozenset[int]) -> dict[Any, Value]:
         return _image_values(src, header, person_names, own, copied, stored, comments)
 
     template = IMAGE_TEMPLATES.get(key) if use_template and not has_geometry else None
     if template is not None and template.info.fits(header):
         return read_template(template.fill(values(template.info.copied)))
-    copied_from = header
-    header = copy.deepcopy(header)  # changed below; a prepared header is shared
+    # the source as highdicom is given it: the header with the image's geometry (a copy: a
+    # prepared header is shared, and the template's values come from it unchanged)
+    geometry = copy.deepcopy(header)
     for kw in ("Rows", "Columns", *_GEOMETRY, "PixelSpacing", "SliceThickness"):
         if kw in src and not src[kw].is_empty:
-            header[kw] = copy.deepcopy(src[kw])
+            geometry[kw] = copy.deepcopy(src[kw])
     spacing = _spacing(src)
-    if not all(kw in header for kw in _GEOMETRY):
+    if not all(kw in geometry for kw in _GEOMETRY):
         # the map's own frame of reference: the image plane at the origin, the source's pixel
         # spacing; given to highdicom as if the source had it (the source is not changed)
-        header.FrameOfReferenceUID = own["frame"]
-        header.ImagePositionPatient = [0.0, 0.0, 0.0]
-        header.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        header.SliceThickness = 1.0
-    header.PixelSpacing = spacing
+        geometry.FrameOfReferenceUID = own["frame"]
+        geometry.ImagePositionPatient = [0.0, 0.0, 0.0]
+        geometry.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        geometry.SliceThickness = 1.0
+    geometry.PixelSpacing = spacing
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM",
         lut_explanation=f"Grad-CAM relevance for {prediction.label.meaning}"[:64],
@@ -1662,7 +1665,7 @@ def build_pm(
         intercept=0.0,
     )
     kwargs: dict[str, Any] = dict(
-        source_images=[header],
+        source_images=[geometry],
         pixel_array=stored,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -1697,7 +1700,7 @@ def build_pm(
     dimensions = str(pm.DimensionOrganizationSequence[0].DimensionOrganizationUID)
     _set_uids(pm, {dimensions: own["dimensions"]})
     if use_template and not has_geometry:
-        _offer_image(key, pm, src, copied_from, person_names, own, values)
+        _offer_image(key, pm, src, header, person_names, own, values)
     return pm
 
 

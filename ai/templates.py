@@ -199,21 +199,15 @@ class Template:
         slots = _slots(meta_ds, meta_spans[1:], rule, ()) + _slots(written, body, rule, ())
         # the File Meta Information Group Length holds the group like a defined length
         lengths.append((_PREAMBLE + 8, _PREAMBLE + 12, meta_end))
-        # the lengths that hold a slot (those inside one are written with it), and which
-        lengths = [
-            (at, start, end)
-            for at, start, end in lengths
-            if not any(s.start <= at < s.end for s in slots)
-        ]
         self.data = data
         self.slots = slots
-        self.lengths = [
-            (at, struct.unpack_from("<I", data, at)[0], [
-                i for i, s in enumerate(slots) if start <= s.start and s.end <= end
-            ])
-            for at, start, end in lengths
-        ]  # fmt: skip
-        self.lengths = [entry for entry in self.lengths if entry[2]]
+        # each length that holds a slot (where it is written, its value, the slots inside);
+        # one inside a slot is written with the slot's new element
+        self.lengths: list[tuple[int, int, list[int]]] = []
+        for at, start, end in lengths:
+            inside = [i for i, s in enumerate(slots) if start <= s.start and s.end <= end]
+            if inside and not any(s.start <= at < s.end for s in slots):
+                self.lengths.append((at, struct.unpack_from("<I", data, at)[0], inside))
         # the order in which the constant bytes, slots and lengths are joined
         self.parts = sorted(
             [(s.start, s.end, i) for i, s in enumerate(slots)]
@@ -316,6 +310,12 @@ class Templates:
                 return found
             return None
 
+    def undecided(self, key: Hashable) -> bool:
+        """Whether an input of shape *key* would still make or check a template (neither
+        trusted nor ruled out yet): otherwise :meth:`offer` has nothing to do."""
+        with self._lock:
+            return key not in self._items or isinstance(self._items[key], _Pending)
+
     def offer(
         self,
         key: Hashable,
@@ -328,9 +328,9 @@ class Templates:
         *rule* makes a fresh rule for it (rules may count what they slot) and *values* gives
         that input's slot values, for the check; *info* is kept on the template
         (:attr:`Template.info`), for the caller's fills."""
+        if not self.undecided(key):
+            return
         with self._lock:
-            if key in self._items and not isinstance(self._items[key], _Pending):
-                return  # trusted or ruled out already
             pending = self._items.get(key)
         try:
             template = Template(built, rule())
