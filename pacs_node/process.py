@@ -125,10 +125,7 @@ def run_loop(
             log.exception("round failed; going on")
             did = 0
         if not did:
-            if wake is None:
-                stop.wait(poll_interval_s)
-            else:
-                wake.wait(poll_interval_s)
+            (stop.event if wake is None else wake).wait(poll_interval_s)
 
 
 class Watchdog:

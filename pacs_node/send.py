@@ -177,10 +177,9 @@ class Sender:
         """Ask *peer* to confirm the deliveries it accepted (:mod:`pacs_node.confirm`): by
         Storage Commitment where it offers it (the answer comes later, to the receive role),
         else by C-FIND; what it does not hold is sent again (done -> queued)."""
-        now = utcnow()
         until, why = self._unconfirmable.get(peer.ae_title, (0.0, ""))
         if time.monotonic() < until:
-            self._confirmed(keys, f"unconfirmed: {why}", now, stamp=False)
+            self._confirmed(keys, f"unconfirmed: {why}", utcnow(), stamp=False)
             return
         items = confirm.sent_items(self.db, keys)
         why_not = (
