@@ -332,9 +332,9 @@ def test_finished_associations_give_their_slot_back(start_node, tmp_path):
 def test_a_large_instance_is_streamed_to_disk_not_held_in_memory(tmp_path):
     """Issue 10: a 500 MB C-STORE took the node from 242 MiB to 3.4 GiB. The data set now goes
     to disk fragment by fragment (benchmarks/memory.py: +3 MiB for 500 MiB; held: +1.5 GiB)."""
-    from benchmarks.memory import big_ct, vm_hwm_mib
+    from benchmarks.memory import big_ct
     from tests.orthanc import DCMTK, dcmtk_available, dcmtk_env, free_port
-    from tests.processes import NodeProcess
+    from tests.processes import NodeProcess, peak_rss_mib
 
     if not dcmtk_available("storescu"):
         pytest.skip("dcmtk not installed")
@@ -347,13 +347,13 @@ def test_a_large_instance_is_streamed_to_disk_not_held_in_memory(tmp_path):
     )
     node.start()
     try:
-        before = vm_hwm_mib(node.proc.pid)
+        before = peak_rss_mib(node.proc.pid)
         run = subprocess.run(
             [DCMTK["storescu"], "-aec", "AINODE", "127.0.0.1", str(port), str(instance)],
             env=dcmtk_env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-500:]
-        grown = vm_hwm_mib(node.proc.pid) - before
+        grown = peak_rss_mib(node.proc.pid) - before
         stored = list((tmp_path / "node" / "data" / "instances").rglob("*.dcm"))
         assert len(stored) == 1 and abs(stored[0].stat().st_size - size) < 1024  # its own meta
         assert stored[0].read_bytes()[-4096:] == instance.read_bytes()[-4096:]
