@@ -144,6 +144,9 @@ PREPROCESS_OPTIONS = {
     "body_crop": "CT: keep the patient's body (largest bright component, holes filled) cut to "
     "its bounding box and padded to a square, air, table and field of view blanked, so a DICOM "
     "slice looks like the body-cropped figures the model learned from (true/false)",
+    "lung_crop": "chest X-ray: cut the square around the lung fields (the dark regions inside "
+    "the body, the other lung mirrored when only one is found, widened by 8 %), instead of the "
+    "square and central crop; where no lung field is found those apply as usual (true/false)",
     "square": "first cut the central square (the shorter side), so the aspect ratio of the "
     "source image is not squeezed into the model input as a shape the model can learn",
     "crop": "keep the central fraction (0-1] of each side, approximating a lung-centred crop",
@@ -162,7 +165,7 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         if key not in PREPROCESS_OPTIONS:
             known = ", ".join(PREPROCESS_OPTIONS)
             raise ValueError(f"unknown preprocessing option {key!r} (known: {known})")
-        if key in ("equalize", "square", "body_crop"):
+        if key in ("equalize", "square", "body_crop", "lung_crop"):
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be true or false, not {value!r}")
             if value:
@@ -183,6 +186,8 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         out[key] = number
     if out.get("clahe") and out.get("equalize"):
         raise ValueError("choose clahe or equalize, not both")
+    if out.get("lung_crop") and out.get("body_crop"):
+        raise ValueError("choose lung_crop (chest X-ray) or body_crop (CT), not both")
     return out
 
 
@@ -243,6 +248,60 @@ def body_mask(image: np.ndarray) -> np.ndarray | None:
     return filled.astype(bool)
 
 
+LUNG_WORK_SIZE = 256  # the lung fields are looked for on a copy this size (longer side)
+LUNG_MIN_COMPONENT = 0.02  # a dark region smaller than this share of the image is not a lung
+LUNG_MIN_BOX = 0.12  # lung fields whose box covers less than this share: none found
+LUNG_MARGIN = 0.08  # the box widened by this fraction of its size on each side
+
+
+def lung_box(image: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of a square inside a 2-D [0, 1] chest radiograph around its
+    lung fields, or None when none are found.
+
+    The lungs are the largest dark regions (below Otsu's level of the central part, after
+    CLAHE) that do not touch the image's edge, where the air outside the body does; the two
+    largest are kept, and a single one is mirrored about the image's middle (a collapsed or
+    white lung is not dark). The box is widened by :data:`LUNG_MARGIN` and made square within
+    the image around its centre."""
+    h, w = image.shape[:2]
+    scale = LUNG_WORK_SIZE / max(h, w)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = cv2.resize(np.asarray(image, np.float32), (sw, sh), interpolation=cv2.INTER_AREA)
+    as8 = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    equalised = cv2.createCLAHE(clipLimit=CLAHE_DEFAULT_CLIP, tileGridSize=(8, 8)).apply(as8)
+    smooth = cv2.GaussianBlur(equalised, (5, 5), 0)
+    inner = smooth[sh // 10 : sh - sh // 10, sw // 10 : sw - sw // 10]
+    if inner.size == 0:
+        return None
+    level, _ = cv2.threshold(inner, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    dark = cv2.morphologyEx(
+        (smooth < level).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)
+    )
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    found = []
+    for i in range(1, count):
+        x, y, bw, bh, area = (int(v) for v in stats[i])
+        if x <= 1 or y <= 1 or x + bw >= sw - 1 or y + bh >= sh - 1:
+            continue
+        if area >= LUNG_MIN_COMPONENT * sh * sw:
+            found.append((area, i))
+    if not found:
+        return None
+    keep = [i for _, i in sorted(found, reverse=True)[:2]]
+    rows, cols = np.nonzero(np.isin(labels, keep))
+    top, bottom = int(rows.min()), int(rows.max()) + 1
+    left, right = int(cols.min()), int(cols.max()) + 1
+    if len(keep) == 1:  # one lung: the other is its mirror image about the image's middle
+        left, right = min(left, sw - right), max(right, sw - left)
+    if (bottom - top) * (right - left) < LUNG_MIN_BOX * sh * sw:
+        return None
+    cy, cx = (top + bottom) / 2 / scale, (left + right) / 2 / scale
+    side = min(round(max(bottom - top, right - left) * (1 + 2 * LUNG_MARGIN) / scale), h, w)
+    top_px = int(min(max(0, round(cy - side / 2)), h - side))
+    left_px = int(min(max(0, round(cx - side / 2)), w - side))
+    return top_px, top_px + side, left_px, left_px + side
+
+
 def _body_box(image: np.ndarray) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the body padded to a square (may reach past the image)."""
     h, w = image.shape[:2]
@@ -262,13 +321,18 @@ def prepared_box(
     shape: tuple[int, ...], options: Mapping[str, Any], image: np.ndarray | None = None
 ) -> tuple[int, int, int, int]:
     """(top, bottom, left, right): the part of an image of *shape* that :func:`prepare` keeps
-    (the body's square with ``body_crop``, which needs *image*; else the central square; then
-    the central crop of it). The box may reach past the image where the body was padded."""
+    (the body's square with ``body_crop``, the lungs' square with ``lung_crop``, both of which
+    need *image*; else the central square; then the central crop of it). The box may reach past
+    the image where the body was padded."""
     h, w = shape[:2]
     top, bottom, left, right = 0, h, 0, w
+    if (options.get("body_crop") or options.get("lung_crop")) and image is None:
+        raise ValueError("body_crop, lung_crop: the box depends on the image; pass it")
+    lungs = lung_box(image) if options.get("lung_crop") and image is not None else None
+    if lungs is not None:
+        return lungs
     if options.get("body_crop"):
-        if image is None:
-            raise ValueError("body_crop: the box depends on the image; pass it")
+        assert image is not None
         top, bottom, left, right = _body_box(image)
     elif options.get("square"):
         side = min(h, w)

@@ -157,3 +157,62 @@ def test_a_12_bit_png_reads_like_its_8_bit_original(tmp_path):
     path = tmp_path / "twelve.png"
     assert cv2.imwrite(str(path), twelve)
     assert np.abs(read_image_file(path) - eight).max() < 1e-3
+
+
+def test_lung_crop_finds_the_lungs_of_real_radiographs_and_follows_them():
+    """Issue 8: the lung-centred crop is found on real adult and child films of every class, is
+    a square inside the image around its middle, stays on the lungs when the film is padded
+    (where the central crop would move), and falls back to the square and crop without them."""
+    from ai.preprocess import lung_box, prepared_box
+    from ai.preprocess import prepare as prepare_image
+
+    films = []
+    for folder in ("cxr_adult/normal", "cxr_adult/covid", "cxr_adult/pneumonia", "cxr/normal"):
+        films += sorted((SHARED_DATA / folder).glob("*"))[:10]
+    found = 0
+    for path in films:
+        image = read_image_file(path)
+        h, w = image.shape
+        box = lung_box(image)
+        if box is None:
+            continue
+        found += 1
+        top, bottom, left, right = box
+        assert bottom - top == right - left  # square
+        assert 0 <= top < bottom <= h and 0 <= left < right <= w
+        assert left < w / 2 < right and top < h / 2 < bottom
+        assert 0.2 < (bottom - top) * (right - left) / (h * w) <= 1.0
+    assert found >= 0.8 * len(films)
+
+    image = read_image_file(sorted((SHARED_DATA / "cxr_adult" / "normal").glob("*"))[0])
+    box = lung_box(image)
+    assert box is not None
+    h, w = image.shape
+    padded = np.zeros((h, w + w // 2), np.float32)
+    padded[:, :w] = image  # a film with a wide black band on its right
+    moved = lung_box(padded)
+    assert moved is not None
+    shift = max(abs(a - b) for a, b in zip(box, moved, strict=True))
+    assert shift < 0.1 * (box[1] - box[0]) < w // 4  # the central square moves by w // 4
+    out = prepare_image(padded, {"lung_crop": True, "square": True, "crop": 0.8})
+    assert out.shape == (moved[1] - moved[0],) * 2
+    from ai.preprocess import heatmap_in_image_frame
+
+    heat = heatmap_in_image_frame(np.ones((7, 7), np.float32), padded.shape, {"lung_crop": True},
+                                  padded)  # fmt: skip
+    rows, cols = np.nonzero(heat)
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == moved  # Grad-CAM lines up
+
+    blank = np.tile(np.linspace(0, 1, 300, dtype=np.float32), (300, 1))  # no lungs at all
+    assert lung_box(blank) is None
+    with_lungs = {"lung_crop": True, "square": True, "crop": 0.8}
+    assert prepared_box(blank.shape, with_lungs, blank) == prepared_box(
+        blank.shape, {"square": True, "crop": 0.8}
+    )
+    assert np.array_equal(
+        prepare_image(blank, with_lungs), prepare_image(blank, {"square": True, "crop": 0.8})
+    )
+    with pytest.raises(ValueError, match="depends on the image"):
+        prepared_box(blank.shape, with_lungs)
+    with pytest.raises(ValueError, match="not both"):
+        prepare_image(blank, {"lung_crop": True, "body_crop": True})
