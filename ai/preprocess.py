@@ -267,12 +267,8 @@ def lung_box(image: np.ndarray) -> tuple[int, int, int, int] | None:
     scale = LUNG_WORK_SIZE / max(h, w)
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
     small = cv2.resize(np.asarray(image, np.float32), (sw, sh), interpolation=cv2.INTER_AREA)
-    as8 = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    equalised = cv2.createCLAHE(clipLimit=CLAHE_DEFAULT_CLIP, tileGridSize=(8, 8)).apply(as8)
-    smooth = cv2.GaussianBlur(equalised, (5, 5), 0)
+    smooth = cv2.GaussianBlur(_clahe(_to_uint8(small), CLAHE_DEFAULT_CLIP), (5, 5), 0)
     inner = smooth[sh // 10 : sh - sh // 10, sw // 10 : sw - sw // 10]
-    if inner.size == 0:
-        return None
     level, _ = cv2.threshold(inner, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     dark = cv2.morphologyEx(
         (smooth < level).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)
@@ -302,10 +298,10 @@ def lung_box(image: np.ndarray) -> tuple[int, int, int, int] | None:
     return top_px, top_px + side, left_px, left_px + side
 
 
-def _body_box(image: np.ndarray) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the body padded to a square (may reach past the image)."""
-    h, w = image.shape[:2]
-    mask = body_mask(image)
+def _body_box(shape: tuple[int, ...], mask: np.ndarray | None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the body *mask* (None: the whole image of *shape*) padded
+    to a square (may reach past the image)."""
+    h, w = shape[:2]
     if mask is None:
         top, bottom, left, right = 0, h, 0, w
     else:
@@ -324,16 +320,25 @@ def prepared_box(
     (the body's square with ``body_crop``, the lungs' square with ``lung_crop``, both of which
     need *image*; else the central square; then the central crop of it). The box may reach past
     the image where the body was padded."""
+    return _box_and_mask(shape, options, image)[0]
+
+
+def _box_and_mask(
+    shape: tuple[int, ...], options: Mapping[str, Any], image: np.ndarray | None
+) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+    """:func:`prepared_box` and the body mask it was found from (``body_crop``; else None),
+    so that :func:`prepare` looks for the body once."""
     h, w = shape[:2]
     top, bottom, left, right = 0, h, 0, w
     if (options.get("body_crop") or options.get("lung_crop")) and image is None:
         raise ValueError("body_crop, lung_crop: the box depends on the image; pass it")
     lungs = lung_box(image) if options.get("lung_crop") and image is not None else None
     if lungs is not None:
-        return lungs
-    if options.get("body_crop"):
-        assert image is not None
-        top, bottom, left, right = _body_box(image)
+        return lungs, None
+    mask = None
+    if options.get("body_crop") and image is not None:
+        mask = body_mask(image)
+        top, bottom, left, right = _body_box(shape, mask)
     elif options.get("square"):
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
@@ -341,7 +346,7 @@ def prepared_box(
     if options.get("crop", 1.0) < 1.0:
         box = crop_box((bottom - top, right - left), options["crop"])
         top, bottom, left, right = top + box[0], top + box[1], left + box[2], left + box[3]
-    return top, bottom, left, right
+    return (top, bottom, left, right), mask
 
 
 def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.ndarray:
@@ -350,9 +355,8 @@ def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.n
     if not opts:
         return image
     out = np.asarray(image, dtype=np.float32)
-    top, bottom, left, right = prepared_box(out.shape, opts, out)
+    (top, bottom, left, right), mask = _box_and_mask(out.shape, opts, out)
     if opts.get("body_crop"):
-        mask = body_mask(out)
         if mask is not None:
             out = np.where(mask, out, 0.0).astype(np.float32)
         out = _cut(out, top, bottom, left, right)
@@ -369,16 +373,22 @@ def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.n
         out[:, :dx] = fill
         out[:, w - dx :] = fill
     if opts.get("clahe") or opts.get("equalize"):
-        as8: np.ndarray = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        if opts.get("clahe"):
-            clahe = cv2.createCLAHE(
-                clipLimit=float(opts["clahe"]), tileGridSize=(CLAHE_TILES, CLAHE_TILES)
-            )
-            as8 = clahe.apply(as8)
-        else:
-            as8 = cv2.equalizeHist(as8)
+        as8 = _to_uint8(out)
+        as8 = _clahe(as8, float(opts["clahe"])) if opts.get("clahe") else cv2.equalizeHist(as8)
         out = as8.astype(np.float32) / 255.0
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] image as 8-bit grey levels (rounded)."""
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _clahe(as8: np.ndarray, clip: float) -> np.ndarray:
+    """CLAHE of an 8-bit image with *clip* limit, :data:`CLAHE_TILES` tiles a side."""
+    return np.asarray(
+        cv2.createCLAHE(clipLimit=clip, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(as8)
+    )
 
 
 def _cut(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
