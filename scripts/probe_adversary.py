@@ -48,6 +48,7 @@ from probe_backbones import (  # noqa: E402
     COVID,
     LABELS,
     add_common_arguments,
+    cache_slug,
     held_out_rates,
     prepare,
     scores,
@@ -56,6 +57,7 @@ from probe_hospital import ProjectedProbe  # noqa: E402
 
 from ai import backbones  # noqa: E402
 from ai.augment import Augmentation, apply_augmentation  # noqa: E402
+from ai.calibration import choose_threshold  # noqa: E402
 from ai.dataset import Sample, make_splits  # noqa: E402
 from ai.preprocess import parse_options, read_inputs  # noqa: E402
 
@@ -69,8 +71,7 @@ def lower_maps(samples: list[Sample], options: dict, size: int, views: int, cach
     """[N, 1 + views, h, w, c] float16: the frozen part's output on the clean image and on
     *views* augmented copies of it."""
     cache.mkdir(parents=True, exist_ok=True)
-    slug = "_".join(f"{k}{'' if v is True else v}" for k, v in sorted(options.items()))
-    path = cache / f"lite0_{size}_{CUT}_{slug}_views{views}.npy"
+    path = cache / f"lite0_{size}_{CUT}_{cache_slug(options)}_views{views}.npy"
     files = [str(s.path) for s in samples]
     index = path.with_suffix(".files.json")
     if path.is_file() and index.is_file() and json.loads(index.read_text()) == files:
@@ -104,8 +105,8 @@ def lower_maps(samples: list[Sample], options: dict, size: int, views: int, cach
 
 def build_top(size: int, n_sources: int, hidden: int = 256):
     """(top: maps -> pooled 1280, head: pooled -> 3 logits, adversary: pooled -> 3 x sources
-    logits), the top built from a fresh ImageNet Lite0's own layers (so the trained weights
-    are those of a whole classifier), and the full model that shares them."""
+    logits), the top built from a fresh ImageNet Lite0's own layers after :data:`CUT`, so
+    that it starts from the ImageNet weights."""
     import keras
     from keras import layers
 
@@ -271,16 +272,10 @@ def operating_point_rates(
 ) -> dict:
     """The held-out rates with COVID-19 called at the threshold that reaches *target*
     sensitivity on validation (what ``ai.serving`` stores as the operating point)."""
-    pos = np.sort(val[y_val == COVID, COVID])
-    threshold = float(pos[int(np.floor((1 - target) * len(pos)))]) if len(pos) else 0.5
-    called = held[:, COVID] >= threshold
-    is_covid = np.array([s.label == "covid" for s in part])
-    out: dict = {"threshold": round(threshold, 3)}
-    if is_covid.any():
-        out["sensitivity"] = round(float(called[is_covid].mean()), 3)
-    if (~is_covid).any():
-        out["specificity"] = round(float((~called[~is_covid]).mean()), 3)
-    return out
+    threshold = choose_threshold(val[:, COVID], y_val == COVID, target)
+    rates = held_out_rates(held, part, threshold)
+    del rates["n"]
+    return {"threshold": round(threshold, 3), **rates}
 
 
 def pooled_features(top: Any, maps: np.ndarray) -> np.ndarray:

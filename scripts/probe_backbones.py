@@ -44,12 +44,16 @@ LABELS = ("covid", "pneumonia", "normal")
 COVID = 0
 
 
+def cache_slug(options: dict) -> str:
+    """The preprocessing *options* as part of a cache file's name."""
+    return "_".join(f"{k}{'' if v is True else v}" for k, v in sorted(options.items())) or "none"
+
+
 def features(
     variant: str, size: int, samples: list[Sample], options: dict, cache: Path
 ) -> np.ndarray:
     cache.mkdir(parents=True, exist_ok=True)
-    slug = "_".join(f"{k}{'' if v is True else v}" for k, v in sorted(options.items())) or "none"
-    path = cache / f"{variant}_{size}_{slug}.npz"
+    path = cache / f"{variant}_{size}_{cache_slug(options)}.npz"
     files = [str(s.path) for s in samples]
     if path.is_file():
         saved = np.load(path, allow_pickle=False)
@@ -147,10 +151,11 @@ def loso(probe: Probe, samples: list[Sample], source: str, settings: dict) -> di
     return held_out_rates(predict_fn(splits["held_out"]), splits["held_out"])
 
 
-def held_out_rates(probs: np.ndarray, held: list[Sample]) -> dict:
-    """COVID-19 called by argmax on a held-out source: its sensitivity (COVID-19 images) and
-    specificity (the others), where it has images of each."""
-    called = probs.argmax(1) == COVID
+def held_out_rates(probs: np.ndarray, held: list[Sample], threshold: float | None = None) -> dict:
+    """COVID-19 called by argmax (or where its probability reaches *threshold*) on a held-out
+    source: its sensitivity (COVID-19 images) and specificity (the others), where it has images
+    of each."""
+    called = probs.argmax(1) == COVID if threshold is None else probs[:, COVID] >= threshold
     is_covid = np.array([s.label == "covid" for s in held])
     out: dict = {"n": len(held)}
     if is_covid.any():
