@@ -22,9 +22,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_node.config import Config
+from pacs_node.reactor import wake_on_events
 
 # Every transfer syntax the node accepts for storage. Files are kept exactly as received; the
 # worker decodes them with pylibjpeg's plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
@@ -54,13 +55,24 @@ def _nodelay(sock: socket.socket) -> None:
 
 
 class NodelayAE(AE):
-    """An AE whose outgoing associations set ``TCP_NODELAY``."""
+    """An AE whose outgoing associations set ``TCP_NODELAY`` and run event-driven loops
+    (:mod:`pacs_node.reactor`)."""
 
     def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
         if sock.socket is not None:
             _nodelay(sock.socket)
+        wake_on_events(assoc)  # AE.associate starts the association after this
         return sock
+
+
+class EventDrivenHandler(RequestHandler):
+    """Accepted associations run event-driven loops (:mod:`pacs_node.reactor`)."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        wake_on_events(assoc)
+        return assoc
 
 
 class NodelayServer(ThreadedAssociationServer):
@@ -69,6 +81,10 @@ class NodelayServer(ThreadedAssociationServer):
     on one port and the kernel spreads the associations over them."""
 
     connection_limits: Any = None  # a pacs_node.guard.ConnectionLimits, checked at accept
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", EventDrivenHandler)
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         assert self.socket is not None

@@ -1,0 +1,204 @@
+"""Event-driven loops for pynetdicom's two association threads (issue 9).
+
+pynetdicom 3.0 runs each association on two threads that poll: the DUL thread sleeps 1 ms
+whenever a pass found nothing to do (``_run_loop_delay``, with the library's own "TODO: try
+and make this event based"), and the association thread sleeps 1 ms before *every* pass. A
+C-STORE crosses both twice (request in, response out), so over one association each file
+waits about 2-3 ms on those sleeps alone: a pynetdicom SCP whose handler does nothing stores
+~360 CT slices per second where Orthanc stores ~330 and dcmtk's storescp ~1400.
+
+:func:`wake_on_events` gives one association, before its threads start, loops that block
+until there is work instead of sleeping:
+
+- the DUL thread waits in ``select`` on its socket and on a wake-up socket that is written
+  whenever a primitive is queued for it (the ``to_provider_queue``);
+- the association thread waits on an event set whenever the DUL queues a DIMSE message or
+  an ACSE primitive for it (``msg_queue``, ``to_user_queue``).
+
+Both waits are bounded (:data:`MAX_WAIT_S`), so whatever the loops check without being
+woken (the ARTIM and idle timers, a thread asked to stop, a dead DUL thread) is seen within
+that time, as before within 1 ms. Everything else is pynetdicom's own code: the same state
+machine, the same order of checks, the same pause protocol for the ``send_*`` methods (the
+association thread counts as paused while it waits, which is true: it touches nothing until
+it has passed the checkpoint again). The loops are copies of pynetdicom 3.0's
+``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` with the sleeps replaced;
+another pynetdicom version keeps its own loops (:data:`SUPPORTED`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.pdu import A_ABORT_RQ
+
+LOGGER = logging.getLogger("pynetdicom.dul")  # the library's logger, as its loops use
+SUPPORTED = pynetdicom.__version__.startswith("3.0.")
+MAX_WAIT_S = 0.02  # the longest either thread waits without being woken
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that calls *wake* after every put."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self._wake()
+
+
+def wake_on_events(assoc: Any) -> None:
+    """Replace *assoc*'s polling loops by event-driven ones; call before ``assoc.start()``."""
+    if not SUPPORTED:
+        return
+    dul = assoc.dul
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+
+    def wake_dul() -> None:
+        with contextlib.suppress(OSError):  # full (already woken) or closed (thread ended)
+            writer.send(b"\0")
+
+    activity = threading.Event()
+    # nothing has been queued yet: the threads start after this
+    dul.to_provider_queue = _WakingQueue(wake_dul)
+    dul.to_user_queue = _WakingQueue(activity.set)
+    assoc.dimse.msg_queue = _WakingQueue(activity.set)
+    dul._wake_reader, dul._wake_writer = reader, writer
+    dul.run = types.MethodType(_dul_run, dul)
+    assoc._activity = activity
+    assoc._run_reactor = types.MethodType(_association_run_reactor, assoc)
+
+
+def _dul_wait(dul: Any) -> None:
+    """Block until the DUL has something to do, or :data:`MAX_WAIT_S` has passed."""
+    if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+        return
+    waits = [dul._wake_reader]
+    transport = dul.socket.socket if dul.socket is not None else None
+    if transport is not None and dul.socket._is_connected:
+        if isinstance(transport, ssl.SSLSocket) and transport.pending():
+            return  # buffered bytes select cannot see
+        waits.append(transport)
+    try:
+        select.select(waits, [], [], MAX_WAIT_S)
+    except (OSError, ValueError):  # the transport closed under us: the loop's check sees it
+        return
+    with contextlib.suppress(OSError):
+        while dul._wake_reader.recv(4096):
+            pass
+
+
+def _dul_run(self: Any) -> None:
+    """pynetdicom 3.0's ``DULServiceProvider.run_reactor``, waiting instead of sleeping."""
+    try:
+        self._idle_timer.start()
+        wait = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                wait = True
+            if wait:
+                _dul_wait(self)
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                LOGGER.error("Exception in DUL.run(), aborting association")
+                LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                wait = True
+                continue
+            self.state_machine.do_action(event)
+            wait = False
+    finally:
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+def _association_run_reactor(self: Any) -> None:
+    """pynetdicom 3.0's ``Association._run_reactor``, waiting instead of sleeping."""
+    self._is_paused = False
+    activity: threading.Event = self._activity
+    while not self._kill:
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, context_id)
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            LOGGER.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            LOGGER.info(log_msg)
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            LOGGER.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+        if not msg:
+            # idle: paused in truth (nothing is touched before the checkpoint above), so a
+            # send_* method need not wait for this thread to reach it
+            self._is_paused = True
+            activity.wait(MAX_WAIT_S)
+            activity.clear()

@@ -1,0 +1,146 @@
+"""The event-driven association loops (pacs_node/reactor.py, issue 9): every association the
+node accepts or opens runs them, over real associations; messages, release, a peer's abort,
+an acceptor's own C-STORE sub-operations (C-GET) and the idle deadline still work; both
+threads and their wake-up sockets end with the association."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from pacs_node import reactor
+from pacs_node.ae import NodelayAE, build_scp, start_server
+from pacs_node.config import Config, NodeSettings
+from tests.conftest import CT_SERIES
+from tests.orthanc import free_port
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def _acceptor(handlers, network_timeout_s: float = 30.0):
+    """The node's SCP on a free port; returns (server, port, accepted associations)."""
+    port = free_port()
+    ae = build_scp(Config(node=NodeSettings(port=port, network_timeout_s=network_timeout_s)))
+    accepted: list = []
+    opened = (evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
+    server = start_server(ae, ("127.0.0.1", port), evt_handlers=[opened, *handlers])
+    return server, port, accepted
+
+
+def _requestor(ae_class=NodelayAE):
+    ae = ae_class(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    return ae
+
+
+def test_the_pinned_pynetdicom_gets_the_event_driven_loops():
+    assert reactor.SUPPORTED, "pynetdicom changed: port pacs_node/reactor.py's loops to it"
+
+
+def test_accepted_and_opened_associations_answer_many_messages_and_end_cleanly():
+    server, port, accepted = _acceptor([(evt.EVT_C_ECHO, lambda event: 0x0000)])
+    try:
+        threads_before = threading.active_count()
+        assoc = _requestor().associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        assert _wait_for(lambda: bool(accepted))
+        theirs = accepted[0]
+        for side in (assoc, theirs):
+            assert side.dul.run.__func__ is reactor._dul_run
+            assert side._run_reactor.__func__ is reactor._association_run_reactor
+        statuses = [assoc.send_c_echo().Status for _ in range(300)]
+        assert statuses == [0] * 300
+        assoc.release()
+        assert assoc.is_released
+        assert _wait_for(lambda: not theirs.is_alive() and not theirs.dul.is_alive())
+        for side in (assoc, theirs):
+            assert side.dul._wake_reader.fileno() == -1  # closed with its thread
+        assert _wait_for(lambda: threading.active_count() <= threads_before)
+    finally:
+        server.shutdown()
+
+
+def test_a_plain_pynetdicom_peer_is_served_and_its_abort_ends_the_association():
+    server, port, accepted = _acceptor([(evt.EVT_C_ECHO, lambda event: 0x0000)])
+    try:
+        assoc = _requestor(AE).associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.send_c_echo().Status == 0
+        assoc.abort()
+        assert _wait_for(lambda: bool(accepted) and not accepted[0].is_alive())
+        assert accepted[0].is_aborted
+    finally:
+        server.shutdown()
+
+
+def test_a_silent_peer_is_still_released_at_the_idle_deadline():
+    """The idle timer is checked by the loops without anything waking them."""
+    server, port, accepted = _acceptor([], network_timeout_s=1.0)
+    try:
+        assoc = _requestor(AE).associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        started = time.monotonic()
+        assert _wait_for(lambda: bool(accepted) and not accepted[0].is_alive(), 15)
+        assert time.monotonic() - started >= 0.9  # not before the deadline
+        assert _wait_for(lambda: not assoc.is_established, 5)
+    finally:
+        server.shutdown()
+
+
+def test_c_store_sub_operations_on_the_accepted_association(tmp_path):
+    """C-GET: the acceptor's handler sends C-STOREs on its own association (the reactor
+    paused by pynetdicom's send_* protocol), then the final response."""
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    datasets = [pydicom.dcmread(path) for path in CT_SERIES[:5]]
+
+    def on_get(event):
+        yield len(datasets)
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    server, port, _ = _acceptor([(evt.EVT_C_GET, on_get)])
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    try:
+        ae = NodelayAE(ae_title="TESTSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+        assoc = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="AINODE",
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = datasets[0].StudyInstanceUID
+        query.SeriesInstanceUID = datasets[0].SeriesInstanceUID
+        final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1]
+        assoc.release()
+        assert final[0].Status == 0x0000
+        assert received == [str(ds.SOPInstanceUID) for ds in datasets]
+    finally:
+        server.shutdown()
