@@ -31,7 +31,7 @@ from pydicom.dataelem import (
     convert_raw_data_element,
     empty_value_for_VR,
 )
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ImplicitVRLittleEndian
@@ -59,18 +59,23 @@ def read_header(path: Path, defer_bytes: int) -> FileDataset | None:
         return None
     with open(path, "rb") as fp:
         preamble = read_preamble(fp, False)
-        file_meta = _read_file_meta_info(fp)
-        syntax = UID(str(file_meta.get("TransferSyntaxUID", "")))
-        if syntax == ImplicitVRLittleEndian:
-            implicit = True
-        elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
-            implicit = False
-            if syntax.is_implicit_VR or syntax.is_private:
-                return None
-        else:
-            return None
-        start = fp.tell()
+        meta_start = fp.tell()
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = _file_meta(data, meta_start)
+            if found is None:  # left to pydicom's reader (an implicit VR meta, say)
+                fp.seek(meta_start)
+                file_meta, start = _read_file_meta_info(fp), fp.tell()
+            else:
+                file_meta, start = found
+            syntax = UID(str(file_meta.get("TransferSyntaxUID", "")))
+            if syntax == ImplicitVRLittleEndian:
+                implicit = True
+            elif syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
+                implicit = False
+                if syntax.is_implicit_VR or syntax.is_private:
+                    return None
+            else:
+                return None
             try:
                 elements = _walk(data, start, implicit, defer_bytes)
             except _Unsure:
@@ -84,6 +89,38 @@ def read_header(path: Path, defer_bytes: int) -> FileDataset | None:
     ds = FileDataset(str(path), dataset, preamble, file_meta, implicit, True)
     ds.set_original_encoding(implicit, True, dataset._character_set)
     return ds
+
+
+def _file_meta(data: mmap.mmap, pos: int) -> tuple[FileMetaDataset, int] | None:
+    """The File Meta Information at *pos* (explicit VR little endian, PS3.10 7.1) as pydicom's
+    ``_read_file_meta_info`` reads it, and where the data set starts; ``None`` for anything
+    that reader would treat in its own way."""
+    elements: dict[BaseTag, RawDataElement] = {}
+    size = len(data)
+    while pos + 8 <= size:
+        if _IMPLICIT.unpack_from(data, pos)[0] != 0x0002:
+            break
+        try:
+            tag, vr, length, header = _element(data, pos, False)
+        except _Unsure:
+            return None
+        if vr is None or length == UNDEFINED or pos + header + length > size:
+            return None
+        value_tell = pos + header
+        value = data[value_tell : value_tell + length] if length else None
+        if value is None:
+            value = empty_value_for_VR(vr, raw=True)  # type: ignore[assignment]
+        elements[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), vr, length, value, value_tell, False, True
+        )
+        pos = value_tell + length
+    if not elements:
+        return None
+    file_meta = FileMetaDataset(cast("dict[BaseTag, RawDataElement | DataElement]", elements))
+    file_meta.set_original_encoding(
+        is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
+    )
+    return file_meta, pos
 
 
 class _Unsure(Exception):

@@ -41,6 +41,14 @@ def _same(path: Path) -> bool:
     theirs = _pydicom(path)
     assert ours.preamble == theirs.preamble
     assert ours.file_meta == theirs.file_meta
+    meta_tags = list(theirs.file_meta.keys())
+    assert list(ours.file_meta.keys()) == meta_tags
+    for tag in meta_tags:  # the raw elements alike (storage/header.py reads the meta itself)
+        a = ours.file_meta.get_item(tag)
+        b = theirs.file_meta.get_item(tag)
+        if isinstance(a, RawDataElement) and isinstance(b, RawDataElement):
+            assert tuple(a) == tuple(b), (path.name, tag)
+    assert ours.file_meta.original_encoding == theirs.file_meta.original_encoding
     assert ours.original_encoding == theirs.original_encoding
     assert ours.original_character_set == theirs.original_character_set
     tags = list(theirs.keys())  # (iterating a Dataset gives its elements)

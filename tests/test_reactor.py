@@ -144,3 +144,68 @@ def test_c_store_sub_operations_on_the_accepted_association(tmp_path):
         assert received == [str(ds.SOPInstanceUID) for ds in datasets]
     finally:
         server.shutdown()
+
+
+def test_the_c_store_response_bytes_are_pynetdicoms():
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    cases = [
+        ("1.2.840.10008.5.1.4.1.1.2", 1, 0x0000, "1.2.3.4"),  # odd and even UID lengths
+        ("1.2.840.10008.5.1.4.1.1.1", 65535, 0xB000, "1.2.826.0.1.3680043.8.498.123"),
+        ("1.2.840.10008.5.1.4.1.1.88.22", 7, 0xA700, "2.25.1234567890123456789012345"),
+    ]
+    for sop_class, message_id, status, sop_instance in cases:
+        primitive = C_STORE()
+        primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = sop_class, sop_instance
+        primitive.MessageIDBeingRespondedTo, primitive.Status = message_id, status
+        message = C_STORE_RSP()
+        message.primitive_to_message(primitive)
+        expected = encode(message.command_set, True, True)
+        assert reactor.encode_store_rsp(sop_class, message_id, status, sop_instance) == expected
+
+
+def test_stores_over_the_fast_response_and_a_refusal_with_its_comment(monkeypatch):
+    """Success answered by the fast path; a refusal's Error Comment still goes through
+    pynetdicom and arrives."""
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    fast: list[str] = []
+    encoder = reactor.encode_store_rsp
+
+    def counted(*args):
+        fast.append(args[3])
+        return encoder(*args)
+
+    monkeypatch.setattr(reactor, "encode_store_rsp", counted)
+    # as pacs-node sets it (pacs_node/cli.py): pynetdicom's logging handlers, bound to
+    # EVT_DIMSE_SENT otherwise, would want the message pynetdicom builds
+    monkeypatch.setattr("pynetdicom._config.LOG_HANDLER_LEVEL", "none")
+
+    def on_store(event):
+        if event.request.AffectedSOPInstanceUID.endswith("9"):
+            status = pydicom.Dataset()
+            status.Status, status.ErrorComment = 0xA700, "refused for the test"
+            return status
+        return 0x0000
+
+    server, port, _ = _acceptor([(evt.EVT_C_STORE, on_store)])
+    try:
+        ae = NodelayAE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        answers = []
+        for path in CT_SERIES[:6]:
+            ds = pydicom.dcmread(path)
+            answers.append((str(ds.SOPInstanceUID), assoc.send_c_store(ds)))
+        assoc.release()
+        for uid, status in answers:
+            if uid.endswith("9"):
+                assert (status.Status, status.ErrorComment) == (0xA700, "refused for the test")
+            else:
+                assert status.Status == 0 and "ErrorComment" not in status
+        assert fast == [uid for uid, _ in answers if not uid.endswith("9")]  # 5 fast, 1 not
+    finally:
+        server.shutdown()
