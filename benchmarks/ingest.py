@@ -10,7 +10,8 @@ node's ratio to each peer, and the receive role's peak RSS. The node runs as ``p
 receive`` (its real process, SQLite on the same disk, Success only once file and rows are
 durable), and as two receive processes sharing the port (``node.receive_processes = 2``);
 Orthanc 1.10 from Debian with its default storage settings; storescp writing files; and a
-pynetdicom SCP whose C-STORE handler does nothing, the ceiling of any node built on pynetdicom.
+pynetdicom SCP built as the node builds its AE (pacs_node/reactor.py's loops included) whose
+C-STORE handler does nothing: the ceiling of the node's receive path on pynetdicom.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def main() -> int:
                 f"{rate['storescp']:.0f}; node/Orthanc {rate['node'] / rate['orthanc']:.2f}x "
                 f"({rate['node x2'] / rate['orthanc']:.2f}x), node/storescp "
                 f"{rate['node'] / rate['storescp']:.2f}x; a no-op pynetdicom SCP "
-                f"{rate['pynetdicom']:.0f} (the library's ceiling for any Python node)"
+                f"{rate['pynetdicom']:.0f} (the ceiling of the node's pynetdicom receive path)"
             )
         print(f"receive role peak RSS: {rss:.0f} MiB")
     return 0

@@ -29,6 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
+from pacs_node.reactor import response_command
+
 C_FIND_RSP = 0x8020
 DATASET_PRESENT = 0x0001
 FLUSH_BYTES = 1 << 16  # PDUs gathered into one sendall, at most (the first goes at once)
@@ -117,18 +119,7 @@ def _text(value: Any) -> str:
 def command_set(sop_class_uid: str, message_id: int, status: int) -> bytes:
     """The command set of a C-FIND-RSP with an identifier (implicit VR little endian, as every
     command set), the way pynetdicom orders and pads it."""
-    uid = sop_class_uid.encode("ascii")
-    if len(uid) % 2:
-        uid += b"\x00"
-    body = (
-        struct.pack("<HHL", 0x0000, 0x0002, len(uid))
-        + uid
-        + struct.pack("<HHLH", 0x0000, 0x0100, 2, C_FIND_RSP)
-        + struct.pack("<HHLH", 0x0000, 0x0120, 2, message_id)
-        + struct.pack("<HHLH", 0x0000, 0x0800, 2, DATASET_PRESENT)
-        + struct.pack("<HHLH", 0x0000, 0x0900, 2, status)
-    )
-    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+    return response_command(C_FIND_RSP, sop_class_uid, message_id, DATASET_PRESENT, status)
 
 
 def pdus(context_id: int, command: bytes, dataset: bytes, max_pdu: int) -> bytes:

@@ -84,47 +84,60 @@ def wake_on_events(assoc: Any) -> None:
             writer.send(b"\0")
 
     activity = threading.Event()
+    dimse = assoc.dimse
     # nothing has been queued yet: the threads start after this
     dul.to_provider_queue = _WakingQueue(wake_dul)
     dul.to_user_queue = _WakingQueue(activity.set)
-    assoc.dimse.msg_queue = _WakingQueue(activity.set)
+    dimse.msg_queue = _WakingQueue(activity.set)
     dul._wake_reader, dul._wake_writer = reader, writer
     dul.run = types.MethodType(_dul_run, dul)
     assoc._activity = activity
     assoc._run_reactor = types.MethodType(_association_run_reactor, assoc)
-    dimse = assoc.dimse
     dimse.send_msg = types.MethodType(partial(_send_msg, dimse.send_msg), dimse)
 
 
-_UI = struct.Struct("<HHL")
+_ELEMENT = struct.Struct("<HHL")  # implicit VR: group, element, length
 _US = struct.Struct("<HHLH")
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
 
 
-def _ui(tag: int, value: str) -> bytes:
+def _ui(element: int, value: str) -> bytes:
     raw = value.encode("ascii")
     if len(raw) % 2:
         raw += b"\0"
-    return _UI.pack(0, tag, len(raw)) + raw
+    return _ELEMENT.pack(0, element, len(raw)) + raw
+
+
+def response_command(
+    command_field: int,
+    sop_class_uid: str,
+    message_id: int,
+    data_set_type: int,
+    status: int,
+    sop_instance_uid: str = "",
+) -> bytes:
+    """The command set of a DIMSE-C response without Error Comment or Offending Element, in
+    implicit VR little endian, ordered and padded as pynetdicom encodes it (PS3.7 9.3)."""
+    body = b"".join(
+        (
+            _ui(0x0002, sop_class_uid),
+            _US.pack(0, 0x0100, 2, command_field),
+            _US.pack(0, 0x0120, 2, message_id),
+            _US.pack(0, 0x0800, 2, data_set_type),
+            _US.pack(0, 0x0900, 2, status),
+            _ui(0x1000, sop_instance_uid) if sop_instance_uid else b"",
+        )
+    )
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<L", len(body)) + body
 
 
 def encode_store_rsp(
     sop_class_uid: str, message_id: int, status: int, sop_instance_uid: str
 ) -> bytes:
-    """The command set of a C-STORE-RSP without Error Comment or Offending Element, in
-    implicit VR little endian, as pynetdicom encodes it (PS3.7 9.3.1.2)."""
-    body = b"".join(
-        (
-            _ui(0x0002, sop_class_uid),
-            _US.pack(0, 0x0100, 2, C_STORE_RSP),
-            _US.pack(0, 0x0120, 2, message_id),
-            _US.pack(0, 0x0800, 2, NO_DATA_SET),
-            _US.pack(0, 0x0900, 2, status),
-            _ui(0x1000, sop_instance_uid),
-        )
-    )
-    return struct.pack("<HHLL", 0, 0x0000, 4, len(body)) + body
+    """The command set of a plain C-STORE-RSP (PS3.7 9.3.1.2)."""
+    return response_command(C_STORE_RSP, sop_class_uid, message_id, NO_DATA_SET, status,
+                            sop_instance_uid)  # fmt: skip
 
 
 def _send_msg(original: Callable[..., None], self: Any, primitive: Any, context_id: int) -> None:

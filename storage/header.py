@@ -77,7 +77,7 @@ def read_header(path: Path, defer_bytes: int) -> FileDataset | None:
             else:
                 return None
             try:
-                elements = _walk(data, start, implicit, defer_bytes)
+                elements, _ = _walk(data, start, implicit, defer_bytes)
             except _Unsure:
                 return None
     dataset = Dataset(cast("dict[BaseTag, RawDataElement | DataElement]", elements))
@@ -95,32 +95,17 @@ def _file_meta(data: mmap.mmap, pos: int) -> tuple[FileMetaDataset, int] | None:
     """The File Meta Information at *pos* (explicit VR little endian, PS3.10 7.1) as pydicom's
     ``_read_file_meta_info`` reads it, and where the data set starts; ``None`` for anything
     that reader would treat in its own way."""
-    elements: dict[BaseTag, RawDataElement] = {}
-    size = len(data)
-    while pos + 8 <= size:
-        if _IMPLICIT.unpack_from(data, pos)[0] != 0x0002:
-            break
-        try:
-            tag, vr, length, header = _element(data, pos, False)
-        except _Unsure:
-            return None
-        if vr is None or length == UNDEFINED or pos + header + length > size:
-            return None
-        value_tell = pos + header
-        value = data[value_tell : value_tell + length] if length else None
-        if value is None:
-            value = empty_value_for_VR(vr, raw=True)  # type: ignore[assignment]
-        elements[BaseTag(tag)] = RawDataElement(
-            BaseTag(tag), vr, length, value, value_tell, False, True
-        )
-        pos = value_tell + length
+    try:
+        elements, end = _walk(data, pos, False, UNDEFINED, group=0x0002)  # nothing deferred
+    except _Unsure:
+        return None
     if not elements:
         return None
     file_meta = FileMetaDataset(cast("dict[BaseTag, RawDataElement | DataElement]", elements))
     file_meta.set_original_encoding(
         is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
     )
-    return file_meta, pos
+    return file_meta, end
 
 
 class _Unsure(Exception):
@@ -186,13 +171,17 @@ def _sequence_end(data: mmap.mmap, pos: int, implicit: bool) -> int:
 
 
 def _walk(
-    data: mmap.mmap, pos: int, implicit: bool, defer_bytes: int
-) -> dict[BaseTag, RawDataElement]:
+    data: mmap.mmap, pos: int, implicit: bool, defer_bytes: int, group: int | None = None
+) -> tuple[dict[BaseTag, RawDataElement], int]:
+    """The top-level elements from *pos* (only those of *group*, when given: the walk stops
+    at the first element of another), and where the walk stopped."""
     size = len(data)
     elements: dict[BaseTag, RawDataElement] = {}
     if implicit and pos + 6 <= size and all(0x40 < b < 0x5B for b in data[pos + 4 : pos + 6]):
         raise _Unsure  # "implicit" data that looks explicit: pydicom decides
     while pos + 8 <= size:
+        if group is not None and _IMPLICIT.unpack_from(data, pos)[0] != group:
+            break  # checked before the VR: what follows may be implicit VR
         tag, vr, length, header = _element(data, pos, implicit)
         if tag == ITEM_END:  # an item delimiter where an element belongs: pydicom stops
             break
@@ -220,4 +209,4 @@ def _walk(
             BaseTag(tag), vr, length, value, value_tell, implicit, True
         )
         pos = value_tell + length
-    return elements
+    return elements, pos
