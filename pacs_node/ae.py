@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom import uid
@@ -26,6 +27,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from pacs_node.config import Config
 from pacs_node.reactor import wake_on_events
+from storage.files import FileStore
 
 # Every transfer syntax the node accepts for storage. Files are kept exactly as received; the
 # worker decodes them with pylibjpeg's plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
@@ -67,11 +69,13 @@ class NodelayAE(AE):
 
 
 class EventDrivenHandler(RequestHandler):
-    """Accepted associations run event-driven loops (:mod:`pacs_node.reactor`)."""
+    """Accepted associations run event-driven loops (:mod:`pacs_node.reactor`), and stream
+    received data sets into the server's ``stream_dir`` when it has one."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        wake_on_events(assoc)
+        server = cast(NodelayServer, self.server)
+        wake_on_events(assoc, server.stream_dir, server.stream_prefix)
         return assoc
 
 
@@ -81,6 +85,8 @@ class NodelayServer(ThreadedAssociationServer):
     on one port and the kernel spreads the associations over them."""
 
     connection_limits: Any = None  # a pacs_node.guard.ConnectionLimits, checked at accept
+    stream_dir: Path | None = None  # where received data sets are streamed (else /tmp)
+    stream_prefix = ""  # the names of those files start with it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", EventDrivenHandler)
@@ -107,11 +113,19 @@ class NodelayServer(ThreadedAssociationServer):
 
 
 def start_server(
-    ae: AE, address: tuple[str, int], *, connection_limits: Any = None, **kwargs: Any
+    ae: AE,
+    address: tuple[str, int],
+    *,
+    connection_limits: Any = None,
+    stream_to: FileStore | None = None,
+    **kwargs: Any,
 ) -> NodelayServer:
-    """What ``AE.start_server(block=False)`` does, with :class:`NodelayServer`."""
+    """What ``AE.start_server(block=False)`` does, with :class:`NodelayServer`; received data
+    sets are streamed into *stream_to*'s ``tmp/`` as its partial files."""
     server = cast(NodelayServer, ae.make_server(address, server_class=NodelayServer, **kwargs))
     server.connection_limits = connection_limits
+    if stream_to is not None:
+        server.stream_dir, server.stream_prefix = stream_to.tmp_dir, stream_to.partial_prefix()
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}")
     thread.daemon = True
     thread.start()

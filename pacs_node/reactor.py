@@ -30,13 +30,23 @@ builds each one's command set as a Dataset and encodes it twice with pydicom's g
 directly. Only for the plain response (no Error Comment or Offending Element, nobody bound to
 ``EVT_DIMSE_SENT``, a command set that fits one PDV); anything else goes through pynetdicom.
 ``tests/test_reactor.py`` compares the bytes.
+
+An accepted association given a *stream_dir* (the storage folder's ``tmp/``) also streams
+each received C-STORE data set there (:func:`_decode_msg`), named with the storage folder's
+partial-file prefix, instead of into a ``NamedTemporaryFile`` in the system temp folder:
+moving it into place is then a rename on one file system (where ``/tmp`` is a tmpfs, every
+file was copied), a crash leaves it where ``FileStore.clean_tmp`` finds it, and a data set cut
+off by an abort is removed when the association ends. Its file meta is written as bytes
+(byte-compared with pynetdicom's ``create_file_meta`` and pydicom's writer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import secrets
 import select
 import socket
 import ssl
@@ -45,11 +55,21 @@ import threading
 import types
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
 
 import pynetdicom
-from pynetdicom import evt
+from pydicom.uid import UID
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
+from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -70,8 +90,11 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake()
 
 
-def wake_on_events(assoc: Any) -> None:
-    """Replace *assoc*'s polling loops by event-driven ones; call before ``assoc.start()``."""
+def wake_on_events(assoc: Any, stream_dir: Path | None = None, prefix: str = "") -> None:
+    """Replace *assoc*'s polling loops by event-driven ones; call before ``assoc.start()``.
+    With *stream_dir*, received C-STORE data sets are streamed into files there whose names
+    start with *prefix* and end in ``.part`` (when pynetdicom streams at all:
+    ``STORE_RECV_CHUNKED_DATASET``)."""
     if not SUPPORTED:
         return
     dul = assoc.dul
@@ -94,6 +117,9 @@ def wake_on_events(assoc: Any) -> None:
     assoc._activity = activity
     assoc._run_reactor = types.MethodType(_association_run_reactor, assoc)
     dimse.send_msg = types.MethodType(partial(_send_msg, dimse.send_msg), dimse)
+    if stream_dir is not None:
+        receive = partial(_receive_primitive, dimse.receive_primitive, Path(stream_dir), prefix)
+        dimse.receive_primitive = types.MethodType(receive, dimse)
 
 
 _ELEMENT = struct.Struct("<HHL")  # implicit VR: group, element, length
@@ -168,6 +194,104 @@ def _send_msg(original: Callable[..., None], self: Any, primitive: Any, context_
     original(primitive, context_id)
 
 
+def _receive_primitive(
+    original: Callable[[Any], None], stream_dir: Path, prefix: str, self: Any, primitive: Any
+) -> None:
+    """``DIMSEServiceProvider.receive_primitive``, with a new message decoded by
+    :func:`_decode_msg` (an attribute of the instance, so it survives the message's change of
+    class once its command set is known)."""
+    if self.message is None:
+        message: Any = DIMSEMessage()
+        message.decode_msg = types.MethodType(partial(_decode_msg, stream_dir, prefix), message)
+        self.message = message
+    original(primitive)
+
+
+_EXPLICIT = struct.Struct("<HH2sH")  # explicit VR, 2-byte length
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 2, element, vr, len(value)) + value
+    return _EXPLICIT.pack(2, element, vr, len(value)) + value
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta of a streamed data set: what pynetdicom 3.0
+    writes there (``create_file_meta`` and pydicom's ``write_file_meta_info``)."""
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01", b"\0"),
+            _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0"),
+            _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0"),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\0"),
+            _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\0"),
+            _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" "),
+        )
+    )
+    group_length = _EXPLICIT.pack(2, 0x0000, b"UL", 4) + struct.pack("<L", len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+def _decode_msg(
+    stream_dir: Path, prefix: str, self: Any, primitive: P_DATA, assoc: Any = None
+) -> bool:
+    """pynetdicom 3.0's ``DIMSEMessage.decode_msg``, streaming a C-STORE data set into
+    *stream_dir* (see the module's docstring)."""
+    if primitive.__class__ != P_DATA or primitive is None:
+        return False
+    for context_id, data in primitive.presentation_data_value_list:
+        control = data[0]
+        if control & 1:  # command set
+            self.encoded_command_set.write(data[1:])
+            if control & 2:  # its last fragment
+                self.context_id = context_id
+                self.command_set = decode(self.encoded_command_set, True, True)
+                self.__class__ = _MESSAGE_TYPES[self.command_set.CommandField][1]
+                if self.command_set.CommandDataSetType == 0x0101:
+                    return True  # no data set
+                if _config.STORE_RECV_CHUNKED_DATASET and isinstance(self, C_STORE_RQ):
+                    command = self.command_set
+                    syntax = assoc._accepted_cx[context_id].transfer_syntax[0]
+                    path = stream_dir / f"{prefix}{secrets.token_hex(8)}.part"
+                    part = open(path, "xb")  # noqa: SIM115 (pynetdicom closes it)
+                    part.write(
+                        file_meta_bytes(
+                            str(UID(command.AffectedSOPClassUID)),
+                            str(UID(command.AffectedSOPInstanceUID)),
+                            str(syntax),
+                        )
+                    )
+                    self._data_set_file, self._data_set_path = cast(Any, part), path
+        else:  # data set
+            if self._data_set_file:
+                self._data_set_file.write(data[1:])
+            else:
+                self.data_set.write(data[1:])
+            if control & 2:  # its last fragment
+                if self._data_set_file:
+                    self._data_set_file.flush()  # read by path in the handler
+                return True
+    return False
+
+
+def _discard_partial(dimse: Any) -> None:
+    """Close and remove the file of a data set that never arrived whole (the association
+    ended part-way through it); a complete one was handed on and is not here."""
+    message: Any = getattr(dimse, "message", None)
+    part = getattr(message, "_data_set_file", None)
+    if part is None or not isinstance(getattr(part, "name", None), str):
+        return
+    with contextlib.suppress(OSError):
+        part.close()
+    with contextlib.suppress(OSError):
+        os.unlink(part.name)
+    message._data_set_file = None
+    message.data_set = BytesIO()
+
+
 def _dul_wait(dul: Any) -> None:
     """Block until the DUL has something to do, or :data:`MAX_WAIT_S` has passed."""
     if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
@@ -229,6 +353,7 @@ def _dul_run(self: Any) -> None:
     finally:
         self._wake_reader.close()
         self._wake_writer.close()
+        _discard_partial(self.assoc.dimse)
 
 
 def _association_run_reactor(self: Any) -> None:
@@ -239,6 +364,12 @@ def _association_run_reactor(self: Any) -> None:
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            # a send_* method cleared the checkpoint after this thread passed it, and may
+            # have read the flag before it fell: it is sending and will read the reply
+            # itself, so touch nothing and pause again. (pynetdicom's own loop has this
+            # window: it took a C-ECHO-RSP from a waiting send_c_echo on a loaded machine.)
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:

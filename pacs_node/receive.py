@@ -75,8 +75,13 @@ class Receiver:
             per_address=node.max_connections_per_address,
         )
         self.connection_limits = limits
+        stream_to = self.files if node.stream_to_disk else None
         self.server = start_server(
-            ae, (node.host, node.port), evt_handlers=handlers, connection_limits=limits
+            ae,
+            (node.host, node.port),
+            evt_handlers=handlers,
+            connection_limits=limits,
+            stream_to=stream_to,
         )
         tls = self.config.tls
         if tls.enabled:
@@ -86,6 +91,7 @@ class Receiver:
                 evt_handlers=handlers,
                 ssl_context=server_ssl_context(tls),
                 connection_limits=limits,
+                stream_to=stream_to,
             )
 
     def known_address(self, address: str) -> bool:

@@ -90,6 +90,24 @@ def test_store_every_transfer_syntax_is_durable_and_indexed(start_node):
         assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
+def test_received_data_sets_stream_into_the_storage_folder_not_the_system_temp(
+    start_node, tmp_path, monkeypatch
+):
+    """pynetdicom alone streams each data set into the system temp folder (a copy per file
+    where that is a tmpfs); the node streams into its storage folder's tmp/, so it stores
+    with the system temp folder gone."""
+    import tempfile
+
+    node = start_node()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-temp-folder"))
+    files = [CR_CHEST, *CT_SERIES[:3]]
+    assert [a.Status for a in scu.store(node.port, files)] == [statuses.SUCCESS] * len(files)
+    with node.db.read() as session:
+        stored = {i.sop_instance_uid for i in session.scalars(select(Instance)).all()}
+    assert stored == {str(pydicom.dcmread(path).SOPInstanceUID) for path in files}
+    assert not list((node.files.root / "tmp").iterdir()), "temporary files left behind"
+
+
 def test_store_with_storescu_and_skip_reasons(start_node):
     if not dcmtk_available("storescu"):
         pytest.skip("dcmtk not installed")

@@ -209,3 +209,129 @@ def test_stores_over_the_fast_response_and_a_refusal_with_its_comment(monkeypatc
         assert fast == [uid for uid, _ in answers if not uid.endswith("9")]  # 5 fast, 1 not
     finally:
         server.shutdown()
+
+
+def test_the_streamed_file_meta_bytes_are_pynetdicoms():
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    cases = [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2"),  # odd and even lengths
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.826.0.1.3680043.8.498.123", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.88.22", "2.25.12345678901234567890", "1.2.840.10008.1.2.4.50"),
+    ]
+    for sop_class, sop_instance, syntax in cases:
+        expected = BytesIO()
+        expected.write(b"\0" * 128 + b"DICM")
+        meta = create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+        )
+        write_file_meta_info(expected, meta)
+        assert reactor.file_meta_bytes(sop_class, sop_instance, syntax) == expected.getvalue()
+
+
+def _streaming_acceptor(tmp_path, handlers):
+    """The node's SCP streaming received data sets into a storage folder's tmp/."""
+    from storage.files import FileStore
+
+    files = FileStore(tmp_path / "storage")
+    port = free_port()
+    ae = build_scp(Config(node=NodeSettings(port=port)))
+    accepted: list = []
+    opened = (evt.EVT_CONN_OPEN, lambda event: accepted.append(event.assoc))
+    server = start_server(
+        ae, ("127.0.0.1", port), evt_handlers=[opened, *handlers], stream_to=files
+    )
+    return server, port, files, accepted
+
+
+def test_received_data_sets_stream_into_the_storage_folder_as_pynetdicom_writes_them(
+    tmp_path, monkeypatch
+):
+    """Each data set arrives as a partial file of the storage folder (its prefix, .part), with
+    the bytes pynetdicom's own stream to /tmp has for the same C-STORE; the file is gone once
+    the handler has returned (pynetdicom removes it when the handler did not move it)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    monkeypatch.setattr("pynetdicom._config.STORE_RECV_CHUNKED_DATASET", True)
+    seen: dict[str, list] = {"node": [], "plain": []}
+
+    def recorder(key):
+        def on_store(event):
+            path = event.dataset_path
+            seen[key].append((path, path.read_bytes()))
+            return 0x0000
+
+        return on_store
+
+    server, port, files, _ = _streaming_acceptor(tmp_path, [(evt.EVT_C_STORE, recorder("node"))])
+    plain_port = free_port()
+    plain = AE(ae_title="AINODE")
+    plain.add_supported_context(CTImageStorage)
+    plain_server = plain.start_server(
+        ("127.0.0.1", plain_port), block=False, evt_handlers=[(evt.EVT_C_STORE, recorder("plain"))]
+    )
+    try:
+        for which in (port, plain_port):
+            ae = NodelayAE(ae_title="TESTSCU")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # both accept it
+            ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+            assoc = ae.associate("127.0.0.1", which, ae_title="AINODE")
+            for path in CT_SERIES[:3]:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+            assoc.release()
+        assert len(seen["node"]) == len(seen["plain"]) == 3
+        for (path, data), (_, expected) in zip(seen["node"], seen["plain"], strict=True):
+            assert path.parent == files.tmp_dir
+            assert path.name.startswith(files.partial_prefix()) and path.name.endswith(".part")
+            assert data == expected
+            assert not path.exists()
+        assert list(files.tmp_dir.iterdir()) == []
+    finally:
+        server.shutdown()
+        plain_server.shutdown()
+
+
+def test_a_data_set_cut_off_by_an_abort_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The requestor sends a C-STORE's command and the first fragment of its data set, then
+    aborts: the acceptor removes the partial file when the association ends."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    monkeypatch.setattr("pynetdicom._config.STORE_RECV_CHUNKED_DATASET", True)
+    stored: list = []
+    handlers = [(evt.EVT_C_STORE, lambda event: stored.append(event) or 0x0000)]
+    server, port, files, accepted = _streaming_acceptor(tmp_path, handlers)
+    try:
+        ae = NodelayAE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        ds = pydicom.dcmread(CT_SERIES[0])
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        context = assoc.accepted_contexts[0]
+        syntax = context.transfer_syntax[0]
+        request.DataSet = BytesIO(encode(ds, syntax.is_implicit_VR, syntax.is_little_endian))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        pdus = list(message.encode_msg(context.context_id, 16382))
+        assert len(pdus) > 3  # a CT slice spans many fragments
+        for pdu in pdus[:3]:  # the command and the first data set fragments
+            assoc.dul.send_pdu(pdu)
+        assert _wait_for(lambda: any(files.tmp_dir.iterdir()))
+        assoc.abort()
+        assert _wait_for(lambda: bool(accepted) and not accepted[0].dul.is_alive())
+        assert list(files.tmp_dir.iterdir()) == []
+        assert stored == []
+    finally:
+        server.shutdown()
