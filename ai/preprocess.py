@@ -409,13 +409,13 @@ def heatmap_in_image_frame(
 ) -> np.ndarray:
     """A Grad-CAM map computed on the prepared image, placed over the original image of *shape*.
 
-    Without a crop or square the map already covers the whole image and is returned unchanged;
-    otherwise it is resized into the kept box and zero outside it, so overlays line up with the
-    original.
+    The map is resized into the kept box and zero outside it, so overlays line up with the
+    original; a box that is the whole image (no crop, or a lung box that spans it) gets the
+    map resized to the image, one already of the image's shape is returned unchanged.
     """
     opts = check_options(options)
     top, bottom, left, right = prepared_box(shape, opts, image)
-    if (top, left, bottom, right) == (0, 0, shape[0], shape[1]):
+    if (top, left, bottom, right) == (0, 0, shape[0], shape[1]) and heatmap.shape == shape[:2]:
         return heatmap
     placed = cv2.resize(
         heatmap.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR

@@ -216,3 +216,20 @@ def test_lung_crop_finds_the_lungs_of_real_radiographs_and_follows_them():
         prepared_box(blank.shape, with_lungs)
     with pytest.raises(ValueError, match="not both"):
         prepare_image(blank, {"lung_crop": True, "body_crop": True})
+
+
+def test_a_lung_box_spanning_the_whole_film_still_gives_a_heatmap_of_its_shape():
+    """The shared CR's lung square is the whole image: the 7 x 7 Grad-CAM map is resized to
+    it (the node's SC and parametric map need the source's shape), not returned as it is."""
+    import pydicom
+
+    from ai.preprocess import dicom_to_image, heatmap_in_image_frame, prepared_box
+    from tests.conftest import CR_CHEST
+
+    image = dicom_to_image(pydicom.dcmread(CR_CHEST))
+    options = {"square": True, "crop": 0.8, "lung_crop": True, "mask_border": 0.06}
+    assert prepared_box(image.shape, options, image) == (0, image.shape[0], 0, image.shape[1])
+    heat = heatmap_in_image_frame(np.ones((7, 7), np.float32), image.shape, options, image)
+    assert heat.shape == image.shape and heat.min() == 1.0
+    same = np.random.default_rng(0).random(image.shape, dtype=np.float32)
+    assert heatmap_in_image_frame(same, image.shape, {}, image) is same  # already its shape
