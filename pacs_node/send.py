@@ -3,8 +3,9 @@
 ``pacs-node send`` runs :func:`run`. Due deliveries are claimed in batches, one destination at a
 time; the association to a destination stays open while more deliveries for it are due, so a
 burst of results streams over one association instead of one association per poll. Each
-outcome is recorded (``done``, a retry after backoff, or ``failed``) as soon as its batch is
-answered. With ``peers[].confirm_deliveries`` (on by default) a batch the peer answered with
+outcome is recorded (``done``, a retry after backoff, or ``failed``) as soon as its C-STORE is
+answered, before the next is sent: a send role killed mid-batch sends again only the one that
+was in flight (the peer keeps one copy of a SOP Instance UID). With ``peers[].confirm_deliveries`` (on by default) a batch the peer answered with
 Success is confirmed (:mod:`pacs_node.confirm`): by Storage Commitment where the peer offers
 it, else by a C-FIND (IMAGE level) for the instances sent. One the peer does not hold is a
 failed attempt, sent again after the backoff; when the peer cannot be asked the delivery is done
@@ -36,7 +37,7 @@ from storage.models import Delivery, Instance, TaskState, utcnow
 
 log = logging.getLogger(__name__)
 
-BATCH = 32  # deliveries claimed (and recorded) at a time
+BATCH = 32  # deliveries claimed at a time (each recorded as it is answered)
 ASK_AGAIN_S = 60.0  # after a peer could not confirm deliveries (neither way)
 LINGER_S = 0.5  # an association with nothing more to send waits this long for more
 

@@ -87,9 +87,11 @@ def stream(
     items: Sequence[tuple[int, Path]],
     more: Callable[[], Sequence[tuple[int, Path]]],
 ) -> Iterator[list[Outcome]]:
-    """Send *items*, then whatever *more* returns, until it returns nothing; the outcomes of
-    each batch are yielded as soon as the batch is answered. One association carries it all
-    unless a batch needs a SOP class the open one was not negotiated for."""
+    """Send *items*, then whatever *more* returns, until it returns nothing. Each outcome is
+    yielded as soon as its answer comes, before the next C-STORE, so that the caller records it
+    then: a caller killed mid-batch sends again only the one C-STORE that was in flight. One
+    association carries it all unless a batch needs a SOP class the open one was not
+    negotiated for."""
     datasets, failed = _read(items)
     while True:  # the first batch that holds something readable
         if failed:
@@ -116,7 +118,8 @@ def stream(
         _keep_responses(assoc)
         try:
             while True:
-                yield [_store(assoc, key, ds) for key, ds in datasets]
+                for key, ds in datasets:
+                    yield [_store(assoc, key, ds)]
                 if not assoc.is_established:
                     return
                 datasets, failed = _read(list(more()))

@@ -183,8 +183,9 @@ def test_sigkill_mid_inference_and_mid_send(tmp_path):
             for p in received.iterdir()
         )
         duplicates = {u: n for u, n in receptions.items() if n > 1}
-        # only what was in flight at the kill can arrive twice; same UID, so a PACS keeps one
-        assert sum(n - 1 for n in duplicates.values()) <= 4
+        # each answer is recorded before the next C-STORE: only the one in flight at each of
+        # the two kills can arrive twice; same UID, so a PACS keeps one
+        assert sum(n - 1 for n in duplicates.values()) <= 2
         print(
             f"\nkilled during {phases}; {len(receptions)} results delivered, "
             f"{len(duplicates)} received twice (in flight at the kill)"
