@@ -99,8 +99,10 @@ def main() -> None:
                     flush=True,
                 )
             wall, cpu, model = (statistics.median(c) for c in zip(*rows, strict=True))
-            print(f"median: {wall:.1f} ms/job wall ({cpu:.1f} CPU), model {model:.1f} ms/image, "
-                  f"{wall / model:.1f}x")
+            print(
+                f"median: {wall:.1f} ms/job wall ({cpu:.1f} CPU), model {model:.1f} ms/image, "
+                f"{wall / model:.1f}x"
+            )
         finally:
             node.stop()
 

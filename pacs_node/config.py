@@ -151,6 +151,9 @@ class WorkerSettings:
     # services. 0 by default: on two cores 10 did not speed up receiving during a burst and
     # made the burst 20-30 % slower
     nice: int = 0
+    # first attempts at single-image series (CR, DX) of one model claimed together, at most;
+    # their results indexed and owed in one transaction. 1: a job at a time
+    batch_size: int = 8
 
     def priority(self, modality: str) -> int:
         return dict(self.modality_priority).get(modality, 0)
@@ -431,6 +434,9 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
     nice = _take(table, "nice", int, "worker", d.nice)
     if not 0 <= nice <= 19:
         raise ConfigError(f"worker.nice: must be 0 to 19, got {nice}")
+    batch_size = _take(table, "batch_size", int, "worker", d.batch_size)
+    if not 1 <= batch_size <= 64:
+        raise ConfigError(f"worker.batch_size: must be 1 to 64, got {batch_size}")
     priorities = _take(table, "modality_priority", dict, "worker", dict(d.modality_priority))
     for modality, value in priorities.items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -460,6 +466,7 @@ def _parse_worker(table: Mapping[str, Any]) -> WorkerSettings:
         ),
         parametric_map=_take(table, "parametric_map", bool, "worker", d.parametric_map),
         nice=nice,
+        batch_size=batch_size,
     )
 
 

@@ -5,8 +5,9 @@ time; the association to a destination stays open while more deliveries for it a
 burst of results streams over one association instead of one association per poll. Each
 outcome is recorded (``done``, a retry after backoff, or ``failed``) as soon as its C-STORE is
 answered, before the next is sent: a send role killed mid-batch sends again only the one that
-was in flight (the peer keeps one copy of a SOP Instance UID). With ``peers[].confirm_deliveries`` (on by default) a batch the peer answered with
-Success is confirmed (:mod:`pacs_node.confirm`): by Storage Commitment where the peer offers
+was in flight (the peer keeps one copy of a SOP Instance UID). With
+``peers[].confirm_deliveries`` (on by default) a batch the peer answered with Success is
+confirmed (:mod:`pacs_node.confirm`): by Storage Commitment where the peer offers
 it, else by a C-FIND (IMAGE level) for the instances sent. One the peer does not hold is a
 failed attempt, sent again after the backoff; when the peer cannot be asked the delivery is done
 and marked "unconfirmed" with the reason, for ``pacs-node status``. A peer that could not be

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -40,7 +40,7 @@ from pacs_node.process import Stop, Watchdog, file_store, owner_id, run_loop
 from storage import queue, tasks
 from storage.db import Database
 from storage.files import FileStore, instance_relpath
-from storage.ingest import record_instance
+from storage.ingest import Made, record_made
 from storage.models import Instance, Job, Result, Series, Study, TaskState, utcnow
 from storage.queue import Schedule
 
@@ -66,6 +66,22 @@ class SeriesWork:
     warning: str = ""  # analysed although its sender holds more of the series
     # for the audit trail: the study's patient, and the series' instances (SOP class, UID)
     subject: audit.StudyRecord | None = None
+    study_pk: int = 0
+
+
+@dataclass
+class Outcome:
+    """A job's results, built (the SR first), to be written and then recorded together with
+    the job's new state by *transition*; *after* runs once they are recorded."""
+
+    work: SeriesWork
+    outputs: list[Dataset]
+    result: dict[str, object]
+    transition: Callable[[Session, Job], object]
+    destinations: list[str]
+    after: Callable[[], None] = lambda: None
+    replaces: SrReference | None = None  # the SR of the result this one replaces
+    written: list[tuple[Dataset, Path, int]] = field(default_factory=list)
 
 
 def _write_bytes(data: bytes, fh: BinaryIO) -> None:
@@ -100,31 +116,66 @@ class Worker:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def run_one(self) -> bool:
-        """Claim and run one due job; False when none is due."""
+    def run_next(self) -> int:
+        """Claim and run the next due job, or a batch; returns how many were claimed (0: none
+        was due).
+
+        A first attempt at a single-image series (CR, DX) is claimed with up to
+        ``worker.batch_size - 1`` more of them for the same model: each is analysed in turn,
+        and their results are indexed, owed and recorded in one transaction (the forward
+        pass is not batched: on this CPU 16 images at once cost what 16 passes do). A retry
+        always runs alone, so an input that kills the process costs the jobs claimed with it
+        one attempt each, and the next claim isolates it; jobs with a single attempt are not
+        batched."""
+        settings = self.config.worker
+        now = utcnow()
         with self.db.session() as session:
-            claimed = tasks.claim(
-                session, Job, owner=self.owner, lease_s=self.config.worker.lease_s, now=utcnow()
-            )
+            claimed = tasks.claim(session, Job, owner=self.owner, lease_s=settings.lease_s, now=now)
             if not claimed:
-                return False
-            job = claimed[0]
-            work = self._series_work(session, job)
-            deadline_s = job.deadline_s
-        if work.modality not in SINGLE_IMAGE_MODALITIES:
-            warning = self._complete_or_defer(work)
+                return 0
+            first = claimed[0]
+            works = [self._series_work(session, first)]
+            if (
+                settings.batch_size > 1
+                and first.model_name
+                and first.attempts == 1
+                and first.max_attempts > 1
+                and works[0].modality in SINGLE_IMAGE_MODALITIES
+            ):
+                single_image = select(Series.id).where(
+                    Series.modality.in_(sorted(SINGLE_IMAGE_MODALITIES))
+                )
+                more = tasks.claim(
+                    session,
+                    Job,
+                    owner=self.owner,
+                    lease_s=settings.lease_s,
+                    now=now,
+                    limit=settings.batch_size - 1,
+                    where=[
+                        Job.model_name == first.model_name,
+                        Job.attempts == 0,
+                        Job.max_attempts > 1,  # a crash costs each an attempt: one to spare
+                        Job.series_pk.in_(single_image),
+                    ],
+                )
+                works += [self._series_work(session, job) for job in more]
+                claimed += more
+            deadline_s = max(job.deadline_s for job in claimed)
+        if works[0].modality not in SINGLE_IMAGE_MODALITIES:
+            warning = self._complete_or_defer(works[0])
             if warning is None:
-                return True
+                return 1
             if warning:
-                work = replace(work, warning=warning)
+                works = [replace(works[0], warning=warning)]
         if self.watchdog is not None:
-            self.watchdog.hold([work.job_id], deadline_s)
+            self.watchdog.hold([work.job_id for work in works], deadline_s)
         try:
-            self._run(work)
+            self._run(works)
         finally:
             if self.watchdog is not None:
                 self.watchdog.release()
-        return True
+        return len(works)
 
     def _series_work(self, session: Session, job: Job) -> SeriesWork:
         series = session.get(Series, job.series_pk)
@@ -160,6 +211,7 @@ class Worker:
             last_received_at=max((row[1] for row in rows), default=None),
             predecessor=self._current_sr(session, series.id, study.study_instance_uid),
             subject=subject,
+            study_pk=study.id,
         )
 
     def _current_sr(self, session: Session, series_pk: int, study_uid: str) -> SrReference | None:
@@ -226,39 +278,79 @@ class Worker:
         )
         return None
 
-    def _run(self, work: SeriesWork) -> None:
+    def _run(self, works: list[SeriesWork]) -> None:
+        """Analyse each job and build its results; then record them all together."""
+        ready = [outcome for work in works if (outcome := self._results_of(work)) is not None]
+        if ready:
+            self._record(ready)
+
+    def _results_of(self, work: SeriesWork) -> Outcome | None:
+        """The job's results, or None when it ended otherwise (skipped or failed: recorded)."""
         if not work.model_name:
             modality = work.modality or "(none)"
             self._skip(work, f"no model for modality {modality}: stored, not analysed")
-            return
+            return None
         try:
             analysis = self._analyse(work)
         except RuleSkip as exc:  # the configured rules: recorded, no "not analysed" report
             self._skip(work, f"not for {work.model_name} by the selection rules: {exc}", False)
-            return
+            return None
         except UnusableInputError as exc:
             self._skip(work, str(exc))
-            return
+            return None
         except ModelError as exc:
             self._fail(work, f"model unavailable: {exc}", permanent=True)
-            return
+            return None
         except Exception as exc:
             log_failure(log, "job %d (series %s) failed", work.job_id, work.series_uid)
             self._fail(work, f"{type(exc).__name__}: {exc}")
-            return
+            return None
         try:
-            self._store_results(work, analysis)
-        except LeaseLost:
-            log.warning(
-                "job %d (series %s): lease lost while working; results dropped",
-                work.job_id,
-                work.series_uid,
-            )
+            return self._results(work, analysis)
         except Exception as exc:
+            log_failure(
+                log, "job %d (series %s): building results failed", work.job_id, work.series_uid
+            )
+            self._fail(work, f"building results failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        """Write the outcomes' files, then record them in one transaction; when that fails
+        for a batch, each is tried alone, so that one cannot sink the others."""
+        try:
+            for outcome in outcomes:
+                if not outcome.written:
+                    outcome.written = self._write_outputs(outcome)
+            kept = self._commit(outcomes)
+        except Exception as exc:
+            if len(outcomes) > 1:
+                log_failure(log, "%d jobs: recording their results failed", len(outcomes))
+                for outcome in outcomes:
+                    self._record([outcome])
+                return
+            work = outcomes[0].work
             log_failure(
                 log, "job %d (series %s): storing results failed", work.job_id, work.series_uid
             )
             self._fail(work, f"storing results failed: {type(exc).__name__}: {exc}")
+            return
+        for outcome in outcomes:
+            work = outcome.work
+            if outcome not in kept:
+                log.warning(
+                    "job %d (series %s): lease lost while working; outcome dropped",
+                    work.job_id,
+                    work.series_uid,
+                )
+                continue
+            if outcome.replaces is not None:
+                log.info(
+                    "job %d (series %s): its SR supersedes %s",
+                    work.job_id,
+                    work.series_uid,
+                    outcome.replaces.sop_instance_uid,
+                )
+            outcome.after()
 
     def _held_job(self, session: Session, work: SeriesWork) -> Job:
         """The job, read afresh in *session*; :class:`LeaseLost` when it is no longer ours."""
@@ -390,27 +482,29 @@ class Worker:
         """Skip the job with *reason*; with ``worker.report_not_analysed`` (and *report_it*) an
         SR that says so goes back too (recorded with the skip, while the lease is still ours)."""
         report = self._not_analysed_report(work, reason) if report_it else None
+
+        def skipped() -> None:
+            made = [report] if report else None
+            self._audit(work, audit.MINOR_FAILURE, f"skipped: {reason}", made)
+            log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
+
+        def skip(session: Session, job: Job) -> None:
+            tasks.skip(session, job, reason, utcnow())
+
         if report is None:
-            self._finish(work, lambda s, j: tasks.skip(s, j, reason, utcnow()))
-        else:
-            result = dict(
-                model_name=work.model_name or "none",
-                model_version="",
-                label="not_analysed",
-                probability=0.0,
-                probabilities={},
-                sr_sop_instance_uid=str(report.SOPInstanceUID),
-                sc_sop_instance_uids=[],
-            )
-            try:
-                self._commit(
-                    work, [report], result, lambda s, j: tasks.skip(s, j, reason, utcnow())
-                )
-            except LeaseLost:
-                log.warning("job %d: lease lost while working; outcome dropped", work.job_id)
-                return
-        self._audit(work, audit.MINOR_FAILURE, f"skipped: {reason}", [report] if report else None)
-        log.info("job %d (series %s) skipped: %s", work.job_id, work.series_uid, reason)
+            self._finish(work, skip)
+            skipped()
+            return
+        result = dict(
+            model_name=work.model_name or "none",
+            model_version="",
+            label="not_analysed",
+            probability=0.0,
+            probabilities={},
+            sr_sop_instance_uid=str(report.SOPInstanceUID),
+            sc_sop_instance_uids=[],
+        )
+        self._record([self._outcome(work, [report], result, skip, skipped)])
 
     def _not_analysed_report(self, work: SeriesWork, reason: str) -> Dataset | None:
         if not self.config.worker.report_not_analysed:
@@ -434,79 +528,80 @@ class Worker:
             log_failure(log, "job %d: the not-analysed report could not be made", work.job_id)
             return None
 
-    def _commit(
+    def _outcome(
         self,
         work: SeriesWork,
         outputs: list[Dataset],
         result: dict[str, object],
         transition: Callable[[Session, Job], object],
-    ) -> list[str]:
-        """Write *outputs* (the SR first), then in one transaction, while the lease is still
-        this process's: index them, owe them to the destinations, record the Result (the one
-        it replaces marked so; the SR says which in its Predecessor Documents Sequence) and
-        apply *transition*. Returns the destinations; :class:`LeaseLost` when the job was
-        taken back."""
+        after: Callable[[], None],
+    ) -> Outcome:
+        """An :class:`Outcome`; the SR says which result it replaces, if any, in its
+        Predecessor Documents Sequence (PS3.3 C.17.2.3)."""
         sr = outputs[0]
         replaces = work.predecessor
         if replaces is not None and replaces.sop_instance_uid != sr.SOPInstanceUID:
             add_predecessor(sr, replaces)
         else:
             replaces = None
-        written = self._write_outputs(outputs)
         destinations = self.destinations(work.source_ae)
-        with self.db.session() as session:
-            job = self._held_job(session, work)
-            self._record_outputs(session, written, destinations, work.priority)
-            if replaces is not None:
-                session.execute(
-                    update(Result)
-                    .where(Result.series_pk == job.series_pk, Result.superseded_by == "")
-                    .values(superseded_by=str(sr.SOPInstanceUID))
-                    .execution_options(synchronize_session=False)
-                )
-            session.add(Result(job_pk=job.id, series_pk=job.series_pk, **result))
-            transition(session, job)
-        if destinations and self.owed is not None:
-            self.owed()
-        if replaces is not None:
-            log.info(
-                "job %d (series %s): its SR supersedes %s",
-                work.job_id,
-                work.series_uid,
-                replaces.sop_instance_uid,
-            )
-        return destinations
+        return Outcome(work, outputs, result, transition, destinations, after, replaces)
 
-    def _write_outputs(self, outputs: list[Dataset]) -> list[tuple[Dataset, Path, int]]:
+    def _commit(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """In one transaction, for the outcomes whose job is still this process's: index their
+        written results, owe them to the destinations, record each Result (the one it replaces
+        marked so) and apply each transition. Returns those recorded (the others' leases were
+        lost: their outcome is dropped)."""
+        with self.db.session() as session:
+            ids = [outcome.work.job_id for outcome in outcomes]
+            jobs = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job).where(Job.id.in_(ids)).execution_options(populate_existing=True)
+                )
+            }
+            kept = [
+                o
+                for o in outcomes
+                if (job := jobs.get(o.work.job_id)) is not None and tasks.holds(job, self.owner)
+            ]
+            made = [
+                Made(ds, relpath.as_posix(), size, o.work.study_pk)
+                for o in kept
+                for ds, relpath, size in o.written
+            ]
+            keys = iter(record_made(session, made))
+            owed: dict[tuple[tuple[str, ...], int], list[int]] = {}
+            for outcome in kept:
+                job = jobs[outcome.work.job_id]
+                pks = [next(keys) for _ in outcome.written]
+                owing = (tuple(outcome.destinations), outcome.work.priority)
+                owed.setdefault(owing, []).extend(pks)
+                if outcome.replaces is not None:
+                    session.execute(
+                        update(Result)
+                        .where(Result.series_pk == job.series_pk, Result.superseded_by == "")
+                        .values(superseded_by=str(outcome.outputs[0].SOPInstanceUID))
+                        .execution_options(synchronize_session=False)
+                    )
+                session.add(Result(job_pk=job.id, series_pk=job.series_pk, **outcome.result))
+                outcome.transition(session, job)
+            for (destinations, priority), pks in owed.items():
+                queue.owe(session, pks, destinations, self.delivery_schedule(priority))
+        if any(o.destinations for o in kept) and self.owed is not None:
+            self.owed()
+        return kept
+
+    def _write_outputs(self, outcome: Outcome) -> list[tuple[Dataset, Path, int]]:
         written = []
-        for ds in outputs:
+        for ds in outcome.outputs:
             relpath = instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             size = self.files.write_atomic(relpath, partial(_write_bytes, encoded(ds)))
             written.append((ds, relpath, size))
         return written
 
-    def _record_outputs(
-        self,
-        session: Session,
-        written: list[tuple[Dataset, Path, int]],
-        destinations: list[str],
-        priority: int,
-    ) -> None:
-        """Index the written results and owe each to every destination."""
-        schedule = self.delivery_schedule(priority)
-        for ds, relpath, size in written:
-            indexed = record_instance(
-                session,
-                ds,
-                relpath=relpath.as_posix(),
-                size_bytes=size,
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                generated=True,
-            )
-            for ae_title in destinations:
-                queue.add_delivery(session, indexed.instance_pk, ae_title, schedule)
-
-    def _store_results(self, work: SeriesWork, analysis: Analysis) -> None:
+    def _results(self, work: SeriesWork, analysis: Analysis) -> Outcome:
+        """The SR, SC (and Parametric Map) of *analysis*, with the job's ``done``."""
         prediction = analysis.prediction
         outputs = build_results(
             analysis,
@@ -534,28 +629,32 @@ class Worker:
             job.warnings = "\n".join(analysis.warnings)
             tasks.succeed(session, job, utcnow())
 
-        destinations = self._commit(work, outputs, result, done)
-        self._audit(
-            work,
-            audit.SUCCESS,
-            f"{prediction.label.name} {prediction.probability:.3f}",
-            outputs,
-            prediction.model_version,
-        )
-        for warning in analysis.warnings:
-            log.warning("job %d (series %s): %s", work.job_id, work.series_uid, warning)
-        log.info(
-            "job %d (series %s): %s %.3f by %s %s; %d images used, %d excluded; results owed to %s",
-            work.job_id,
-            work.series_uid,
-            prediction.label.name,
-            prediction.probability,
-            prediction.model_name,
-            prediction.model_version,
-            len(analysis.used),
-            len(analysis.excluded),
-            ", ".join(destinations) or "nobody",
-        )
+        def recorded() -> None:
+            self._audit(
+                work,
+                audit.SUCCESS,
+                f"{prediction.label.name} {prediction.probability:.3f}",
+                outputs,
+                prediction.model_version,
+            )
+            for warning in analysis.warnings:
+                log.warning("job %d (series %s): %s", work.job_id, work.series_uid, warning)
+            log.info(
+                "job %d (series %s): %s %.3f by %s %s; %d images used, %d excluded; "
+                "results owed to %s",
+                work.job_id,
+                work.series_uid,
+                prediction.label.name,
+                prediction.probability,
+                prediction.model_name,
+                prediction.model_version,
+                len(analysis.used),
+                len(analysis.excluded),
+                ", ".join(outcome.destinations) or "nobody",
+            )
+
+        outcome = self._outcome(work, outputs, result, done, recorded)
+        return outcome
 
     def destinations(self, source_ae: str) -> list[str]:
         """The peers owed a series' results: its sender if so configured, and the extra ones."""
@@ -589,8 +688,11 @@ class Worker:
     def run_pending(self, max_jobs: int = 10_000) -> int:
         """Run every job due now, synchronously; returns how many ran."""
         ran = 0
-        while ran < max_jobs and self.run_one():
-            ran += 1
+        for _ in range(max_jobs):  # bounded: each pass claims at least one job or stops
+            claimed = self.run_next()
+            if not claimed:
+                break
+            ran += claimed
         return ran
 
 
@@ -668,7 +770,7 @@ def run(config: Config, stop: Stop) -> None:
         with worker.trail.running():
             try:
                 run_loop(
-                    lambda: int(worker.run_one()),
+                    worker.run_next,
                     config.worker.poll_interval_s,
                     stop,
                     sweep=worker.sweep,

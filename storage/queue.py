@@ -17,6 +17,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from storage import tasks
+from storage.ingest import dialect_insert
 from storage.models import Delivery, Instance, Job, TaskState, utcnow
 from storage.prepared import Prepared, prepare
 
@@ -133,6 +134,46 @@ def add_delivery(
     elif delivery.state == TaskState.FAILED:
         tasks.retry(delivery, utcnow())
     return delivery
+
+
+def owe(
+    session: Session, instance_pks: Sequence[int], destinations: Sequence[str], schedule: Schedule
+) -> None:
+    """:func:`add_delivery` of every (instance, destination) pair, in two statements for any
+    number of them: a pair owed already is left alone, unless its delivery failed, which then
+    starts over."""
+    if not instance_pks or not destinations:
+        return
+    conn = session.connection()
+    now = utcnow()
+    rows = [
+        {
+            "instance_pk": pk,
+            "destination_ae": ae_title,
+            "max_attempts": schedule.max_attempts,
+            "backoff_initial_s": schedule.backoff_initial_s,
+            "backoff_max_s": schedule.backoff_max_s,
+            "deadline_s": schedule.deadline_s,
+            "priority": schedule.priority,
+            "not_before": now,
+        }
+        for pk in instance_pks
+        for ae_title in destinations
+    ]
+    conn.execute(
+        dialect_insert(conn.dialect)(Delivery).on_conflict_do_nothing(
+            index_elements=[Delivery.instance_pk, Delivery.destination_ae]
+        ),
+        rows,
+    )
+    for delivery in session.scalars(
+        select(Delivery).where(
+            Delivery.instance_pk.in_(list(instance_pks)),
+            Delivery.destination_ae.in_(list(destinations)),
+            Delivery.state == TaskState.FAILED,
+        )
+    ):
+        tasks.retry(delivery, now)
 
 
 def failed_deliveries(session: Session, limit: int) -> list[tuple[Delivery, str]]:

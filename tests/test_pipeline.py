@@ -284,3 +284,130 @@ def test_each_delivery_is_recorded_before_the_next_is_sent(start_node, tmp_path)
         assert done_when_sent == list(range(sent))
     finally:
         server.shutdown()
+
+
+def _cr_studies(count: int, tag: int) -> list[pydicom.Dataset]:
+    out = []
+    for i in range(count):
+        ds = pydicom.dcmread(CR_CHEST)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = f"1.2.3.{tag}.{i}.1", f"1.2.3.{tag}.{i}.2"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.3.{tag}.{i}.3"
+        out.append(ds)
+    return out
+
+
+def test_radiographs_are_claimed_in_batches_and_a_retry_runs_alone(start_node, tmp_path):
+    peer = Peer("PACS", "127.0.0.1", free_port())  # owed the results; no send role runs here
+    config = make_config(tmp_path, peers=(peer,))
+    node = start_node(replace(config, worker=replace(config.worker, batch_size=3)))
+    assert all(a.Status == 0 for a in scu.store(node.port, _cr_studies(5, 1), calling="PACS"))
+    assert [node.worker.run_next(), node.worker.run_next(), node.worker.run_next()] == [3, 2, 0]
+    with node.db.read() as session:
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        results = session.scalars(select(Result)).all()
+        deliveries = session.scalars(select(Delivery)).all()
+        made = session.execute(
+            select(Instance.sop_instance_uid, Series.modality, Series.generated)
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.generated.is_(True))
+        ).all()
+    assert [j.state for j in jobs] == [TaskState.DONE] * 5
+    assert len({j.started_at for j in jobs[:3]}) == 1  # claimed together
+    assert len({j.started_at for j in jobs}) == 2
+    assert len(results) == 5
+    owed = {u for r in results for u in (r.sr_sop_instance_uid, *r.sc_sop_instance_uids)}
+    assert {uid for uid, _, _ in made} == owed and len(owed) == 15
+    assert sorted(m for _, m, _ in made) == ["OT"] * 10 + ["SR"] * 5  # SC and PM: OT
+    assert len(deliveries) == 15 and {d.destination_ae for d in deliveries} == {"PACS"}
+    assert all(d.state == TaskState.QUEUED and d.priority == jobs[0].priority for d in deliveries)
+    # a retry (it had an attempt that failed, as when its worker died) is claimed alone
+    with node.db.session() as session:
+        job = session.get(Job, jobs[0].id)
+        job.state, job.attempts, job.not_before = TaskState.QUEUED, 1, job.created_at
+    assert all(a.Status == 0 for a in scu.store(node.port, _cr_studies(2, 2), calling="PACS"))
+    assert [node.worker.run_next(), node.worker.run_next()] == [1, 2]
+    with node.db.read() as session:
+        assert len(session.scalars(select(Delivery)).all()) == 21  # the retry owes no more
+        assert {j.state for j in session.scalars(select(Job))} == {TaskState.DONE}
+
+
+def test_results_indexed_together_as_one_at_a_time(tmp_path):
+    """``record_made`` (a batch's results in four statements) writes the rows that
+    ``record_instance`` writes for the same instances, and updates them on a retry."""
+    from storage.db import Database
+    from storage.ingest import Made, record_instance, record_made
+
+    source = pydicom.dcmread(CR_CHEST)
+    outputs = []
+    for n, (modality, sop_class) in enumerate([("SR", "1.2.840.10008.5.1.4.1.1.88.33")] * 2):
+        ds = pydicom.dcmread(CR_CHEST, stop_before_pixels=True)
+        ds.Modality, ds.SOPClassUID, ds.SeriesNumber = modality, sop_class, 900 + n
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = f"1.2.3.9.{n}", f"1.2.3.9.{n}.1"
+        ds.SeriesDescription, ds.InstanceNumber = "AI result, not for diagnostic use", 1
+        outputs.append(ds)
+    outputs.append(pydicom.dcmread(CR_CHEST, stop_before_pixels=True))
+    # an image result (as the SC), in a series of its own
+    outputs[2].SeriesInstanceUID, outputs[2].SOPInstanceUID = "1.2.3.9.2", "1.2.3.9.2.1"
+    tables = []
+    for way in ("one", "together"):
+        db = Database(f"sqlite:///{tmp_path / way}.db")
+        with db.session() as session:
+            study_pk = record_instance(
+                session,
+                source,
+                relpath="in.dcm",
+                size_bytes=1,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+            ).study_pk
+            for attempt in range(2):  # a retry indexes the same instances again
+                if way == "one":
+                    for i, ds in enumerate(outputs):
+                        record_instance(
+                            session,
+                            ds,
+                            relpath=f"out{i}.dcm",
+                            size_bytes=10 + attempt,
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                            generated=True,
+                        )
+                else:
+                    made = [
+                        Made(ds, f"out{i}.dcm", 10 + attempt, study_pk)
+                        for i, ds in enumerate(outputs)
+                    ]
+                    keys = record_made(session, made)
+                    assert len(set(keys)) == 3
+        with db.read() as session:
+            series = session.execute(
+                select(
+                    Series.series_instance_uid,
+                    Series.study_pk,
+                    Series.modality,
+                    Series.series_number,
+                    Series.series_description,
+                    Series.body_part_examined,
+                    Series.source_ae,
+                    Series.generated,
+                ).order_by(Series.series_instance_uid)
+            ).all()
+            instances = session.execute(
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.sop_class_uid,
+                    Instance.instance_number,
+                    Instance.transfer_syntax_uid,
+                    Instance.path,
+                    Instance.size_bytes,
+                    Instance.rows,
+                    Instance.columns,
+                    Instance.content_date,
+                    Series.series_instance_uid,
+                )
+                .join(Series)
+                .order_by(Instance.sop_instance_uid)
+            ).all()
+        db.dispose()
+        tables.append((series, instances))
+    assert tables[0] == tables[1]
+    made_rows = [row for row in tables[0][1] if row[4] != "in.dcm"]
+    assert len(made_rows) == 3 and {row[5] for row in made_rows} == {11}  # the retry's size
