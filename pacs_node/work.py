@@ -629,7 +629,9 @@ class Worker:
             job.warnings = "\n".join(analysis.warnings)
             tasks.succeed(session, job, utcnow())
 
-        def recorded() -> None:
+        owed_to = ", ".join(self.destinations(work.source_ae)) or "nobody"
+
+        def recorded() -> None:  # refers to no Outcome: a cycle would hold its arrays until gc
             self._audit(
                 work,
                 audit.SUCCESS,
@@ -650,11 +652,10 @@ class Worker:
                 prediction.model_version,
                 len(analysis.used),
                 len(analysis.excluded),
-                ", ".join(outcome.destinations) or "nobody",
+                owed_to,
             )
 
-        outcome = self._outcome(work, outputs, result, done, recorded)
-        return outcome
+        return self._outcome(work, outputs, result, done, recorded)
 
     def destinations(self, source_ae: str) -> list[str]:
         """The peers owed a series' results: its sender if so configured, and the extra ones."""
