@@ -38,7 +38,7 @@ from ai.eligibility import charset_warning, ct_reason, cxr_reason
 from ai.errors import UnusableInputError
 from ai.model import Predictor
 from ai.outputs import Prediction
-from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame
+from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame, plan_crop
 
 BATCH_SIZE = 16
 MAX_EXPLAINED = 3
@@ -166,8 +166,16 @@ def analyse_images(
         raise UnusableInputError("no image to classify")
     raw_parts, feature_parts = [], []
     inference_s = 0.0
+    # the lungs (or the body) are looked for once per image: for the input and for the map
+    crops = [plan_crop(image, spec.preprocessing) for image in images]
     for i in range(0, len(images), BATCH_SIZE):
-        x = batch(images[i : i + BATCH_SIZE], spec.input_size, spec.channels, spec.preprocessing)
+        x = batch(
+            images[i : i + BATCH_SIZE],
+            spec.input_size,
+            spec.channels,
+            spec.preprocessing,
+            crops[i : i + BATCH_SIZE],
+        )
         started = time.perf_counter()
         p, f = classifier.forward(x)
         inference_s += time.perf_counter() - started
@@ -234,7 +242,9 @@ def analyse_images(
         Explained(
             name=names[i],
             image=images[i],
-            heatmap=heatmap_in_image_frame(maps[j], images[i].shape, spec.preprocessing, images[i]),
+            heatmap=heatmap_in_image_frame(
+                maps[j], images[i].shape, spec.preprocessing, images[i], crops[i]
+            ),
             probability=float(probs[i, label]),
             dataset=datasets[i] if datasets is not None else None,
         )

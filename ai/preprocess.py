@@ -313,6 +313,16 @@ def _body_box(shape: tuple[int, ...], mask: np.ndarray | None) -> tuple[int, int
     return top, top + side, left, left + side
 
 
+Crop = tuple[tuple[int, int, int, int], "np.ndarray | None"]  # (box, body mask) of an image
+
+
+def plan_crop(image: np.ndarray, options: Mapping[str, Any] | None) -> Crop:
+    """What :func:`prepare` keeps of *image* (its box, and the body mask with ``body_crop``),
+    found once: :func:`to_model_input` and :func:`heatmap_in_image_frame` take it instead of
+    looking for the lungs or the body again."""
+    return _box_and_mask(np.shape(image), check_options(options), image)
+
+
 def prepared_box(
     shape: tuple[int, ...], options: Mapping[str, Any], image: np.ndarray | None = None
 ) -> tuple[int, int, int, int]:
@@ -349,13 +359,18 @@ def _box_and_mask(
     return (top, bottom, left, right), mask
 
 
-def prepare(image: np.ndarray, options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Apply the shortcut-removing *options* to a 2-D [0, 1] image; no options: unchanged."""
+def prepare(
+    image: np.ndarray, options: Mapping[str, Any] | None = None, crop: Crop | None = None
+) -> np.ndarray:
+    """Apply the shortcut-removing *options* to a 2-D [0, 1] image; no options: unchanged.
+    *crop*: :func:`plan_crop` of this image and options, when already found."""
     opts = check_options(options)
     if not opts:
         return image
     out = np.asarray(image, dtype=np.float32)
-    (top, bottom, left, right), mask = _box_and_mask(out.shape, opts, out)
+    (top, bottom, left, right), mask = (
+        crop if crop is not None else _box_and_mask(out.shape, opts, out)
+    )
     if opts.get("body_crop"):
         if mask is not None:
             out = np.where(mask, out, 0.0).astype(np.float32)
@@ -406,15 +421,20 @@ def heatmap_in_image_frame(
     shape: tuple[int, ...],
     options: Mapping[str, Any] | None = None,
     image: np.ndarray | None = None,
+    crop: Crop | None = None,
 ) -> np.ndarray:
     """A Grad-CAM map computed on the prepared image, placed over the original image of *shape*.
 
     The map is resized into the kept box and zero outside it, so overlays line up with the
     original; a box that is the whole image (no crop, or a lung box that spans it) gets the
     map resized to the image, one already of the image's shape is returned unchanged.
+    *crop*: :func:`plan_crop` of the image, when already found.
     """
     opts = check_options(options)
-    top, bottom, left, right = prepared_box(shape, opts, image)
+    if crop is not None:
+        top, bottom, left, right = crop[0]
+    else:
+        top, bottom, left, right = prepared_box(shape, opts, image)
     if (top, left, bottom, right) == (0, 0, shape[0], shape[1]) and heatmap.shape == shape[:2]:
         return heatmap
     placed = cv2.resize(
@@ -433,10 +453,11 @@ def to_model_input(
     size: int,
     channels: int = 1,
     options: Mapping[str, Any] | None = None,
+    crop: Crop | None = None,
 ) -> np.ndarray:
     """Prepare (see :func:`prepare`), resize a [0, 1] image to ``size x size`` and give it the
     model's channel count (grey replicated)."""
-    image = prepare(image, options)
+    image = prepare(image, options, crop)
     interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
     resized = cv2.resize(image.astype(np.float32), (size, size), interpolation=interp)
     resized = resized[..., np.newaxis]
@@ -450,11 +471,14 @@ def batch(
     size: int,
     channels: int = 1,
     options: Mapping[str, Any] | None = None,
+    crops: Sequence[Crop] | None = None,
 ) -> np.ndarray:
-    return (
-        np.stack([to_model_input(i, size, channels, options) for i in images])
-        if images
-        else np.zeros((0, size, size, channels), np.float32)
+    """:func:`to_model_input` of each image (*crops*: their :func:`plan_crop`, if found)."""
+    if not images:
+        return np.zeros((0, size, size, channels), np.float32)
+    plans = crops if crops is not None else [None] * len(images)
+    return np.stack(
+        [to_model_input(i, size, channels, options, c) for i, c in zip(images, plans, strict=True)]
     )
 
 

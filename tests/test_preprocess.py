@@ -233,3 +233,31 @@ def test_a_lung_box_spanning_the_whole_film_still_gives_a_heatmap_of_its_shape()
     assert heat.shape == image.shape and heat.min() == 1.0
     same = np.random.default_rng(0).random(image.shape, dtype=np.float32)
     assert heatmap_in_image_frame(same, image.shape, {}, image) is same  # already its shape
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"square": True, "crop": 0.8, "lung_crop": True, "mask_border": 0.06},
+        {"body_crop": True},
+        {"square": True, "crop": 0.9, "clahe": 2.0},
+    ],
+    ids=["lung_crop", "body_crop", "square"],
+)
+def test_a_crop_found_once_gives_what_finding_it_each_time_gives(options):
+    """The node looks for the lungs (or the body) once per image: the model input and the
+    heatmap's place are those found without the plan, on a radiograph, a CT slice and a
+    radiograph whose lungs lie inside the film."""
+    from ai.preprocess import LUNG_WINDOW, batch, heatmap_in_image_frame, plan_crop
+
+    images = [
+        dicom_to_image(pydicom.dcmread(CR_CHEST)),
+        dicom_to_image(pydicom.dcmread(CT_SERIES[15]), window=LUNG_WINDOW),
+        np.pad(dicom_to_image(pydicom.dcmread(CR_CHEST)), 120),  # the lungs well inside
+    ]
+    crops = [plan_crop(image, options) for image in images]
+    assert np.array_equal(batch(images, 96, 3, options, crops), batch(images, 96, 3, options))
+    heat = np.random.default_rng(1).random((7, 7), dtype=np.float32)
+    for image, crop in zip(images, crops, strict=True):
+        planned = heatmap_in_image_frame(heat, image.shape, options, image, crop)
+        assert np.array_equal(planned, heatmap_in_image_frame(heat, image.shape, options, image))
