@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -113,6 +114,7 @@ class Worker:
         self.watchdog = watchdog
         self.trail = trail or AuditTrail(config, "work")
         self.owed = owed  # called when results are owed to a peer (the send role is nudged)
+        self._writes: ThreadPoolExecutor | None = None  # a batch's result files, in order
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -279,10 +281,30 @@ class Worker:
         return None
 
     def _run(self, works: list[SeriesWork]) -> None:
-        """Analyse each job and build its results; then record them all together."""
-        ready = [outcome for work in works if (outcome := self._results_of(work)) is not None]
+        """Analyse each job and build its results; then record them all together. In a
+        batch, a thread writes (and fsyncs) each job's files while the next is analysed."""
+        if len(works) == 1:
+            outcome = self._results_of(works[0])
+            if outcome is not None:
+                self._record([outcome])
+            return
+        ready: list[tuple[Outcome, Future[list[tuple[Dataset, Path, int]]]]] = []
+        for work in works:
+            outcome = self._results_of(work)
+            if outcome is not None:
+                ready.append((outcome, self._writer().submit(self._write_outputs, outcome)))
+        for outcome, writing in ready:
+            try:
+                outcome.written = writing.result()
+            except Exception:  # written again by _record, which reports what fails there
+                log_failure(log, "job %d: writing its results failed", outcome.work.job_id)
         if ready:
-            self._record(ready)
+            self._record([outcome for outcome, _ in ready])
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._writes is None:
+            self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-results")
+        return self._writes
 
     def _results_of(self, work: SeriesWork) -> Outcome | None:
         """The job's results, or None when it ended otherwise (skipped or failed: recorded)."""

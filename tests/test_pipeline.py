@@ -433,3 +433,33 @@ def test_a_batch_leaves_no_cycle_holding_its_arrays(start_node, tmp_path):
     finally:
         gc.enable()
     assert alive == []
+
+
+def test_a_batch_job_whose_results_cannot_be_written_fails_alone(start_node, tmp_path):
+    """The results of a batch are written by a thread while the next job is analysed; one
+    job whose SR cannot be written (a file stands where its series folder goes) fails with
+    the reason after its attempts, and the other jobs of the batch are done."""
+    from ai.results import derived_uid
+    from ai.runtime import load_runtime_classifier
+
+    config = make_config(tmp_path)
+    config = replace(config, worker=replace(config.worker, max_attempts=2, retry_backoff_s=0.0))
+    node = start_node(config)
+    studies = _cr_studies(3, 4)
+    spec = load_runtime_classifier("cxr", "onnx").spec
+    blocked = studies[1]
+    key = [spec.name, spec.version, str(blocked.SOPInstanceUID)]
+    study_dir = node.files.root / "instances" / str(blocked.StudyInstanceUID)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / derived_uid("sr-series", *key)).write_bytes(b"not a folder")
+    assert all(a.Status == 0 for a in scu.store(node.port, studies))
+    assert node.worker.run_next() == 3
+    states = _job_states(node)
+    assert states[str(studies[0].SeriesInstanceUID)][0] == TaskState.DONE
+    assert states[str(studies[2].SeriesInstanceUID)][0] == TaskState.DONE
+    state, error = states[str(blocked.SeriesInstanceUID)]
+    assert state == TaskState.QUEUED and error.startswith("storing results failed")
+    node.worker.run_pending()  # its retry, alone: fails again, out of attempts
+    state, error = _job_states(node)[str(blocked.SeriesInstanceUID)]
+    assert state == TaskState.FAILED and "storing results failed" in error
+    assert len(_results(node)) == 2
