@@ -7,6 +7,7 @@ every item gets an :class:`Outcome`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
 
-from pacs_node import statuses
+from pacs_node import faststore, statuses
 from pacs_node.ae import build_scu
 from pacs_node.config import Config, Peer
 
@@ -64,6 +65,7 @@ class _File:
     path: Path
     SOPClassUID: UID
     transfer_syntax: UID
+    sop_instance_uid: str
 
 
 def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, _File]], list[Outcome]]:
@@ -74,7 +76,15 @@ def _read(items: Sequence[tuple[int, Path]]) -> tuple[list[tuple[int, _File]], l
         try:
             meta = read_file_meta_info(path)
             datasets.append(
-                (key, _File(path, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)))
+                (
+                    key,
+                    _File(
+                        path,
+                        UID(meta.MediaStorageSOPClassUID),
+                        UID(meta.TransferSyntaxUID),
+                        str(meta.MediaStorageSOPInstanceUID),
+                    ),
+                )
             )
         except Exception as exc:
             outcomes.append(Outcome(key, None, f"cannot read {path.name}: {exc}", permanent=True))
@@ -116,10 +126,11 @@ def stream(
             yield [Outcome(k, None, f"association with {where} {how}") for k, _ in datasets]
             return
         _keep_responses(assoc)
+        message_ids = itertools.count(1)
         try:
             while True:
                 for key, ds in datasets:
-                    yield [_store(assoc, key, ds)]
+                    yield [_store(assoc, key, ds, next(message_ids) % 0x10000 or 1)]
                 if not assoc.is_established:
                     return
                 datasets, failed = _read(list(more()))
@@ -153,7 +164,7 @@ def _keep_responses(assoc: Any) -> None:
     assoc._serve_request = serve_or_return
 
 
-def _store(assoc: Any, key: int, item: _File) -> Outcome:
+def _store(assoc: Any, key: int, item: _File, message_id: int) -> Outcome:
     if not assoc.is_established:
         return Outcome(key, None, "association ended before sending")
     try:
@@ -161,11 +172,24 @@ def _store(assoc: Any, key: int, item: _File) -> Outcome:
             cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax
             for cx in assoc.accepted_contexts
         )
-        # in the file's own transfer syntax, pynetdicom sends the encoded data set as it lies
-        # on disk (STORE_SEND_CHUNKED_DATASET); another one accepted needs it decoded and
-        # encoded again
-        what: Path | Dataset = item.path if as_written else pydicom.dcmread(item.path)
-        answer = assoc.send_c_store(what)
+        # in the file's own transfer syntax, the encoded data set goes as it lies on disk
+        # (pacs_node.faststore, else pynetdicom's STORE_SEND_CHUNKED_DATASET); another one
+        # accepted needs it decoded and encoded again
+        answer = (
+            faststore.store(
+                assoc,
+                item.path,
+                str(item.SOPClassUID),
+                item.sop_instance_uid,
+                str(item.transfer_syntax),
+                message_id,
+            )
+            if as_written
+            else None
+        )
+        if answer is None:
+            what: Path | Dataset = item.path if as_written else pydicom.dcmread(item.path)
+            answer = assoc.send_c_store(what, msg_id=message_id)
     except Exception as exc:  # e.g. no accepted presentation context for the class
         return Outcome(key, None, f"{type(exc).__name__}: {exc}", permanent=True)
     code = int(answer.Status) if "Status" in answer else None
