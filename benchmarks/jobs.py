@@ -13,36 +13,24 @@ the ratio job / forward pass. ``--profile`` writes a cProfile of the jobs of the
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# as `pacs-node work` runs (pacs_node.cli): OpenBLAS threads spinning would double the CPU
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from benchmarks.burst import make_studies  # noqa: E402
 from pacs_node.config import Peer  # noqa: E402
 from pacs_node.node import Node  # noqa: E402
 from storage.models import Job, TaskState  # noqa: E402
 from tests import scu  # noqa: E402
 from tests.conftest import CR_CHEST, make_config  # noqa: E402
-
-
-def studies(count: int) -> list[pydicom.Dataset]:
-    template = pydicom.dcmread(CR_CHEST)
-    out = []
-    for i in range(count):
-        ds = copy.deepcopy(template)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.PatientName, ds.PatientID = f"Jobs^Patient{i:03d}", f"JOBS{i:05d}"
-        out.append(ds)
-    return out
 
 
 def forward_ms(count: int) -> float:
@@ -76,7 +64,8 @@ def main() -> None:
         try:
             rows = []
             for rnd in range(args.rounds):
-                answers = scu.store(node.port, studies(args.studies), calling="PACS")
+                files = make_studies(Path(tmp) / f"in{rnd}", args.studies)  # the burst's
+                answers = scu.store(node.port, files, calling="PACS")
                 assert all(a.Status == 0 for a in answers)
                 profiler = cProfile.Profile() if args.profile and rnd == args.rounds - 1 else None
                 cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import split_dataset
 
 from pacs_node.fastfind import SendFailed, pdus, send_within
-from pacs_node.reactor import _ELEMENT, _US, _ui
+from pacs_node.reactor import command_set
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +43,14 @@ def request_command(
 ) -> bytes:
     """The command set of a C-STORE-RQ with a data set and no Move Originator (PS3.7 9.3.1.1),
     in implicit VR little endian, ordered and padded as pynetdicom encodes it."""
-    body = b"".join(
-        (
-            _ui(0x0002, sop_class_uid),
-            _US.pack(0, 0x0100, 2, C_STORE_RQ),
-            _US.pack(0, 0x0110, 2, message_id),
-            _US.pack(0, 0x0700, 2, priority),
-            _US.pack(0, 0x0800, 2, DATA_SET_PRESENT),
-            _ui(0x1000, sop_instance_uid),
-        )
+    return command_set(
+        (0x0002, sop_class_uid),
+        (0x0100, C_STORE_RQ),
+        (0x0110, message_id),
+        (0x0700, priority),
+        (0x0800, DATA_SET_PRESENT),
+        (0x1000, sop_instance_uid),
     )
-    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<L", len(body)) + body
 
 
 def request_pdus(

@@ -145,15 +145,24 @@ def response_command(
 ) -> bytes:
     """The command set of a DIMSE-C response without Error Comment or Offending Element, in
     implicit VR little endian, ordered and padded as pynetdicom encodes it (PS3.7 9.3)."""
+    return command_set(
+        (0x0002, sop_class_uid),
+        (0x0100, command_field),
+        (0x0120, message_id),
+        (0x0800, data_set_type),
+        (0x0900, status),
+        (0x1000, sop_instance_uid),
+    )
+
+
+def command_set(*elements: tuple[int, str | int]) -> bytes:
+    """A command set (group 0000, implicit VR little endian) of *elements* (element number,
+    value) in the order given: a str is a UI value (left out when empty), an int a US value;
+    the Command Group Length first, as pynetdicom encodes it."""
     body = b"".join(
-        (
-            _ui(0x0002, sop_class_uid),
-            _US.pack(0, 0x0100, 2, command_field),
-            _US.pack(0, 0x0120, 2, message_id),
-            _US.pack(0, 0x0800, 2, data_set_type),
-            _US.pack(0, 0x0900, 2, status),
-            _ui(0x1000, sop_instance_uid) if sop_instance_uid else b"",
-        )
+        _US.pack(0, element, 2, value) if isinstance(value, int) else _ui(element, value)
+        for element, value in elements
+        if value != ""
     )
     return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<L", len(body)) + body
 

@@ -1,4 +1,5 @@
-"""The work role: claim a job, run the model through ``ai``, store the results, owe them.
+"""The work role: claim a job (radiographs: a batch), run the model through ``ai``, store the
+results, owe them.
 
 ``pacs-node work`` runs :func:`run` (any number of them, on any machine that sees the database
 and the storage folder); a job row is the only thing that moves work between the roles. Each
