@@ -1263,8 +1263,10 @@ def _as_unit_2d(arr: np.ndarray, argname: str) -> np.ndarray:
         or a.dtype == np.bool_
     ):
         raise ValueError(f"{argname} must be numeric, got dtype {a.dtype}")
-    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(a, 0.0, 1.0)
+    a = np.array(a, dtype=np.float32)  # a copy: clipped in place
+    if not np.isfinite(a).all():
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(a, 0.0, 1.0, out=a)
 
 
 def render_overlay(image: np.ndarray, heatmap: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -1287,14 +1289,17 @@ def render_overlay(image: np.ndarray, heatmap: np.ndarray, lines: Sequence[str])
         scale = target / long_side
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        img = np.clip(cv2.resize(img, size, interpolation=interp), 0.0, 1.0)
+        img = cv2.resize(img, size, interpolation=interp)
+        np.clip(img, 0.0, 1.0, out=img)
         h, w = img.shape
-    heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    np.clip(heat, 0.0, 1.0, out=heat)
 
-    gray = cv2.cvtColor((img * 255.0 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2RGB)
-    jet = cv2.applyColorMap((heat * 255.0 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+    # x 255 rounded to 8 bits by OpenCV (in [0, 1] already, so its absolute value is moot)
+    gray = cv2.cvtColor(cv2.convertScaleAbs(img, alpha=255.0), cv2.COLOR_GRAY2RGB)
+    jet = cv2.applyColorMap(cv2.convertScaleAbs(heat, alpha=255.0), cv2.COLORMAP_JET)
     jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
-    alpha = (_ALPHA * heat).astype(np.float32)
+    alpha = cv2.multiply(heat, _ALPHA)
     # gray * (1 - alpha) + jet * alpha, rounded: OpenCV's 2 ms against numpy's 13 for 512x512
     out = cv2.blendLinear(gray, jet, 1.0 - alpha, alpha)
 
