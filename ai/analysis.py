@@ -181,6 +181,8 @@ def analyse_images(
         inference_s += time.perf_counter() - started
         raw_parts.append(p)
         feature_parts.append(f)
+        for j in range(i, min(i + BATCH_SIZE, len(crops))):  # the heatmaps need the boxes only
+            crops[j] = (crops[j][0], None)
     raw = np.concatenate(raw_parts)
     features = np.concatenate(feature_parts)
     probs = apply_temperature(raw, spec.temperature)

@@ -106,7 +106,10 @@ def store(
     assoc._reactor_checkpoint.clear()
     deadline = time.monotonic() + PAUSE_S
     while not assoc._is_paused:
-        if time.monotonic() > deadline or not assoc.is_established:
+        if not assoc.is_established:  # ended meanwhile: no answer, as pynetdicom would say
+            assoc._reactor_checkpoint.set()
+            return Dataset()
+        if time.monotonic() > deadline:
             assoc._reactor_checkpoint.set()
             return None
         time.sleep(0.0001)

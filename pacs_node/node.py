@@ -96,5 +96,6 @@ class Node:
             self.web.stop()
             self.web = None
         self.receiver.stop()
+        self.worker.close()
         self.trail.close()
         self.db.dispose()

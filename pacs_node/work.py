@@ -71,7 +71,7 @@ class SeriesWork:
     study_pk: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # one job's: compared by identity
 class Outcome:
     """A job's results, built (the SR first), to be written and then recorded together with
     the job's new state by *transition*; *after* runs once they are recorded."""
@@ -171,10 +171,8 @@ class Worker:
                 return 1
             if warning:
                 works = [replace(works[0], warning=warning)]
-        if self.watchdog is not None:
-            self.watchdog.hold([work.job_id for work in works], deadline_s)
         try:
-            self._run(works)
+            self._run(works, deadline_s)
         finally:
             if self.watchdog is not None:
                 self.watchdog.release()
@@ -281,17 +279,29 @@ class Worker:
         )
         return None
 
-    def _run(self, works: list[SeriesWork]) -> None:
+    def _run(self, works: list[SeriesWork], deadline_s: float) -> None:
         """Analyse each job and build its results; then record them all together. In a
-        batch, a thread writes (and fsyncs) each job's files while the next is analysed."""
+        batch, a thread writes (and fsyncs) each job's files while the next is analysed.
+        Each job's analysis gets the whole *deadline_s* (the watchdog's clock restarts; it
+        holds every job of the batch, whose leases it renews until they are recorded)."""
+        held = [work.job_id for work in works]
         if len(works) == 1:
+            if self.watchdog is not None:
+                self.watchdog.hold(held, deadline_s)
             outcome = self._results_of(works[0])
             if outcome is not None:
                 self._record([outcome])
             return
         ready: list[tuple[Outcome, Future[list[tuple[Dataset, Path, int]]]]] = []
         for work in works:
-            outcome = self._results_of(work)
+            if self.watchdog is not None:
+                self.watchdog.hold(held, deadline_s)
+            try:
+                outcome = self._results_of(work)
+            except Exception:  # recording its skip or failure failed (the database): its
+                # lease runs out (a failed attempt) and the rest of the batch goes on
+                log_failure(log, "job %d: its outcome could not be recorded", work.job_id)
+                continue
             if outcome is not None:
                 ready.append((outcome, self._writer().submit(self._write_outputs, outcome)))
         for outcome, writing in ready:
@@ -306,6 +316,12 @@ class Worker:
         if self._writes is None:
             self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-results")
         return self._writes
+
+    def close(self) -> None:
+        """Stop the writer thread (after the writes it holds)."""
+        if self._writes is not None:
+            self._writes.shutdown(wait=True)
+            self._writes = None
 
     def _results_of(self, work: SeriesWork) -> Outcome | None:
         """The job's results, or None when it ended otherwise (skipped or failed: recorded)."""
@@ -712,7 +728,7 @@ class Worker:
     def run_pending(self, max_jobs: int = 10_000) -> int:
         """Run every job due now, synchronously; returns how many ran."""
         ran = 0
-        for _ in range(max_jobs):  # bounded: each pass claims at least one job or stops
+        while ran < max_jobs:  # bounded: each pass claims at least one job or stops
             claimed = self.run_next()
             if not claimed:
                 break
@@ -803,6 +819,7 @@ def run(config: Config, stop: Stop) -> None:
                 )
             finally:
                 watchdog.stop()
+                worker.close()
     finally:
         if listener is not None:
             listener.close()
