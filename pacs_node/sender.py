@@ -191,6 +191,8 @@ def _store(assoc: Any, key: int, item: _File, message_id: int) -> Outcome:
             what: Path | Dataset = item.path if as_written else pydicom.dcmread(item.path)
             answer = assoc.send_c_store(what, msg_id=message_id)
     except Exception as exc:  # e.g. no accepted presentation context for the class
+        if not assoc.is_established:  # it ended under us (the peer aborted): not the object's
+            return Outcome(key, None, f"association ended: {type(exc).__name__}: {exc}")
         return Outcome(key, None, f"{type(exc).__name__}: {exc}", permanent=True)
     code = int(answer.Status) if "Status" in answer else None
     if code is None:

@@ -115,3 +115,32 @@ def test_it_sends_on_an_association_and_leaves_a_conversion_to_pynetdicom(result
         finally:
             assoc.release()
     assert len(scp.received()) == 1
+
+
+def test_a_peer_that_aborts_during_the_c_store_gets_it_again_later(results):
+    """A peer that aborts the association on receiving a C-STORE: the delivery is a failed
+    attempt without an answer (sent again after the backoff), not a permanent failure; the
+    next item of the batch is not sent on the dead association."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    node, paths = results
+    seen: list[str] = []
+
+    def abort(event: evt.Event) -> int:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        event.assoc.abort()
+        return 0x0000
+
+    scp = AE(ae_title="ABORTS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    server = scp.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)]
+    )
+    try:
+        peer = Peer("ABORTS", "127.0.0.1", server.server_address[1])
+        outcomes = sender.send(node.config, peer, list(enumerate(paths)))
+    finally:
+        server.shutdown()
+    assert len(seen) == 1 and len(outcomes) == 3
+    assert not any(o.ok for o in outcomes) and not any(o.permanent for o in outcomes), outcomes
+    assert outcomes[0].status is None
