@@ -38,7 +38,7 @@ from ai.eligibility import charset_warning, ct_reason, cxr_reason
 from ai.errors import UnusableInputError
 from ai.model import Predictor
 from ai.outputs import Prediction
-from ai.preprocess import batch, dicom_to_image, heatmap_in_image_frame, plan_crop
+from ai.preprocess import Crop, batch, dicom_to_image, heatmap_in_image_frame, plan_crop
 
 BATCH_SIZE = 16
 MAX_EXPLAINED = 3
@@ -166,23 +166,19 @@ def analyse_images(
         raise UnusableInputError("no image to classify")
     raw_parts, feature_parts = [], []
     inference_s = 0.0
-    # the lungs (or the body) are looked for once per image: for the input and for the map
-    crops = [plan_crop(image, spec.preprocessing) for image in images]
+    # the lungs (or the body) are looked for once per image, for the input and for the map;
+    # the body masks only live while their batch is made (the maps need the boxes only)
+    crops: list[Crop] = []
     for i in range(0, len(images), BATCH_SIZE):
-        x = batch(
-            images[i : i + BATCH_SIZE],
-            spec.input_size,
-            spec.channels,
-            spec.preprocessing,
-            crops[i : i + BATCH_SIZE],
-        )
+        part = images[i : i + BATCH_SIZE]
+        found = [plan_crop(image, spec.preprocessing) for image in part]
+        x = batch(part, spec.input_size, spec.channels, spec.preprocessing, found)
+        crops += [(box, None) for box, _ in found]
         started = time.perf_counter()
         p, f = classifier.forward(x)
         inference_s += time.perf_counter() - started
         raw_parts.append(p)
         feature_parts.append(f)
-        for j in range(i, min(i + BATCH_SIZE, len(crops))):  # the heatmaps need the boxes only
-            crops[j] = (crops[j][0], None)
     raw = np.concatenate(raw_parts)
     features = np.concatenate(feature_parts)
     probs = apply_temperature(raw, spec.temperature)

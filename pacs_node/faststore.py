@@ -71,8 +71,9 @@ def request_pdus(
     return pdus(context_id, command, data, max_pdu)
 
 
-def _context_id(assoc: Any, sop_class_uid: str, transfer_syntax: str) -> int | None:
-    """The accepted presentation context pynetdicom would send the file on, unconverted."""
+def unconverted_context(assoc: Any, sop_class_uid: str, transfer_syntax: str) -> int | None:
+    """The ID of the accepted presentation context that carries *sop_class_uid* in
+    *transfer_syntax* (a file sent as it lies), as pynetdicom would choose it; None if none."""
     for context in assoc.accepted_contexts:
         if (
             context.abstract_syntax == sop_class_uid
@@ -88,17 +89,15 @@ def store(
     path: Path,
     sop_class_uid: str,
     sop_instance_uid: str,
-    transfer_syntax: str,
+    context_id: int,
     message_id: int,
 ) -> Dataset | None:
-    """C-STORE the data set of the file at *path* on *assoc* (the node is the requestor);
-    the status data set as ``send_c_store`` returns it (empty when no answer came), or None
-    when this path does not apply and pynetdicom must send it."""
+    """C-STORE the data set of the file at *path* on *assoc* (the node is the requestor) on
+    presentation context *context_id* (:func:`unconverted_context`); the status data set as
+    ``send_c_store`` returns it (empty when no answer came), or None when this path does not
+    apply and pynetdicom must send it."""
     raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if raw is None or isinstance(raw, ssl.SSLSocket):
-        return None
-    context_id = _context_id(assoc, sop_class_uid, transfer_syntax)
-    if context_id is None or path.stat().st_size > MAX_BYTES:
+    if raw is None or isinstance(raw, ssl.SSLSocket) or path.stat().st_size > MAX_BYTES:
         return None
     max_pdu = int(assoc.acceptor.maximum_length or 0)
     wire = request_pdus(path, sop_class_uid, sop_instance_uid, context_id, message_id, max_pdu)

@@ -168,9 +168,8 @@ def _store(assoc: Any, key: int, item: _File, message_id: int) -> Outcome:
     if not assoc.is_established:
         return Outcome(key, None, "association ended before sending")
     try:
-        as_written = any(
-            cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax
-            for cx in assoc.accepted_contexts
+        context_id = faststore.unconverted_context(
+            assoc, str(item.SOPClassUID), str(item.transfer_syntax)
         )
         # in the file's own transfer syntax, the encoded data set goes as it lies on disk
         # (pacs_node.faststore, else pynetdicom's STORE_SEND_CHUNKED_DATASET); another one
@@ -181,13 +180,14 @@ def _store(assoc: Any, key: int, item: _File, message_id: int) -> Outcome:
                 item.path,
                 str(item.SOPClassUID),
                 item.sop_instance_uid,
-                str(item.transfer_syntax),
+                context_id,
                 message_id,
             )
-            if as_written
+            if context_id is not None
             else None
         )
         if answer is None:
+            as_written = context_id is not None
             what: Path | Dataset = item.path if as_written else pydicom.dcmread(item.path)
             answer = assoc.send_c_store(what, msg_id=message_id)
     except Exception as exc:  # e.g. no accepted presentation context for the class

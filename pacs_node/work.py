@@ -280,18 +280,11 @@ class Worker:
         return None
 
     def _run(self, works: list[SeriesWork], deadline_s: float) -> None:
-        """Analyse each job and build its results; then record them all together. In a
-        batch, a thread writes (and fsyncs) each job's files while the next is analysed.
+        """Analyse each job and build its results; then record them all together. A thread
+        writes (and fsyncs) each job's files, while the next job of a batch is analysed.
         Each job's analysis gets the whole *deadline_s* (the watchdog's clock restarts; it
         holds every job of the batch, whose leases it renews until they are recorded)."""
         held = [work.job_id for work in works]
-        if len(works) == 1:
-            if self.watchdog is not None:
-                self.watchdog.hold(held, deadline_s)
-            outcome = self._results_of(works[0])
-            if outcome is not None:
-                self._record([outcome])
-            return
         ready: list[tuple[Outcome, Future[list[tuple[Dataset, Path, int]]]]] = []
         for work in works:
             if self.watchdog is not None:
@@ -543,7 +536,8 @@ class Worker:
             sr_sop_instance_uid=str(report.SOPInstanceUID),
             sc_sop_instance_uids=[],
         )
-        self._record([self._outcome(work, [report], result, skip, skipped)])
+        destinations = self.destinations(work.source_ae)
+        self._record([self._outcome(work, [report], result, skip, skipped, destinations)])
 
     def _not_analysed_report(self, work: SeriesWork, reason: str) -> Dataset | None:
         if not self.config.worker.report_not_analysed:
@@ -574,6 +568,7 @@ class Worker:
         result: dict[str, object],
         transition: Callable[[Session, Job], object],
         after: Callable[[], None],
+        destinations: list[str],
     ) -> Outcome:
         """An :class:`Outcome`; the SR says which result it replaces, if any, in its
         Predecessor Documents Sequence (PS3.3 C.17.2.3)."""
@@ -583,7 +578,6 @@ class Worker:
             add_predecessor(sr, replaces)
         else:
             replaces = None
-        destinations = self.destinations(work.source_ae)
         return Outcome(work, outputs, result, transition, destinations, after, replaces)
 
     def _commit(self, outcomes: list[Outcome]) -> list[Outcome]:
@@ -668,7 +662,7 @@ class Worker:
             job.warnings = "\n".join(analysis.warnings)
             tasks.succeed(session, job, utcnow())
 
-        owed_to = ", ".join(self.destinations(work.source_ae)) or "nobody"
+        destinations = self.destinations(work.source_ae)
 
         def recorded() -> None:  # refers to no Outcome: a cycle would hold its arrays until gc
             self._audit(
@@ -691,10 +685,10 @@ class Worker:
                 prediction.model_version,
                 len(analysis.used),
                 len(analysis.excluded),
-                owed_to,
+                ", ".join(destinations) or "nobody",
             )
 
-        return self._outcome(work, outputs, result, done, recorded)
+        return self._outcome(work, outputs, result, done, recorded, destinations)
 
     def destinations(self, source_ae: str) -> list[str]:
         """The peers owed a series' results: its sender if so configured, and the extra ones."""

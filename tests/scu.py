@@ -1,8 +1,10 @@
-"""A small pynetdicom SCU for tests: store files, query, echo against a node on loopback."""
+"""A small pynetdicom SCU for tests: store files, query, echo against a node on loopback; and
+a pynetdicom storage SCP to stand for a destination that behaves in a way of the test's."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -120,3 +122,20 @@ def query(level: str, **keys: object) -> Dataset:
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     return ds
+
+
+@contextlib.contextmanager
+def storage_scp(title: str, on_store: Callable[..., int]) -> Iterator[int]:
+    """A pynetdicom SCP of every storage class on a free loopback port, whose C-STORE handler
+    is *on_store* (it gets pynetdicom's event and returns the status); yields the port."""
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title=title)
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()

@@ -100,18 +100,17 @@ def test_it_sends_on_an_association_and_leaves_a_conversion_to_pynetdicom(result
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="STORESCP")
         assert assoc.is_established
         try:
-            args = (
-                paths[1],
-                str(meta.MediaStorageSOPClassUID),
-                str(meta.MediaStorageSOPInstanceUID),
-                str(meta.TransferSyntaxUID),
-                1,
+            sop_class = str(meta.MediaStorageSOPClassUID)
+            context_id = faststore.unconverted_context(
+                assoc, sop_class, str(meta.TransferSyntaxUID)
             )
-            status = faststore.store(assoc, *args)
+            assert context_id is not None
+            status = faststore.store(
+                assoc, paths[1], sop_class, str(meta.MediaStorageSOPInstanceUID), context_id, 1
+            )
             assert status is not None and status.Status == 0x0000
             # a transfer syntax the association did not accept for the class: not this path
-            other = (*args[:3], "1.2.840.10008.1.2.4.50", 2)
-            assert faststore.store(assoc, *other) is None
+            assert faststore.unconverted_context(assoc, sop_class, "1.2.840.10008.1.2.4.50") is None
         finally:
             assoc.release()
     assert len(scp.received()) == 1
@@ -121,26 +120,18 @@ def test_a_peer_that_aborts_during_the_c_store_gets_it_again_later(results):
     """A peer that aborts the association on receiving a C-STORE: the delivery is a failed
     attempt without an answer (sent again after the backoff), not a permanent failure; the
     next item of the batch is not sent on the dead association."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     node, paths = results
     seen: list[str] = []
 
-    def abort(event: evt.Event) -> int:
+    def abort(event) -> int:
         seen.append(str(event.request.AffectedSOPInstanceUID))
         event.assoc.abort()
         return 0x0000
 
-    scp = AE(ae_title="ABORTS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    server = scp.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)]
-    )
-    try:
-        peer = Peer("ABORTS", "127.0.0.1", server.server_address[1])
-        outcomes = sender.send(node.config, peer, list(enumerate(paths)))
-    finally:
-        server.shutdown()
+    with scu.storage_scp("ABORTS", abort) as port:
+        outcomes = sender.send(
+            node.config, Peer("ABORTS", "127.0.0.1", port), list(enumerate(paths))
+        )
     assert len(seen) == 1 and len(outcomes) == 3
     assert not any(o.ok for o in outcomes) and not any(o.permanent for o in outcomes), outcomes
     assert outcomes[0].status is None

@@ -251,39 +251,25 @@ def test_each_delivery_is_recorded_before_the_next_is_sent(start_node, tmp_path)
     """A send role killed mid-batch sends again only the C-STORE in flight: the peer (a
     pynetdicom SCP that reads the node's database as each C-STORE arrives) sees every earlier
     delivery already done."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     done_when_sent: list[int] = []
     holder: dict[str, object] = {}
 
-    def on_store(event: evt.Event) -> int:
+    def on_store(event: object) -> int:
         with holder["node"].db.read() as session:  # type: ignore[attr-defined]
             states = session.scalars(select(Delivery.state)).all()
         done_when_sent.append(sum(s == TaskState.DONE for s in states))
         return 0x0000
 
-    scp = AE(ae_title="PEER")
-    scp.supported_contexts = AllStoragePresentationContexts
-    server = scp.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    try:
-        peer = Peer("PEER", "127.0.0.1", server.server_address[1], confirm_deliveries=False)
+    with scu.storage_scp("PEER", on_store) as port:
+        peer = Peer("PEER", "127.0.0.1", port, confirm_deliveries=False)
         node = start_node(make_config(tmp_path, peers=(peer,)))
         holder["node"] = node
-        studies = []
-        for i in range(3):
-            ds = pydicom.dcmread(CR_CHEST)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = f"1.2.3.4.{i}.1", f"1.2.3.4.{i}.2"
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.3.4.{i}.3"
-            studies.append(ds)
+        studies = _cr_studies(3, 0)
         assert all(a.Status == 0 for a in scu.store(node.port, studies, calling="PEER"))
         assert node.worker.run_pending() == 3
         sent = node.sender.deliver_due()
         assert sent == 9  # SR, SC and Parametric Map of each study, over one association
         assert done_when_sent == list(range(sent))
-    finally:
-        server.shutdown()
 
 
 def _cr_studies(count: int, tag: int) -> list[pydicom.Dataset]:
